@@ -1,0 +1,1 @@
+"""skippipe package."""
