@@ -1,0 +1,147 @@
+"""The plan: the only contract between the solver and the runtime (DESIGN.md, "The plan").
+
+A plan is data: nodes on stages, each microbatch's path, each node's order of actions (``F3@2``, see
+topology.workload). Plans round-trip through JSON unchanged.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from topology.errors import ConfigError
+from topology.workload import Action, Route
+from topology.yamlio import read_json
+
+PLAN_VERSION = 1
+DEFAULT_CONSTRAINTS = {"max_swaps": 2, "memory": 3}
+
+
+@dataclass(frozen=True)
+class PlanNode:
+    id: int
+    name: str
+    region: str
+    stage: int
+    rank: int
+
+
+@dataclass
+class Plan:
+    skip_ratio: float
+    num_stages: int
+    nodes: list[PlanNode]
+    paths: list[Route]  # "paths" in JSON: each microbatch's route
+    order: dict[int, list[Action]]  # node id -> preferred sequence of its actions
+    constraints: dict = field(default_factory=lambda: dict(DEFAULT_CONSTRAINTS))
+    seed: int = 0
+    strategy: str = "full"
+    model: str = ""
+    microbatch_size: int = 1
+    topology: dict = field(default_factory=dict)  # {"name", "num_nodes", "fingerprint"}
+    predicted: dict = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    @property
+    def num_microbatches(self) -> int:
+        return len(self.paths)
+
+    def stage_nodes(self, stage: int) -> list[int]:
+        return [n.id for n in self.nodes if n.stage == stage]
+
+    def node_of_rank(self, rank: int) -> PlanNode:
+        for node in self.nodes:
+            if node.rank == rank:
+                return node
+        raise ConfigError(f"the plan has no node for rank {rank}; it was made for {len(self.nodes)} ranks")
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "strategy": self.strategy,
+            "skip_ratio": self.skip_ratio,
+            "num_stages": self.num_stages,
+            "constraints": dict(self.constraints),
+            "seed": self.seed,
+            "model": self.model,
+            "microbatch_size": self.microbatch_size,
+            "topology": dict(self.topology),
+            "nodes": [asdict(n) for n in self.nodes],
+            "paths": [{"microbatch": p.microbatch, "data_node": p.data_node,
+                       "nodes": list(p.nodes), "stages": list(p.stages)} for p in self.paths],
+            "order": {str(node): [str(a) for a in actions] for node, actions in sorted(self.order.items())},
+            "predicted": self.predicted,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "plan") -> "Plan":
+        required = {"version", "skip_ratio", "num_stages", "constraints", "nodes", "paths", "order", "predicted"}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}; is this a skippipe plan?")
+        if data["version"] != PLAN_VERSION:
+            raise ConfigError(f"{where}: plan version {data['version']!r} is not supported (expected {PLAN_VERSION}); re-solve it")
+        try:
+            nodes = [PlanNode(int(n["id"]), str(n["name"]), str(n["region"]), int(n["stage"]), int(n["rank"]))
+                     for n in data["nodes"]]
+            paths = [Route(int(p["microbatch"]), int(p["data_node"]), tuple(int(x) for x in p["nodes"]),
+                          tuple(int(x) for x in p["stages"])) for p in data["paths"]]
+            order = {int(node): [Action.parse(a) for a in actions] for node, actions in data["order"].items()}
+            return cls(skip_ratio=float(data["skip_ratio"]), num_stages=int(data["num_stages"]), nodes=nodes,
+                       paths=paths, order=order, constraints=dict(data["constraints"]), seed=int(data.get("seed", 0)),
+                       strategy=str(data.get("strategy", "")), model=str(data.get("model", "")),
+                       microbatch_size=int(data.get("microbatch_size", 1)), topology=dict(data.get("topology", {})),
+                       predicted=dict(data["predicted"]), version=int(data["version"]))
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"{where}: malformed plan ({type(exc).__name__}: {exc}); re-solve it with python -m scheduler solve") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a crash never leaves a half-written plan behind."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        return cls.from_dict(read_json(path), where=str(path))
+
+
+def path_actions(path: Route) -> dict[int, list[Action]]:
+    """The actions one microbatch's path puts on each node, in dependency order."""
+    per_node: dict[int, list[Action]] = {}
+    for action, node in path.chain():
+        per_node.setdefault(node, []).append(action)
+    return per_node
+
+
+def dependencies(path: Route) -> list[tuple[Action, int, Action, int]]:
+    """The causal chain of a path: (action, node, next action, next node), forward then loss then backward."""
+    chain = path.chain()
+    return [(a, n, b, m) for (a, n), (b, m) in zip(chain, chain[1:])]
+
+
+def message_order(plan: Plan) -> dict[tuple[int, int], list[tuple[Action, Action]]]:
+    """Per (sender, receiver) pair, the messages in the order the sender emits them.
+
+    A message is (producing action, consuming action). The sender emits in its plan order, so both ends
+    derive the same sequence from the plan: this is what makes point-to-point traffic NCCL-safe (NCCL
+    ignores tags and matches by order on each pair).
+    """
+    consumer: dict[Action, tuple[int, Action]] = {}
+    for path in plan.paths:
+        for a, n, b, m in dependencies(path):
+            if n != m:
+                consumer[a] = (m, b)
+    pairs: dict[tuple[int, int], list[tuple[Action, Action]]] = {}
+    for node, actions in sorted(plan.order.items()):
+        for action in actions:
+            if action in consumer:
+                dst, nxt = consumer[action]
+                pairs.setdefault((node, dst), []).append((action, nxt))
+    return pairs
