@@ -76,7 +76,7 @@ class CostModel:
         pairs = list(zip(ring, ring[1:] + ring[:1]))
         bw = min(self.topology.bandwidth_gbit_s[a, b] for a, b in pairs)
         lat = max(self.topology.latency_ms[a, b] for a, b in pairs) / 1e3
-        return 2 * (k - 1) / k * self.grad_bytes(stage) * 8 / (bw * 1e9) + 2 * (k - 1) * lat
+        return float(2 * (k - 1) / k * self.grad_bytes(stage) * 8 / (bw * 1e9) + 2 * (k - 1) * lat)
 
     def assumptions(self) -> dict:
         """The figures a prediction rests on, recorded in the plan and the simulator's report."""

@@ -6,6 +6,7 @@ Every command-line entry point wraps its body in :func:`cli_errors`: a bad input
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 
@@ -43,4 +44,12 @@ def cli_errors():
         sys.exit(130)
     except (ValueError, OSError, KeyError, yaml.YAMLError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error contract: one line, exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
         sys.exit(EXIT_USAGE)
