@@ -1,0 +1,118 @@
+"""`python -m scheduler`: solve a plan, validate one, compare strategies."""
+from __future__ import annotations
+
+import sys
+import time
+
+from scheduler.constraints import check_topology, violations
+from scheduler.plan import Plan
+from scheduler.problem import Problem
+from scheduler.solve import STRATEGIES, _load_strategies, solve
+from topology.errors import ArgumentParser, ConfigError, cli_errors
+from topology.load import load_topology
+from topology.model_spec import load_model_spec
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise ConfigError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers like 5,3,3,3, got {text!r}") from None
+
+
+def add_problem_args(p) -> None:
+    p.add_argument("--topology", required=True, help="scenario name or topology YAML")
+    p.add_argument("--nodes", type=str, help="node count (required for a scenario)")
+    p.add_argument("--stages", type=str, help="number of pipeline stages")
+    p.add_argument("--stage-sizes", type=str, help="nodes per stage, e.g. 5,3,3,3,3,3 (sums to --nodes)")
+    p.add_argument("--model", default="llama-500m", help="model YAML or a name in configs/models (default llama-500m)")
+    p.add_argument("--microbatch-size", type=str, default="1", help="samples per microbatch (default 1)")
+    p.add_argument("--microbatches", type=str, help="microbatches per iteration (default: memory x data nodes)")
+    p.add_argument("--memory", type=str, default="3", help="microbatches' activations a node may hold (default 3)")
+    p.add_argument("--skip-ratio", type=float, default=0.0, help="fraction of stages each microbatch skips")
+    p.add_argument("--max-swaps", type=int, default=2, help="CC3: neighbouring swaps allowed per path (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, help="seconds the solver may search (default: its own budget)")
+
+
+def problem_from_args(args) -> Problem:
+    num_nodes = positive_int(args.nodes) if args.nodes is not None else None
+    topology = load_topology(args.topology, num_nodes, args.seed)
+    return Problem(
+        topology=topology, model=load_model_spec(args.model),
+        microbatch_size=positive_int(args.microbatch_size),
+        num_stages=positive_int(args.stages) if args.stages else None,
+        stage_sizes=int_list(args.stage_sizes) if args.stage_sizes else None,
+        num_microbatches=positive_int(args.microbatches) if args.microbatches else None,
+        memory=positive_int(args.memory), skip_ratio=args.skip_ratio, max_swaps=args.max_swaps,
+        seed=args.seed, time_limit=args.time_limit,
+        topology_source={"spec": args.topology, "seed": args.seed},
+    )
+
+
+def cmd_solve(args) -> None:
+    problem = problem_from_args(args)
+    started = time.perf_counter()
+    plan = solve(problem, args.strategy)
+    elapsed = time.perf_counter() - started
+    plan.save(args.out)
+    print(f"{args.strategy}: {len(plan.nodes)} nodes, {plan.num_stages} stages, {plan.num_microbatches} microbatches, "
+          f"skip ratio {plan.skip_ratio} | predicted iteration {plan.predicted['iteration_s']:.3f} s | "
+          f"solved in {elapsed:.2f} s | wrote {args.out}")
+
+
+def cmd_validate(args) -> None:
+    plan = Plan.load(args.plan)
+    if args.topology:
+        check_topology(plan, load_topology(args.topology, positive_int(args.nodes) if args.nodes else None, args.seed))
+    found = violations(plan)
+    if not found:
+        print(f"{args.plan}: valid ({len(plan.nodes)} nodes, {plan.num_stages} stages, {plan.num_microbatches} "
+              f"microbatches, skip ratio {plan.skip_ratio})")
+        return
+    for v in found[:20]:
+        print(f"{args.plan}: {v}", file=sys.stderr)
+        if v.microbatch is not None and v.microbatch < len(plan.paths):
+            print("    " + path_grid(plan, v.microbatch, v.stage), file=sys.stderr)
+    raise ConfigError(f"{args.plan} breaks {len(found)} rule(s): first {found[0].rule}; re-solve it or fix the cells marked [ ]")
+
+
+def path_grid(plan: Plan, microbatch: int, stage: int | None) -> str:
+    """One microbatch's loop as `stage@node` cells, the failing stage in brackets."""
+    path = next(p for p in plan.paths if p.microbatch == microbatch)
+    cells = [f"[{s}@n{n}]" if s == stage else f"{s}@n{n}" for n, s in zip(path.nodes, path.stages)]
+    return f"microbatch {microbatch}: " + " -> ".join(cells) + f" -> loss@n{path.data_node}"
+
+
+def build_parser() -> ArgumentParser:
+    _load_strategies()
+    parser = ArgumentParser(prog="python -m scheduler", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    p = sub.add_parser("solve", help="solve a plan and write plan.json")
+    add_problem_args(p)
+    p.add_argument("--strategy", default="skippipe" if "skippipe" in STRATEGIES else "full", choices=sorted(STRATEGIES))
+    p.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
+    p.set_defaults(run=cmd_solve)
+    p = sub.add_parser("validate", help="check a plan against every constraint")
+    p.add_argument("plan")
+    p.add_argument("--topology", help="also check the plan was made for this topology")
+    p.add_argument("--nodes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    with cli_errors():
+        args = build_parser().parse_args(argv)
+        args.run(args)

@@ -1,0 +1,122 @@
+"""`python -m topology`: show a topology, or simulate a plan on it."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from topology.cost import CostModel
+from topology.errors import ArgumentParser, ConfigError, cli_errors
+from topology.load import load_topology
+from topology.model_spec import load_model_spec
+from topology.simulator import simulate
+from topology.workload import Workload
+from topology.yamlio import read_json
+
+
+def _node_count(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"--nodes must be a positive integer, got {text!r}")
+    return value
+
+
+def cmd_show(args) -> None:
+    topo = load_topology(args.topology, _node_count(args.nodes), args.seed)
+    n = topo.num_nodes
+    print(f"{topo.name}: {n} nodes in {len(topo.regions)} regions (fingerprint {topo.fingerprint()})")
+    for region in topo.regions:
+        members = [node for node in topo.nodes if node.region == region]
+        speeds = sorted({f"{node.flops / 1e12:.3g}" for node in members})
+        print(f"  {region:<14} {len(members):>4} nodes  {'/'.join(speeds)} TFLOP/s effective")
+    if n > 1:
+        off = ~np.eye(n, dtype=bool)
+        lat, bw = topo.latency_ms[off], topo.bandwidth_gbit_s[off]
+        print(f"links: latency {lat.min():.3g}-{lat.max():.3g} ms (median {np.median(lat):.3g}), "
+              f"bandwidth {bw.min():.3g}-{bw.max():.3g} Gbit/s (median {np.median(bw):.3g})")
+        slow = np.unravel_index(np.argmin(np.where(off, topo.bandwidth_gbit_s, np.inf)), (n, n))
+        print(f"slowest link: {topo.nodes[slow[0]].name} - {topo.nodes[slow[1]].name} "
+              f"({topo.bandwidth_gbit_s[slow]:.3g} Gbit/s, {topo.latency_ms[slow]:.3g} ms)")
+    if args.plot:
+        from topology.trace import plot_bandwidth
+        plot_bandwidth(args.plot, topo)
+        print(f"wrote {args.plot}")
+
+
+def cmd_simulate(args) -> None:
+    plan = read_json(args.plan)
+    topo = load_topology(args.topology, _node_count(args.nodes), args.seed)
+    made_for = plan.get("topology", {}) if isinstance(plan.get("topology"), dict) else {}
+    if made_for.get("num_nodes", topo.num_nodes) != topo.num_nodes or \
+            made_for.get("fingerprint", topo.fingerprint()) != topo.fingerprint():
+        raise ConfigError(f"{args.plan} was made for another topology ({made_for.get('name')!r}, "
+                          f"{made_for.get('num_nodes')} nodes) than {topo.name!r} with {topo.num_nodes} nodes; "
+                          f"pass the topology it was solved for or re-solve")
+    model = load_model_spec(args.model) if args.model else load_model_spec(plan.get("model") or "llama-500m")
+    microbatch_size = args.microbatch_size or int(plan.get("microbatch_size", 1))
+    workload = Workload.from_plan_dict(plan, where=str(args.plan))
+    if workload.order is None:
+        raise ConfigError(f"{args.plan} has no order; solve it with python -m scheduler solve")
+    cost = CostModel(topo, model, microbatch_size, int(plan.get("num_stages", workload.num_stages)))
+    memory = (plan.get("constraints") or {}).get("memory")
+    started = time.perf_counter()
+    result = simulate(workload, cost, memory, share_uplink=not args.no_uplink_sharing)
+    elapsed = time.perf_counter() - started
+    busiest = max(range(topo.num_nodes), key=lambda i: result.busy_s[i])
+    print(f"iteration {result.iteration_s:.3f} s | bubble {result.bubble_share:.1%} | moved "
+          f"{result.bytes_moved / 1e9:.2f} GB | busiest node {topo.nodes[busiest].name} "
+          f"({result.busy_s[busiest]:.2f} s busy) | simulated in {elapsed * 1e3:.1f} ms")
+    labels = [f"{node.name} (stage {workload.node_stage[node.id]})" for node in topo.nodes]
+    if args.json:
+        report = result.to_dict(cost)
+        for entry, node in zip(report["nodes"], topo.nodes):
+            entry.update(name=node.name, stage=workload.node_stage[node.id])
+        report.update(plan=str(args.plan), simulate_s=elapsed)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    if args.trace:
+        from topology.trace import write_trace
+        write_trace(args.trace, result.events, labels)
+        print(f"wrote {args.trace} (open it in https://ui.perfetto.dev or chrome://tracing)")
+    if args.plot:
+        from topology.trace import plot_gantt
+        plot_gantt(args.plot, result.events, labels,
+                   title=f"{plan.get('strategy', 'plan')} on {topo.name}: {result.iteration_s:.2f} s per iteration")
+        print(f"wrote {args.plot}")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m topology", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    p = sub.add_parser("show", help="nodes, regions and a link summary")
+    p.add_argument("--topology", required=True, help="scenario name or topology YAML")
+    p.add_argument("--nodes", help="node count (required for a scenario)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", help="write a bandwidth heatmap PNG")
+    p.set_defaults(run=cmd_show)
+    p = sub.add_parser("simulate", help="replay a plan on a topology: iteration time, idle, trace, Gantt")
+    p.add_argument("--topology", required=True)
+    p.add_argument("--nodes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="model YAML or name (default: the plan's)")
+    p.add_argument("--microbatch-size", type=int, help="default: the plan's")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--json", help="write the report JSON (top-level iteration_s)")
+    p.add_argument("--trace", help="write a Chrome/Perfetto trace JSON")
+    p.add_argument("--plot", help="write a Gantt chart PNG, one row per node")
+    p.add_argument("--no-uplink-sharing", action="store_true", help="let a node's sends overlap freely")
+    p.set_defaults(run=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    with cli_errors():
+        args = build_parser().parse_args(argv)
+        args.run(args)
