@@ -1,0 +1,154 @@
+"""Point-to-point traffic of one node: activations forward along paths, gradients back.
+
+Note [message order]: NCCL ignores tags and matches a pair's messages by their order, so the order of
+messages on each (sender, receiver) pair must be known to both ends. Every node executes its plan order
+strictly in sequence, so the sender emits in its plan order, and `scheduler.plan.message_order` gives
+both ends the same list. The receiver keeps the next expected message from every peer posted (irecv);
+a message that arrives before the node needs it is parked until its consuming action runs.
+
+Note [bounded waits]: every wait on a peer passes an explicit timeout, so a peer that died or hangs ends
+the run with an error naming the peer and the message, never a silent hang.
+"""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from scheduler.plan import Plan, dependencies, message_order
+from topology.workload import Action
+
+
+class PeerError(RuntimeError):
+    """A peer died, hung or broke the connection."""
+
+
+def wait_for(work, timeout: timedelta | None, what: str) -> None:
+    if timeout is None:  # single process: nothing to wait for that could hang
+        work.wait()
+        return
+    try:
+        if work.wait(timeout) is False:  # some backends report a timeout by returning False
+            raise RuntimeError("timed out")
+    except RuntimeError as exc:
+        raise PeerError(f"{what}: {' '.join(str(exc).split())[:300]} (waited at most "
+                        f"{timeout.total_seconds():.0f} s; the peer may have died or hung — see its log; "
+                        f"raise train.comm_timeout_s if it is only slow)") from None
+
+
+class Messenger:
+    """The messages one node sends and receives in an iteration, in plan order."""
+
+    def __init__(self, plan: Plan, node_id: int, node_rank: dict[int, int], shape: tuple[int, ...],
+                 dtype: torch.dtype, device: torch.device, timeout: timedelta):
+        self.node_id, self.node_rank = node_id, node_rank
+        self.shape, self.dtype, self.device, self.timeout = shape, dtype, device, timeout
+        # Where each of this node's actions sends its result: (destination node, consuming action).
+        self.destination: dict[Action, tuple[int, Action]] = {}
+        self.source: dict[Action, int] = {}  # consuming action here -> node that produces its input
+        for path in plan.paths:
+            for a, n, b, m in dependencies(path):
+                if n == node_id:
+                    self.destination[a] = (m, b)
+                if m == node_id:
+                    self.source[b] = n
+        # Per peer, the consuming actions of its messages to us, in the order the peer sends them.
+        self.expected = {src: [consumer for _, consumer in msgs]
+                         for (src, dst), msgs in message_order(plan).items() if dst == node_id}
+        self.wait_s = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cursor = {src: 0 for src in self.expected}
+        self._posted: dict[int, tuple[object, torch.Tensor, Action]] = {}
+        self._parked: dict[Action, torch.Tensor] = {}  # arrived before needed, or produced locally
+        self._sends: list[tuple[object, torch.Tensor, str]] = []
+
+    def start_iteration(self) -> None:
+        """Post the first expected message from every peer."""
+        self._reset()
+        self.wait_s = 0.0
+        for src in self.expected:
+            self._post(src)
+
+    def _post(self, src: int) -> None:
+        index = self._cursor[src]
+        if index < len(self.expected[src]):
+            buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            work = dist.irecv(buffer, src=self.node_rank[src])
+            self._posted[src] = (work, buffer, self.expected[src][index])
+
+    def send(self, tensor: torch.Tensor, producer: Action) -> None:
+        """Hand the result of `producer` to the action that consumes it, here or on another node."""
+        dst, consumer = self.destination[producer]
+        if dst == self.node_id:  # a one-stage path: the loss and backward run where the forward did
+            self._parked[consumer] = tensor.detach()
+            return
+        payload = tensor.detach().contiguous()
+        if payload.shape != self.shape:
+            raise ValueError(f"{producer}: message shape {tuple(payload.shape)} but the receiver expects "
+                             f"{self.shape}; every microbatch must have the same shape")
+        work = dist.isend(payload, dst=self.node_rank[dst])
+        self._sends.append((work, payload, f"sending {producer} -> {consumer} to node {dst} (rank {self.node_rank[dst]})"))
+        # Drop finished sends so their buffers can be freed; keep the rest alive until they finish.
+        self._sends = [s for s in self._sends if not s[0].is_completed()]
+
+    def recv(self, consumer: Action) -> torch.Tensor:
+        """The input of `consumer`: wait for messages from its source peer, in that peer's order."""
+        if consumer in self._parked:
+            return self._parked.pop(consumer)
+        src = self.source[consumer]
+        start = time.perf_counter()
+        try:
+            while True:
+                work, buffer, expected = self._posted.pop(src)
+                wait_for(work, self.timeout, f"node {self.node_id} waiting for {expected} from node {src} "
+                                             f"(rank {self.node_rank[src]})")
+                self._cursor[src] += 1
+                self._post(src)
+                if expected == consumer:
+                    return buffer
+                self._parked[expected] = buffer
+        finally:
+            self.wait_s += time.perf_counter() - start
+
+    def finish_iteration(self) -> None:
+        """Wait for every send of the iteration; every expected message must have been consumed."""
+        start = time.perf_counter()
+        for work, _, what in self._sends:
+            wait_for(work, self.timeout, what)
+        self.wait_s += time.perf_counter() - start
+        assert not self._posted and not self._parked, f"unconsumed messages: {list(self._posted)} {list(self._parked)}"
+        self._sends = []
+
+
+def exchange(tensor: torch.Tensor | None, src: int, dst: int, my_rank: int, timeout: timedelta,
+             shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor | None:
+    """A blocking transfer src -> dst with a bounded wait; returns the received tensor on dst."""
+    if my_rank == src:
+        wait_for(dist.isend(tensor.detach().contiguous(), dst=dst), timeout, f"{what}: sending to rank {dst}")
+        return None
+    if my_rank == dst:
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        wait_for(dist.irecv(buffer, src=src), timeout, f"{what}: waiting for rank {src}")
+        return buffer
+    return None
+
+
+def connect_peers(pairs: set[tuple[int, int]], my_rank: int, device: torch.device, timeout: timedelta) -> None:
+    """Touch every rank pair that will exchange messages, in one global order, before training.
+
+    NCCL creates a pair's communicator on its first message, and creating it blocks both ends; done lazily
+    mid-iteration, two pairs could wait on each other. In a global sorted order the first unfinished pair
+    always has both ends ready, so this cannot deadlock. On gloo it checks every link within the timeout.
+    """
+    token = torch.zeros(1, device=device)
+    for low, high in sorted({(min(a, b), max(a, b)) for a, b in pairs if a != b}):
+        if my_rank == low:
+            exchange(token, low, high, my_rank, timeout, (1,), token.dtype, device, "connecting")
+            exchange(None, high, low, my_rank, timeout, (1,), token.dtype, device, "connecting")
+        elif my_rank == high:
+            exchange(None, low, high, my_rank, timeout, (1,), token.dtype, device, "connecting")
+            exchange(token, high, low, my_rank, timeout, (1,), token.dtype, device, "connecting")

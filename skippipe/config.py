@@ -1,0 +1,196 @@
+"""The training configuration: typed dataclasses, defaults < YAML < dotted overrides.
+
+    cfg = load_config("configs/train/debug.yaml", ["optim.lr=3e-4", "train.steps=100"])
+
+Unknown keys and values of the wrong type are errors that name the key. The resolved config is saved
+beside the run (``save_config``) and loads back unchanged (``load_config`` of that file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from topology.errors import ConfigError
+from topology.yamlio import read_yaml
+
+
+@dataclass
+class ScheduleConfig:
+    """What the scheduler needs to make a plan (ignored when `plan` names a plan file)."""
+    topology: str = "single-cluster"  # a named scenario or a topology YAML
+    num_nodes: int = 8  # nodes of a named scenario; must equal the world size under torchrun
+    num_stages: int = 4
+    stage_sizes: list[int] | None = None  # nodes per stage; None: as even as possible
+    strategy: str = "skippipe"  # the solver strategy; "full" is the ordinary full pipeline
+    skip_ratio: float = 0.0
+    microbatch_size: int = 4  # sequences per microbatch
+    num_microbatches: int = 8  # microbatches per iteration, over all data nodes
+    memory: int = 3  # TC1: microbatches' activations a node may hold at once
+    max_swaps: int = 2  # CC3
+    plan: str | None = None  # use this plan.json instead of solving
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "builtin"  # 'builtin', a .txt/.jsonl file or directory, or hf:<name>[:split[:field]]
+    tokenizer: str = "byte"
+    val_fraction: float = 0.05
+    context: int | None = None  # tokens per sequence; None: the model's context
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # the cosine decays to this
+    warmup_steps: int = 10
+    # Steps of the cosine; None: train.steps. Set it when a run may be stopped and resumed with another
+    # --steps, so that the learning rate of a step does not depend on when the run was planned to end.
+    decay_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clipping; 0 turns it off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    run_dir: str = "runs/default"
+    single_process: bool = False  # path-faithful mode: the whole model on one device
+    device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda
+    comm_timeout_s: float = 300.0  # a peer silent for this long ends the run with an error
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the last step
+    eval_batches: int = 4
+    checkpoint_every: int = 0  # 0: save only at the last step
+
+
+@dataclass
+class Config:
+    model: str = "llama-tiny"  # a name in configs/models/ or a model YAML path
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        s, o, t = self.schedule, self.optim, self.train
+        positive = {"schedule.num_nodes": s.num_nodes, "schedule.num_stages": s.num_stages,
+                    "schedule.microbatch_size": s.microbatch_size, "schedule.num_microbatches": s.num_microbatches,
+                    "schedule.memory": s.memory, "train.steps": t.steps, "train.log_every": t.log_every,
+                    "train.comm_timeout_s": t.comm_timeout_s, "optim.lr": o.lr}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        for key, value in {"optim.warmup_steps": o.warmup_steps, "optim.min_lr": o.min_lr,
+                           "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip,
+                           "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches,
+                           "train.checkpoint_every": t.checkpoint_every}.items():
+            if value < 0:
+                raise ConfigError(f"{key} must not be negative, got {value}")
+        if not 0 <= s.skip_ratio < 1:
+            raise ConfigError(f"schedule.skip_ratio must be in [0, 1), got {s.skip_ratio}; e.g. --skip-ratio 0.25")
+        if t.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+        if o.decay_steps is not None and o.decay_steps <= 0:
+            raise ConfigError(f"optim.decay_steps must be positive or null, got {o.decay_steps}")
+        if s.stage_sizes is not None and (len(s.stage_sizes) != s.num_stages or sum(s.stage_sizes) != s.num_nodes):
+            raise ConfigError(f"schedule.stage_sizes {s.stage_sizes} must have num_stages={s.num_stages} entries "
+                              f"summing to num_nodes={s.num_nodes}; fix one of them")
+        return self
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check (and, for strings from the command line, convert) one value against its annotated type."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}; e.g. {key}=2,2,2,2")
+        return [_coerce(v, args[0], key) for v in value]
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+        elif kind is int and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        elif kind is float and not isinstance(value, bool):
+            return float(value)  # YAML reads 3e-4 as a string; float() does not mind
+        elif kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _merge(target: Any, data: dict, where: str, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}")
+    fields = _fields(type(target))
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {name!r}; known keys here: {', '.join(prefix + f for f in fields)}")
+        kind = fields[key]
+        if dataclasses.is_dataclass(kind):
+            _merge(getattr(target, key), value, where, f"{name}.")
+        else:
+            setattr(target, key, _coerce(value, kind, name))
+
+
+def parse_override(text: str) -> dict:
+    """'optim.lr=3e-4' -> {'optim': {'lr': '3e-4'}}; the value is typed later, against the field."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"bad override {text!r}; overrides look like optim.lr=3e-4")
+    value = value.strip()
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    nested: Any = parsed if isinstance(parsed, (list, bool)) or parsed is None else value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        _merge(cfg, read_yaml(path), str(path))
+    for text in overrides:
+        _merge(cfg, parse_override(text), f"override {text!r}")
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

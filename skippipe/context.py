@@ -1,0 +1,96 @@
+"""The explicit runtime context: who this process is in the plan, its device and its process groups.
+
+Passed to everything that communicates; there are no module-level globals.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from scheduler.plan import Plan, PlanNode
+from topology.errors import ConfigError
+
+
+def pick_device(kind: str = "auto", local_rank: int = 0) -> torch.device:
+    """CUDA when present (one GPU per local rank), CPU otherwise; nothing else hard-codes a device."""
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@dataclass
+class Context:
+    rank: int
+    world_size: int
+    node: PlanNode  # the plan node this rank plays
+    device: torch.device
+    timeout: timedelta  # bound on every wait for a peer
+    stage_ranks: dict[int, list[int]]  # stage -> ranks of its replicas, ascending
+    stage_groups: dict[int, object] = field(default_factory=dict)  # stage -> data-parallel process group
+    node_rank: dict[int, int] = field(default_factory=dict)  # plan node id -> rank
+
+    @property
+    def stage(self) -> int:
+        return self.node.stage
+
+    @property
+    def stage_group(self):
+        return self.stage_groups.get(self.stage)
+
+    @property
+    def is_stage_leader(self) -> bool:
+        """The lowest rank of the stage: counts the stage once where replicas hold the same values."""
+        return self.stage_ranks[self.stage][0] == self.rank
+
+
+def init_process_group(device: torch.device, timeout_s: float, init_method: str | None = None,
+                       rank: int | None = None, world_size: int | None = None) -> None:
+    """Join the default group; torchrun's environment (env://) unless an init_method is given (tests).
+
+    The timeout bounds collectives and the store; point-to-point waits pass it explicitly (comm.py).
+    """
+    kwargs = {}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device  # eager NCCL init: a missing peer fails here, not mid-iteration
+    dist.init_process_group(backend_for(device), init_method=init_method or "env://",
+                            rank=-1 if rank is None else rank, world_size=-1 if world_size is None else world_size,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
+
+
+def build_context(plan: Plan, device: torch.device, timeout_s: float) -> Context:
+    """Map this rank to its plan node and create one data-parallel group per stage.
+
+    Every rank calls new_group for every stage, in stage order, also for groups it is not in: the
+    groups are collectives over the default group and must be created in the same order everywhere.
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size != len(plan.nodes):
+        raise ConfigError(f"the plan has {len(plan.nodes)} nodes but {world_size} ranks are running; "
+                          f"launch {len(plan.nodes)} ranks or re-solve for {world_size}")
+    stage_ranks = {s: sorted(n.rank for n in plan.nodes if n.stage == s) for s in range(plan.num_stages)}
+    timeout = timedelta(seconds=timeout_s)
+    groups = {}
+    for stage in range(plan.num_stages):
+        group = dist.new_group(stage_ranks[stage], timeout=timeout)
+        if rank in stage_ranks[stage]:
+            groups[stage] = group
+    return Context(rank=rank, world_size=world_size, node=plan.node_of_rank(rank), device=device, timeout=timeout,
+                   stage_ranks=stage_ranks, stage_groups=groups, node_rank={n.id: n.rank for n in plan.nodes})
+
+
+def env_rank() -> tuple[int, int, int] | None:
+    """(rank, local rank, world size) from torchrun's environment, or None outside torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])

@@ -1,0 +1,244 @@
+"""The training loop, shared by the distributed run and the path-faithful single-process mode.
+
+One iteration: draw every microbatch on its data node, run the plan (worker.py or single.py), average
+each stage's gradient over its visitors and replicas (Note [gradient scaling] in sync.py), clip by the
+global norm, one AdamW step. The iteration's loss is the mean over microbatches of each microbatch's
+mean token cross entropy. Both modes draw the same data, so their losses and gradients agree.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from scheduler.constraints import check
+from scheduler.plan import Plan
+from skippipe import single
+from skippipe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from skippipe.comm import connect_peers, wait_for
+from skippipe.config import Config, load_config, save_config
+from skippipe.context import Context
+from skippipe.data import TokenStream, load_corpus
+from skippipe.metrics import Metrics
+from skippipe.model import FullModel, Stage
+from skippipe.optim import build_optimizer, lr_at, set_lr
+from skippipe.sync import average_stage_gradients, clip_gradients, stage_visits
+from skippipe.worker import IterationResult, Worker
+from topology.errors import ConfigError
+from topology.model_spec import load_model_spec
+
+
+def make_plan(cfg: Config) -> Plan:
+    """The plan file named by the config, or one solved for the configured topology and training shape."""
+    if cfg.schedule.plan:
+        return Plan.load(cfg.schedule.plan)
+    from scheduler.problem import Problem
+    from scheduler.solve import solve
+    from topology.load import load_topology
+    s = cfg.schedule
+    problem = Problem(topology=load_topology(s.topology, s.num_nodes, cfg.train.seed), model=load_model_spec(cfg.model),
+                      microbatch_size=s.microbatch_size, num_stages=s.num_stages, stage_sizes=s.stage_sizes,
+                      num_microbatches=s.num_microbatches, memory=s.memory, skip_ratio=s.skip_ratio,
+                      max_swaps=s.max_swaps, seed=cfg.train.seed,
+                      topology_source={"spec": s.topology, "seed": cfg.train.seed})
+    return solve(problem, s.strategy)
+
+
+def plan_for_run(cfg: Config, resume: bool) -> Plan:
+    """A resumed run keeps the plan of its checkpoint; a new one loads or solves it."""
+    return Plan.load(latest_checkpoint(cfg.train.run_dir) / "plan.json") if resume else make_plan(cfg)
+
+
+def share_plan(make: Callable[[], Plan], rank: int) -> Plan:
+    """Rank 0 makes the plan and broadcasts it as JSON; a bad input fails on every rank, not only on 0."""
+    payload: list = [None]
+    if rank == 0:
+        try:
+            payload = [("plan", make().to_json())]
+        except (ValueError, OSError) as exc:
+            payload = [("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))]
+    dist.broadcast_object_list(payload, src=0)
+    kind, text = payload[0]
+    if kind == "error":
+        raise ConfigError(text)
+    return Plan.from_dict(json.loads(text), where="the plan from rank 0")
+
+
+@contextlib.contextmanager
+def quiet_errors():
+    """On ranks other than 0: exit 2 on bad input without repeating the line rank 0 prints."""
+    try:
+        yield
+    except (ValueError, OSError, KeyError):
+        sys.exit(2)
+
+
+def data_streams(plan: Plan, corpus, node_ids, seed: int) -> dict[int, TokenStream]:
+    """One stream per data node among `node_ids`; the shard index is its place among the stage-0 nodes."""
+    stage0 = sorted(n.id for n in plan.nodes if n.stage == 0)
+    return {nid: corpus.stream(plan.microbatch_size, stage0.index(nid), len(stage0), seed)
+            for nid in sorted(node_ids) if nid in stage0}
+
+
+def draw_batches(plan: Plan, streams: dict[int, TokenStream]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each data node draws its microbatches in microbatch order, whatever order the plan runs them in."""
+    batches = {}
+    for node_id, stream in sorted(streams.items()):
+        for path in sorted((p for p in plan.paths if p.data_node == node_id), key=lambda p: p.microbatch):
+            batches[path.microbatch] = stream.next_batch()
+    return batches
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = False,
+          on_gradients: Callable[[int, dict[int, torch.nn.Module]], None] | None = None) -> list[dict]:
+    """Run cfg.train.steps iterations of `plan`; distributed when `ctx` is given, else single-process.
+
+    Returns the per-step records (every rank gets them). `on_gradients(step, stages)` sees the final
+    gradients of the stages this process holds, before the optimizer step (tests compare them).
+    """
+    distributed = ctx is not None
+    rank = ctx.rank if distributed else 0
+    device = ctx.device if distributed else torch.device(cfg.train.device if cfg.train.device != "auto" else
+                                                         ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = load_model_spec(cfg.model)
+    if plan.model and plan.model != spec.name:
+        raise ConfigError(f"the plan was solved for model {plan.model!r} but the config trains {spec.name!r}; "
+                          f"re-solve the plan or set model={plan.model}")
+    context = cfg.data.context or spec.context
+    if context > spec.context:
+        raise ConfigError(f"data.context {context} exceeds the model's context {spec.context}; lower it")
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed, timeout = cfg.train.seed, (ctx.timeout if distributed else None)
+
+    corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
+    if distributed:
+        stages = {ctx.stage: Stage(spec, ctx.stage, plan.num_stages, seed, device)}
+        streams = data_streams(plan, corpus, [ctx.node.id], seed)
+        worker = Worker(plan, ctx, stages[ctx.stage], (plan.microbatch_size, context, spec.dim))
+        pairs = {(ctx.node_rank[a], ctx.node_rank[b]) for p in plan.paths for a, b in zip(p.nodes, p.nodes[1:] + p.nodes[:1])}
+        leaders = [ctx.stage_ranks[s][0] for s in range(plan.num_stages)]
+        connect_peers(pairs | set(zip(leaders, leaders[1:] + leaders[:1])), rank, device, ctx.timeout)
+    else:
+        model = FullModel(spec, plan.num_stages, seed, device)
+        stages = dict(enumerate(model.stages))
+        streams = data_streams(plan, corpus, [n.id for n in plan.nodes], seed)
+    optimizers = {s: build_optimizer(m, cfg.optim) for s, m in stages.items()}
+    visits = stage_visits(plan)
+    val_batches = [b for b in corpus.val_batches(plan.microbatch_size, cfg.train.eval_batches)
+                   if len(b[0]) == plan.microbatch_size]  # full batches only: message shapes are fixed
+
+    start_step = 0
+    if resume:
+        folder = latest_checkpoint(run_dir)
+        start_step = load_checkpoint(folder, stages, optimizers, streams, rank, device)
+        saved = load_config(folder / "config.yaml")
+        if (saved.optim.decay_steps or saved.train.steps) != (cfg.optim.decay_steps or cfg.train.steps) and rank == 0:
+            print(f"warning: the learning-rate schedule spans {saved.optim.decay_steps or saved.train.steps} steps in "
+                  f"the checkpoint and {cfg.optim.decay_steps or cfg.train.steps} now; set optim.decay_steps to keep it",
+                  file=sys.stderr)
+    metrics = Metrics(run_dir, rank == 0, cfg.train.steps, start_step)
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+        plan.save(run_dir / "plan.json")
+    _report_parameters(metrics, plan, stages, ctx)
+    if resume:
+        metrics.info(f"resumed from {folder} after step {start_step}")
+
+    records = []
+    tokens_per_step = plan.num_microbatches * plan.microbatch_size * context
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        started, wall = time.perf_counter(), time.time()
+        lr = lr_at(step, cfg.optim, cfg.train.steps)
+        for s, module in stages.items():
+            set_lr(optimizers[s], lr)
+            module.zero_grad(set_to_none=True)
+        batches = draw_batches(plan, streams)
+        result = worker.run_iteration(batches) if distributed else single.run_iteration(model, plan, batches, device)
+        average_stage_gradients(stages, visits, ctx.stage_groups if distributed else None, timeout)
+        counted = ({ctx.stage} if ctx.is_stage_leader else set()) if distributed else set(stages)
+        grad_norm = clip_gradients(stages, cfg.optim.grad_clip, counted, distributed, timeout)
+        if on_gradients is not None:
+            on_gradients(step, stages)
+        for optimizer in optimizers.values():
+            optimizer.step()
+        last = step == cfg.train.steps
+        val_loss = None
+        if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+            val_loss = (_shared_value(worker.evaluate(val_batches), device, timeout) if distributed
+                        else single.evaluate(model, val_batches, device))
+        record = _record(step, lr, grad_norm, result, time.perf_counter() - started, wall, ctx, device,
+                         tokens_per_step, plan.num_microbatches)
+        record["val_loss"] = val_loss
+        records.append(record)
+        metrics.log(record, print_line=last or step % cfg.train.log_every == 0)
+        if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            barrier = (lambda: _barrier(device, timeout)) if distributed else (lambda: None)
+            write = ({ctx.stage} if ctx.is_stage_leader else set()) if distributed else None
+            folder = save_checkpoint(run_dir, step, stages, optimizers, streams, plan, cfg, rank, write, barrier)
+            metrics.info(f"saved checkpoint {folder}")
+    plot = metrics.close()
+    if plot is not None:
+        metrics.info(f"loss plot: {plot}")
+    return records
+
+
+def _report_parameters(metrics: Metrics, plan: Plan, stages: dict, ctx: Context | None) -> None:
+    """Each rank holds only its stage's parameters and optimizer state: show it."""
+    mine = [(ctx.rank if ctx else 0, ctx.node.id if ctx else -1, s, count_parameters(m)) for s, m in stages.items()]
+    rows = mine
+    if ctx is not None:
+        gathered = [None] * ctx.world_size
+        dist.all_gather_object(gathered, mine)
+        rows = [row for part in gathered for row in part]
+    for rank, node, stage, count in rows:
+        where = f"rank {rank} | node {node} ({plan.nodes[node].name}) | " if node >= 0 else "single process | "
+        metrics.info(f"{where}stage {stage} | {count:,} parameters (and their AdamW state)")
+
+
+def _barrier(device: torch.device, timeout) -> None:
+    wait_for(dist.all_reduce(torch.zeros(1, device=device), async_op=True), timeout, "waiting for every rank")
+
+
+def _shared_value(value: float | None, device: torch.device, timeout) -> float:
+    """A value known on one rank, on every rank (the others contribute zero to a sum)."""
+    tensor = torch.tensor([value or 0.0], dtype=torch.float64, device=device)
+    wait_for(dist.all_reduce(tensor, async_op=True), timeout, "sharing the validation loss")
+    return float(tensor)
+
+
+def _record(step: int, lr: float, grad_norm: float, result: IterationResult, iteration_s: float, wall: float,
+            ctx: Context | None, device: torch.device, tokens_per_step: int, num_microbatches: int) -> dict:
+    """The step's metrics, gathered from every rank (one small collective plus one object gather)."""
+    loss_sum = sum(float(v) for v in result.losses.values())
+    mine = torch.tensor([loss_sum, result.compute_s, result.wait_s, iteration_s, wall], dtype=torch.float64,
+                        device=device)
+    if ctx is not None:
+        rows = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
+        dist.all_gather(rows, mine)
+        timelines = [None] * ctx.world_size
+        dist.all_gather_object(timelines, result.timeline)
+    else:
+        rows, timelines = [mine], [result.timeline]
+    rows = [row.tolist() for row in rows]
+    loss = sum(r[0] for r in rows) / num_microbatches
+    origin = rows[0][4]
+    iteration = max(r[3] for r in rows)
+    idle = [max(0.0, r[3] - r[1]) for r in rows]
+    return {
+        "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "iteration_s": iteration,
+        "tokens_per_s": tokens_per_step / iteration,
+        "idle_share": sum(i / r[3] for i, r in zip(idle, rows)) / len(rows),
+        "compute_s": [r[1] for r in rows], "wait_s": [r[2] for r in rows], "idle_s": idle,
+        "timeline": [[[name, round(a - origin, 6), round(b - origin, 6)] for name, a, b in tl] for tl in timelines],
+    }
