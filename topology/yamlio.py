@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,31 @@ import yaml
 from topology.errors import ConfigError
 
 
+class Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` and `1.0e14` as floats.
+
+    PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent, so it loads `flops: 1.0e14` or
+    `norm_eps: 1e-6` as *strings*; YAML 1.2 and JSON read them as numbers, and so do people.
+    """
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml_text(text: str):
+    """yaml.safe_load with YAML 1.2 floats (see Loader)."""
+    return yaml.load(text, Loader=Loader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"file not found: {path}; check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_text(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
