@@ -66,12 +66,12 @@ class Topology:
             if len(bad):
                 i, j = bad[0]
                 raise ConfigError(f"topology {name!r}: link {names[i]}-{names[j]} has bandwidth "
-                                  f"{bandwidth_gbit_s[i, j]!r} Gbit/s; every link needs a positive bandwidth")
+                                  f"{float(bandwidth_gbit_s[i, j])} Gbit/s; every link needs a positive bandwidth")
             bad = np.argwhere(off & (~np.isfinite(latency_ms) | (latency_ms < 0)))
             if len(bad):
                 i, j = bad[0]
                 raise ConfigError(f"topology {name!r}: link {names[i]}-{names[j]} has latency "
-                                  f"{latency_ms[i, j]!r} ms; latency must be zero or positive")
+                                  f"{float(latency_ms[i, j])} ms; latency must be zero or positive")
         np.fill_diagonal(latency_ms, 0.0)
         np.fill_diagonal(bandwidth_gbit_s, np.inf)
         self.name = name
