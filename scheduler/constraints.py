@@ -202,8 +202,10 @@ def _order(plan: Plan) -> list[Violation]:
     if not out:
         stuck = deadlock(plan)
         if stuck:
+            first = stuck[0]
+            node = next(n for n, actions in sorted(plan.order.items()) if first in actions)
             out.append(Violation("deadlock", f"executing every node's order in sequence stalls with {', '.join(map(str, stuck[:4]))} "
-                                             f"waiting", microbatch=stuck[0].microbatch))
+                                             f"waiting", microbatch=first.microbatch, node=node, stage=first.stage))
     return out
 
 
