@@ -13,13 +13,13 @@ from topology.load import load_topology
 from topology.model_spec import load_model_spec
 
 
-def positive_int(text: str) -> int:
+def positive_int(text: str, flag: str = "a count") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ConfigError(f"expected a positive integer, got {text!r}") from None
+        value = 0
     if value <= 0:
-        raise ConfigError(f"expected a positive integer, got {text!r}")
+        raise ConfigError(f"{flag} must be a positive integer, got {text!r}")
     return value
 
 
@@ -46,15 +46,15 @@ def add_problem_args(p) -> None:
 
 
 def problem_from_args(args) -> Problem:
-    num_nodes = positive_int(args.nodes) if args.nodes is not None else None
+    num_nodes = positive_int(args.nodes, "--nodes") if args.nodes is not None else None
     topology = load_topology(args.topology, num_nodes, args.seed)
     return Problem(
         topology=topology, model=load_model_spec(args.model),
-        microbatch_size=positive_int(args.microbatch_size),
-        num_stages=positive_int(args.stages) if args.stages else None,
-        stage_sizes=int_list(args.stage_sizes) if args.stage_sizes else None,
-        num_microbatches=positive_int(args.microbatches) if args.microbatches else None,
-        memory=positive_int(args.memory), skip_ratio=args.skip_ratio, max_swaps=args.max_swaps,
+        microbatch_size=positive_int(args.microbatch_size, "--microbatch-size"),
+        num_stages=positive_int(args.stages, "--stages") if args.stages is not None else None,
+        stage_sizes=int_list(args.stage_sizes) if args.stage_sizes is not None else None,
+        num_microbatches=positive_int(args.microbatches, "--microbatches") if args.microbatches is not None else None,
+        memory=positive_int(args.memory, "--memory"), skip_ratio=args.skip_ratio, max_swaps=args.max_swaps,
         seed=args.seed, time_limit=args.time_limit,
         topology_source={"spec": args.topology, "seed": args.seed},
     )
@@ -74,7 +74,8 @@ def cmd_solve(args) -> None:
 def cmd_validate(args) -> None:
     plan = Plan.load(args.plan)
     if args.topology:
-        check_topology(plan, load_topology(args.topology, positive_int(args.nodes) if args.nodes else None, args.seed))
+        check_topology(plan, load_topology(args.topology, positive_int(args.nodes, "--nodes") if args.nodes else None,
+                                           args.seed))
     found = violations(plan)
     if not found:
         print(f"{args.plan}: valid ({len(plan.nodes)} nodes, {plan.num_stages} stages, {plan.num_microbatches} "
