@@ -60,7 +60,7 @@ def cmd_simulate(args) -> None:
                           f"{made_for.get('num_nodes')} nodes) than {topo.name!r} with {topo.num_nodes} nodes; "
                           f"pass the topology it was solved for or re-solve")
     model = load_model_spec(args.model) if args.model else load_model_spec(plan.get("model") or "llama-500m")
-    microbatch_size = args.microbatch_size or int(plan.get("microbatch_size", 1))
+    microbatch_size = args.microbatch_size if args.microbatch_size is not None else int(plan.get("microbatch_size", 1))
     workload = Workload.from_plan_dict(plan, where=str(args.plan))
     if workload.order is None:
         raise ConfigError(f"{args.plan} has no order; solve it with python -m scheduler solve")
