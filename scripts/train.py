@@ -50,6 +50,7 @@ def main() -> None:
         import torch.distributed as dist
 
         from scheduler.constraints import check
+        from scheduler.plan import Plan
         from skippipe.comm import PeerError
         from skippipe.config import load_config
         from skippipe.context import build_context, env_rank, init_process_group, pick_device
@@ -66,6 +67,8 @@ def main() -> None:
             raise ConfigError("not launched by torchrun; run torchrun --standalone --nproc-per-node N "
                               "scripts/train.py ..., or pass --single-process")
         rank, local_rank, world_size = launched
+        if cfg.schedule.plan and not args.resume:  # a plan for another world size fails before joining
+            check(Plan.load(cfg.schedule.plan), world_size=world_size)
         device = pick_device(cfg.train.device, local_rank)
         init_process_group(device, cfg.train.comm_timeout_s)
         try:

@@ -11,6 +11,7 @@ the run with an error naming the peer and the message, never a silent hang.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import timedelta
 
@@ -25,17 +26,27 @@ class PeerError(RuntimeError):
     """A peer died, hung or broke the connection."""
 
 
-def wait_for(work, timeout: timedelta | None, what: str) -> None:
-    if timeout is None:  # single process: nothing to wait for that could hang
-        work.wait()
-        return
+@contextlib.contextmanager
+def peer_errors(what: str):
+    """Turn a failed or timed-out communication into a PeerError that says what was being waited for.
+
+    gloo reports a dead peer ("Connection closed by peer") and a timeout as plain RuntimeErrors.
+    """
     try:
-        if work.wait(timeout) is False:  # some backends report a timeout by returning False
-            raise RuntimeError("timed out")
+        yield
+    except PeerError:
+        raise
     except RuntimeError as exc:
-        raise PeerError(f"{what}: {' '.join(str(exc).split())[:300]} (waited at most "
-                        f"{timeout.total_seconds():.0f} s; the peer may have died or hung — see its log; "
-                        f"raise train.comm_timeout_s if it is only slow)") from None
+        raise PeerError(f"{what}: {' '.join(str(exc).split())[:300]} (the peer may have died or hung; see its "
+                        f"log; raise train.comm_timeout_s if it is only slow)") from None
+
+
+def wait_for(work, timeout: timedelta | None, what: str) -> None:
+    with peer_errors(what):
+        if timeout is None:  # the default group's timeout applies
+            work.wait()
+        elif work.wait(timeout) is False:  # some backends report a timeout by returning False
+            raise RuntimeError(f"timed out after {timeout.total_seconds():.0f} s")
 
 
 class Messenger:

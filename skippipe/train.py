@@ -21,7 +21,7 @@ from scheduler.constraints import check
 from scheduler.plan import Plan
 from skippipe import single
 from skippipe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from skippipe.comm import connect_peers, wait_for
+from skippipe.comm import connect_peers, peer_errors, wait_for
 from skippipe.config import Config, load_config, save_config
 from skippipe.context import Context
 from skippipe.data import TokenStream, load_corpus
@@ -63,7 +63,8 @@ def share_plan(make: Callable[[], Plan], rank: int) -> Plan:
             payload = [("plan", make().to_json())]
         except (ValueError, OSError) as exc:
             payload = [("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))]
-    dist.broadcast_object_list(payload, src=0)
+    with peer_errors("receiving the plan from rank 0"):
+        dist.broadcast_object_list(payload, src=0)
     kind, text = payload[0]
     if kind == "error":
         raise ConfigError(text)
@@ -199,7 +200,8 @@ def _report_parameters(metrics: Metrics, plan: Plan, stages: dict, ctx: Context 
     rows = mine
     if ctx is not None:
         gathered = [None] * ctx.world_size
-        dist.all_gather_object(gathered, mine)
+        with peer_errors("gathering parameter counts"):
+            dist.all_gather_object(gathered, mine)
         rows = [row for part in gathered for row in part]
     for rank, node, stage, count in rows:
         where = f"rank {rank} | node {node} ({plan.nodes[node].name}) | " if node >= 0 else "single process | "
@@ -225,9 +227,10 @@ def _record(step: int, lr: float, grad_norm: float, result: IterationResult, ite
                         device=device)
     if ctx is not None:
         rows = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
-        dist.all_gather(rows, mine)
+        wait_for(dist.all_gather(rows, mine, async_op=True), ctx.timeout, "gathering the step's metrics")
         timelines = [None] * ctx.world_size
-        dist.all_gather_object(timelines, result.timeline)
+        with peer_errors("gathering the step's timelines"):
+            dist.all_gather_object(timelines, result.timeline)
     else:
         rows, timelines = [mine], [result.timeline]
     rows = [row.tolist() for row in rows]
