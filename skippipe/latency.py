@@ -1,0 +1,144 @@
+"""Link latency added in the process: each point-to-point send starts after its link's one-way latency.
+
+The emulated cluster (skippipe/netns.py) shapes bandwidth in the kernel, but netem (kernel delay) is not
+available here, so latency is added where the message is sent. The emulator writes a JSON file with a
+rank x rank matrix of one-way latencies and points SKIPPIPE_LINK_LATENCY at it; `isend` then behaves as
+`torch.distributed.isend` on a link with that latency. Without the variable it *is* dist.isend.
+
+Note [delay before send]: holding a message back for the latency L and then sending it is the same, for
+the receiver, as sending it at once over a link with propagation delay L, as long as the messages to one
+peer keep their order: a message sent at t arrives at max(t + L, end of the previous one) + bytes / rate
+either way. Sends to one peer leave in order (one FIFO per destination, in `LinkLatency`), so the
+per-pair message order the runtime relies on (comm.py, Note [message order]) is kept. Collectives
+(the data-parallel all-reduce) are not delayed; their latency term is small inside a region.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import os
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ENV = "SKIPPIPE_LINK_LATENCY"
+NODE_ENV = "SKIPPIPE_EMULATED_NODE"  # the emulator's node index of this process, checked against the rank
+
+
+def write_latency_file(path: str | Path, latency_ms) -> None:
+    """The file the emulator hands to every rank: one-way latency in ms, indexed [sender rank][receiver rank]."""
+    rows = [[float(x) for x in row] for row in latency_ms]
+    Path(path).write_text(json.dumps({"latency_ms": rows}))
+
+
+def read_latency_file(path: str | Path) -> list[list[float]]:
+    data = json.loads(Path(path).read_text())
+    rows = data.get("latency_ms") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or any(not isinstance(r, list) or len(r) != len(rows) for r in rows):
+        raise ValueError(f"{path}: expected {{'latency_ms': n x n matrix}}; written by skippipe.latency.write_latency_file")
+    return rows
+
+
+class DelayedWork:
+    """What `LinkLatency.isend` returns: the send's Work once it has been issued, with the same wait API."""
+
+    def __init__(self):
+        self._issued = threading.Event()
+        self._work = None
+        self._error: BaseException | None = None
+
+    def _set(self, work=None, error: BaseException | None = None) -> None:
+        self._work, self._error = work, error
+        self._issued.set()
+
+    def is_completed(self) -> bool:
+        return self._issued.is_set() and self._error is None and self._work.is_completed()
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        start = time.monotonic()
+        limit = None if timeout is None else timeout.total_seconds()
+        if not self._issued.wait(limit):
+            raise RuntimeError(f"a delayed send was not issued within {limit:.0f} s")
+        if self._error is not None:
+            raise RuntimeError(f"the delayed send failed: {self._error}") from self._error
+        if limit is None:
+            return self._work.wait()
+        return self._work.wait(timedelta(seconds=max(0.001, limit - (time.monotonic() - start))))
+
+
+class LinkLatency:
+    """Sends held back by their link's latency: one scheduler thread, FIFO per destination."""
+
+    def __init__(self, latency_s_to: dict[int, float]):
+        self.latency_s_to = dict(latency_s_to)  # destination rank -> one-way latency in seconds
+        self._heap: list = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_matrix(cls, latency_ms: list[list[float]], rank: int) -> "LinkLatency":
+        if not 0 <= rank < len(latency_ms):
+            raise ValueError(f"rank {rank} is outside the {len(latency_ms)}-rank latency matrix; "
+                             f"was the emulator started for this many nodes?")
+        return cls({dst: float(ms) / 1e3 for dst, ms in enumerate(latency_ms[rank]) if dst != rank})
+
+    def isend(self, tensor: torch.Tensor, dst: int, group=None, tag: int = 0):
+        delay = self.latency_s_to.get(dst, 0.0)
+        if delay <= 0:
+            return dist.isend(tensor, dst=dst, group=group, tag=tag)
+        work = DelayedWork()
+        # Due times to one destination only grow (constant delay, monotonic clock), and the sequence number
+        # breaks ties, so each destination's sends leave in the order they were made.
+        with self._cv:
+            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), tensor, dst, group, tag, work))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="link-latency", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return work
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cv.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, _, tensor, dst, group, tag, work = heapq.heappop(self._heap)
+            try:
+                work._set(dist.isend(tensor, dst=dst, group=group, tag=tag))
+            except BaseException as exc:  # handed to whoever waits on the send
+                work._set(error=exc)
+
+
+_default: LinkLatency | None = None
+_default_lock = threading.Lock()
+
+
+def default_link_latency() -> LinkLatency | None:
+    """The process's LinkLatency from SKIPPIPE_LINK_LATENCY, built on first use (None when unset)."""
+    global _default
+    path = os.environ.get(ENV)
+    if not path:
+        return None
+    with _default_lock:
+        if _default is None:
+            rank = dist.get_rank()
+            node = os.environ.get(NODE_ENV)
+            if node is not None and int(node) != rank:
+                raise RuntimeError(f"rank {rank} runs in emulated node {node}'s namespace; the latency matrix and the "
+                                   f"shaped links assume rank == node (the emulator orders ranks by node address)")
+            _default = LinkLatency.from_matrix(read_latency_file(path), rank)
+        return _default
+
+
+def isend(tensor: torch.Tensor, dst: int, group=None, tag: int = 0):
+    """dist.isend, held back by the link's latency when SKIPPIPE_LINK_LATENCY is set (Note [delay before send])."""
+    link = default_link_latency()
+    if link is None:
+        return dist.isend(tensor, dst=dst, group=group, tag=tag)
+    return link.isend(tensor, dst, group=group, tag=tag)
