@@ -64,7 +64,8 @@ def plot_bandwidth(path: str | Path, topology) -> None:
     bw = np.where(np.isinf(topology.bandwidth_gbit_s), np.nan, topology.bandwidth_gbit_s)
     n = topology.num_nodes
     fig, ax = plt.subplots(figsize=(min(14, 3 + 0.35 * n), min(12, 2.5 + 0.3 * n)))
-    im = ax.imshow(bw, norm=LogNorm(), cmap="viridis")
+    # A one-node topology has no links: LogNorm of an all-NaN matrix fails with "Invalid vmin or vmax".
+    im = ax.imshow(bw, norm=LogNorm() if np.isfinite(bw).any() else None, cmap="viridis")
     if n <= 48:
         names = [node.name for node in topology.nodes]
         ax.set_xticks(range(n), names, rotation=90, fontsize=7)
