@@ -11,6 +11,7 @@ import numpy as np
 
 from scheduler.problem import Problem
 from scheduler.solve import Solution, strategy
+from topology.errors import ConfigError
 from topology.network import Topology
 from topology.workload import Route
 
@@ -67,6 +68,10 @@ def balanced_routes(problem: Problem, node_stage: list[int], stage_paths: list[l
 
 @strategy("full")
 def full_pipeline(problem: Problem) -> Solution:
+    if problem.path_length != problem.num_stages:
+        raise ConfigError(f"the full strategy sends every microbatch through all {problem.num_stages} stages, but skip "
+                          f"ratio {problem.skip_ratio} asks for {problem.path_length}; pass --skip-ratio 0 or choose "
+                          f"another --strategy")
     node_stage = contiguous_placement(region_chain_order(problem.topology), problem.even_stage_sizes())
     num_data = node_stage.count(0)
     num_mb = problem.microbatches_for(num_data)
