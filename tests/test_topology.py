@@ -128,6 +128,16 @@ def test_region_links_without_same_region_miss_the_pairs_inside_a_region():
         """)
 
 
+@pytest.mark.parametrize("links", [
+    "links: [{a: 1, b: 2, latency_ms: 3, bandwidth_gbit_s: 4}]",
+    "region_links: [{a: 7, b: 8, latency_ms: 3, bandwidth_gbit_s: 4}]",
+])
+def test_numeric_names_match_their_links(links):
+    topo = from_yaml("nodes: [{name: 1, region: 7, flops: 1.0e13}, {name: 2, region: 8, flops: 1.0e13}]\n" + links)
+    assert [n.name for n in topo.nodes] == ["1", "2"] and topo.regions == ["7", "8"]
+    assert (topo.latency_ms[0, 1], topo.bandwidth_gbit_s[1, 0]) == (3, 4)
+
+
 def test_matrices():
     topo = from_yaml("""
         nodes: [{name: a, flops: 1.0e13}, {name: b, flops: 1.0e13}, {name: c, flops: 1.0e13}]

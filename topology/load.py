@@ -128,12 +128,14 @@ def _link(link, where: str, index: dict) -> tuple:
     if not isinstance(link, dict):
         raise ConfigError(f"{where} must be a mapping with a, b, latency_ms, bandwidth_gbit_s")
     check_keys(link, _LINK_KEYS, where, required={"a", "b", "latency_ms", "bandwidth_gbit_s"})
-    for end in ("a", "b"):
-        if link[end] not in index:
-            raise ConfigError(f"{where}: unknown endpoint {link[end]!r}; known: {', '.join(map(str, index))}")
-    if link["a"] == link["b"]:
-        raise ConfigError(f"{where}: a link from {link['a']!r} to itself; links join two different ends")
-    return index[link["a"]], index[link["b"]], _figures(link, where), bool(link.get("directed", False))
+    # Node and region names are read as strings (`name: 1` is node "1"), so endpoints are too.
+    a, b = str(link["a"]), str(link["b"])
+    for end in (a, b):
+        if end not in index:
+            raise ConfigError(f"{where}: unknown endpoint {end!r}; known: {', '.join(map(str, index))}")
+    if a == b:
+        raise ConfigError(f"{where}: a link from {a!r} to itself; links join two different ends")
+    return index[a], index[b], _figures(link, where), bool(link.get("directed", False))
 
 
 def _nodes(raw, where: str) -> list[Node]:
