@@ -1,0 +1,132 @@
+"""The SkipPipe strategies: `skippipe` (the default) and its ablation `skippipe-no-tc2`.
+
+Both share the placement (scheduler.placement: a fast estimate of the iteration time, all-reduces
+included, searched by pairwise swaps; the best few candidates are then compared by simulating them with
+cost-chosen paths). They differ in collision awareness (TC2):
+
+- `skippipe-no-tc2`: every microbatch takes its cheapest loop by hop and compute cost, blind to the
+  others (scheduler.paths, "cost"), and the simulator's default greedy dispatch orders the work;
+- `skippipe`: paths are also built against a reservation table of the work already planned ("timed"),
+  several dispatch priorities are tried on both path sets, and a local search over routes and
+  microbatch ranks (scheduler.search) polishes the best, scored by the exact dispatcher. The final
+  order is what the dispatcher executed; the plan's `predicted` is the simulator's strict replay of it.
+
+Budgets are counted in evaluations, scaled to the problem's size, so a seed always gives the same plan;
+`--time-limit` caps the wall clock (and may then cut the search short).
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from scheduler.full import contiguous_placement, region_chain_order
+from scheduler.ordering import Compiled, Priority, candidate_priorities
+from scheduler.paths import build_routes
+from scheduler.placement import choose_stage_sizes, place
+from scheduler.problem import Problem
+from scheduler.search import RouteSearch, score
+from scheduler.solve import Solution, strategy
+
+# Work budget of the route search, in dispatched actions (an evaluation dispatches every action once):
+# about a second for 20 nodes and 30 microbatches, tens of seconds at 1,000 nodes on a 2-core machine.
+SEARCH_ACTIONS = 6_000_000
+MAX_SEARCH_EVALS = 1000
+PLACEMENT_EVALS = 1500
+
+
+class Progress:
+    """A line on stderr every few seconds, only once a solve has run long enough to need one."""
+
+    def __init__(self, name: str, every: float = 3.0):
+        self.name, self.every = name, every
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, step: str, done: int | None = None, total: int | None = None, best: float | None = None):
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        parts = [f"{self.name}: {step}"]
+        if done is not None and total:
+            parts.append(f"{done}/{total}")
+        if best is not None:
+            parts.append(f"best {best:.2f} s")
+        parts.append(f"{now - self.started:.0f} s elapsed")
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+
+def deadline_of(problem: Problem):
+    if problem.time_limit is None:
+        return None
+    end = time.perf_counter() + problem.time_limit
+    return lambda: time.perf_counter() > end
+
+
+def stage_sizes(problem: Problem) -> list[int]:
+    return list(problem.stage_sizes) if problem.stage_sizes is not None else choose_stage_sizes(problem)
+
+
+def choose_placement(problem: Problem, rng: np.random.Generator, progress: Progress, deadline=None,
+                     keep: int = 3) -> list[int]:
+    """Best of the placement search's candidates by simulation (cost-chosen paths, default dispatch)."""
+    sizes = stage_sizes(problem)
+    starts = [contiguous_placement(region_chain_order(problem.topology), sizes)]
+    progress("placement")
+    candidates = place(problem, sizes, rng, PLACEMENT_EVALS, deadline, keep=keep, extra_starts=starts)
+    if len(candidates) == 1:
+        return candidates[0][1]
+    best = None
+    for i, (_, node_stage) in enumerate(candidates):
+        progress("comparing placements", i, len(candidates))
+        routes, _ = build_routes(problem, node_stage, np.random.default_rng(rng.integers(2**32)), "cost")
+        value = score(Compiled(problem, node_stage, routes).dispatch(Priority(), record=False))
+        if best is None or value < best[0]:
+            best = (value, node_stage)
+        if deadline is not None and deadline():
+            break
+    return best[1]
+
+
+@strategy("skippipe-no-tc2")
+def skippipe_no_tc2(problem: Problem) -> Solution:
+    rng = np.random.default_rng(problem.seed)
+    progress = Progress("skippipe-no-tc2")
+    node_stage = choose_placement(problem, rng, progress, deadline_of(problem))
+    routes, _ = build_routes(problem, node_stage, np.random.default_rng(rng.integers(2**32)), "cost")
+    return Solution(node_stage, routes, None)  # the simulator's default dispatch orders the work
+
+
+@strategy("skippipe")
+def skippipe(problem: Problem) -> Solution:
+    rng = np.random.default_rng(problem.seed)
+    progress = Progress("skippipe")
+    deadline = deadline_of(problem)
+    node_stage = choose_placement(problem, rng, progress, deadline)
+    path_rng = np.random.default_rng(rng.integers(2**32))
+    num_mb = problem.microbatches_for(node_stage.count(0))
+    best = None
+    for choose in ("cost", "timed"):
+        progress(f"paths ({choose})")
+        routes, planned = build_routes(problem, node_stage, path_rng, choose)
+        compiled = Compiled(problem, node_stage, routes)
+        rules = candidate_priorities(num_mb, rng, extra_random=2)
+        if planned:
+            rules.append(Priority(kind_rank=(0.0, 0.0, 0.0), by_arrival=False, planned=planned))
+        for rule in rules:
+            value = score(compiled.dispatch(rule, record=False))
+            if best is None or value < best[0]:
+                best = (value, routes, rule)
+        if deadline is not None and deadline():
+            break
+    _, routes, rule = best
+    actions = sum(2 * len(r.stages) + 1 for r in routes)
+    evals = int(np.clip(SEARCH_ACTIONS // max(actions, 1), 4, MAX_SEARCH_EVALS))
+    search = RouteSearch(problem, node_stage, routes, rule, np.random.default_rng(rng.integers(2**32)))
+    found, found_rule, value = search.run(evals, deadline, lambda d, t, b: progress("route search", d, t, b))
+    if value < best[0]:  # a planned-start rule may score better than the rank rule the search starts from
+        routes, rule = found, found_rule
+    outcome = Compiled(problem, node_stage, routes).dispatch(rule)
+    assert outcome.order is not None, "the chosen dispatch cannot stall: it was scored finite"
+    return Solution(node_stage, routes, outcome.order)
