@@ -116,6 +116,8 @@ def _structure(plan: Plan) -> list[Violation]:
             bad = next((x, st) for x, st in zip(path.nodes, path.stages) if plan.nodes[x].stage != st)
             out.append(Violation("structure", f"node {bad[0]} serves stage {plan.nodes[bad[0]].stage}, not {bad[1]}",
                                  microbatch=path.microbatch, node=bad[0], stage=bad[1]))
+    for node in sorted(set(plan.order) - set(range(n))):
+        out.append(Violation("structure", f"the order names node {node}, which the plan does not have", node=node))
     return out
 
 

@@ -166,6 +166,12 @@ def test_structure(stages, paths, first):
     assert named(hand_plan(stages, paths))[0] == first
 
 
+def test_structure_order_for_a_node_the_plan_lacks():
+    plan = full_order()
+    plan.order[7] = []
+    assert named(plan) == [("structure", None, 7, None)]
+
+
 def test_check_raises_one_line_naming_the_first_rule():
     with pytest.raises(ConfigError, match=r"^invalid plan: CC3: .*\(microbatch 1, node 1, stage 1\)$"):
         check(hand_plan("0 1 2 3", ["0@0 1@1 2@2 3@3", "0@0 3@3 1@1 2@2"]))
