@@ -23,7 +23,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="training YAML, e.g. configs/train/debug.yaml")
     p.add_argument("--skip-ratio", type=float, help="fraction of stages each microbatch skips (schedule.skip_ratio)")
-    p.add_argument("--topology", help="scenario name or topology YAML to solve for (schedule.topology)")
+    p.add_argument("--topology", help="scenario name, topology YAML, or 'measure' (profile the ranks at "
+                   "start-up and solve on that) (schedule.topology)")
     p.add_argument("--plan", help="run this plan.json instead of solving (schedule.plan)")
     p.add_argument("--steps", type=int, help="train until this step (train.steps)")
     p.add_argument("--seed", type=int, help="model init, data order and solver seed (train.seed)")
@@ -71,6 +72,9 @@ def main() -> None:
             check(Plan.load(cfg.schedule.plan), world_size=world_size)
         device = pick_device(cfg.train.device, local_rank)
         init_process_group(device, cfg.train.comm_timeout_s)
+        if cfg.schedule.topology == "measure" and not cfg.schedule.plan and not args.resume:
+            from skippipe.profiling import profile_for_run  # every rank measures; rank 0 solves on the result
+            cfg.schedule.topology = str(profile_for_run(cfg, rank, world_size))
         try:
             plan = share_plan(lambda: plan_for_run(cfg, args.resume), rank)
             check(plan, world_size=world_size)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from scheduler.plan import Plan, dependencies, message_order
+from skippipe.latency import isend  # dist.isend, or held back by an emulated link's latency
 from topology.workload import Action
 
 
@@ -101,7 +102,7 @@ class Messenger:
         if payload.shape != self.shape:
             raise ValueError(f"{producer}: message shape {tuple(payload.shape)} but the receiver expects "
                              f"{self.shape}; every microbatch must have the same shape")
-        work = dist.isend(payload, dst=self.node_rank[dst])
+        work = isend(payload, dst=self.node_rank[dst])
         self._sends.append((work, payload, f"sending {producer} -> {consumer} to node {dst} (rank {self.node_rank[dst]})"))
         # Drop finished sends so their buffers can be freed; keep the rest alive until they finish.
         self._sends = [s for s in self._sends if not s[0].is_completed()]

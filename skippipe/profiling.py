@@ -223,3 +223,33 @@ def save_profile(run_dir: str | Path, measured: Topology, details: dict, configu
     (run_dir / "profile.json").write_text(json.dumps(details, indent=1))
     if configured is not None:
         (run_dir / "topology.configured.yaml").write_text(yaml.safe_dump(configured.to_dict(), sort_keys=False))
+
+
+def profile_for_run(cfg, rank: int, world_size: int) -> Path:
+    """`--topology measure`: measure this world, save the figures in the run dir, return the measured YAML.
+
+    Collective. Node names come from SKIPPIPE_NODE_NAME (the emulator sets it) or host name and rank.
+    The compute probe uses the run's model and microbatch size.
+    """
+    import os
+    import socket
+    from topology.model_spec import load_model_spec
+    run_dir = Path(cfg.train.run_dir)
+    name = os.environ.get("SKIPPIPE_NODE_NAME") or f"{socket.gethostname()}-{rank}"
+    names: list = [None] * world_size
+    dist.all_gather_object(names, name)
+    if len(set(names)) != world_size:
+        names = [f"{n}-{i}" for i, n in enumerate(names)]
+    started = time.perf_counter()
+    topo, details = measure_topology(rank, world_size, model=load_model_spec(cfg.model),
+                                     microbatch_size=cfg.schedule.microbatch_size, names=names)
+    details["seconds"] = time.perf_counter() - started
+    if rank == 0:
+        save_profile(run_dir, topo, details)
+        print(f"profiled {world_size} ranks in {details['seconds']:.1f} s: latency "
+              f"{np.min(topo.latency_ms[~np.eye(world_size, dtype=bool)]):.1f}-{topo.latency_ms.max():.1f} ms, "
+              f"bandwidth {np.min(topo.bandwidth_gbit_s) * 1e3:.2f}-"
+              f"{np.max(topo.bandwidth_gbit_s[~np.eye(world_size, dtype=bool)]) * 1e3:.1f} Mbit/s, "
+              f"regions {', '.join(sorted(set(n.region for n in topo.nodes)))}; saved to {run_dir}", flush=True)
+    dist.barrier()
+    return run_dir / "topology.measured.yaml"
