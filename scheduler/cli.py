@@ -1,7 +1,6 @@
 """`python -m scheduler`: solve a plan, validate one, compare strategies."""
 from __future__ import annotations
 
-import sys
 import time
 
 from scheduler.constraints import check_topology, violations
@@ -82,9 +81,9 @@ def cmd_validate(args) -> None:
               f"microbatches, skip ratio {plan.skip_ratio})")
         return
     for v in found[:20]:
-        print(f"{args.plan}: {v}", file=sys.stderr)
+        print(f"{args.plan}: {v}")
         if v.microbatch is not None and v.microbatch < len(plan.paths):
-            print("    " + path_grid(plan, v.microbatch, v.stage), file=sys.stderr)
+            print("    " + path_grid(plan, v.microbatch, v.stage))
     raise ConfigError(f"{args.plan} breaks {len(found)} rule(s): first {found[0].rule}; re-solve it or fix the cells marked [ ]")
 
 
