@@ -1,0 +1,133 @@
+"""Export a checkpoint as a Hugging Face LlamaForCausalLM folder that transformers loads offline.
+
+    OUT/config.json              LlamaConfig (written as JSON: exporting does not need transformers)
+    OUT/model.safetensors        every stage's weights under Hugging Face names (model.hf_state_dict)
+    OUT/tokenizer.json           the run's tokenizer (see Note [byte tokenizer])
+    OUT/tokenizer_config.json    PreTrainedTokenizerFast, so AutoTokenizer finds it
+    OUT/skippipe.json            where it came from: checkpoint, step, kept stages and layers
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(OUT); tokenizer = AutoTokenizer.from_pretrained(OUT)
+
+With `stages` (e.g. from omission.kept_stages) only those stages' layers are exported, renumbered in
+natural order: a smaller model that computes exactly what the evaluator measured with those stages kept.
+
+Note [byte tokenizer]: skippipe's default tokenizer has no files: token id = UTF-8 byte. The export
+writes it as a `tokenizers` BPE model whose 256 entries are the byte tokens <0x00>..<0xFF> (id = byte),
+with no merges and byte fallback on, so every character falls back to its UTF-8 bytes and decoding fuses
+them back. This is the byte-fallback scheme of the LLaMa/SentencePiece tokenizers, so transformers and
+anything else that reads tokenizer.json encode exactly like skippipe.data.ByteTokenizer. The byte
+tokenizer has no BOS/EOS/pad tokens (all 256 ids are bytes), and the export declares none.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from skippipe.model import FullModel, hf_state_dict
+from topology.errors import ConfigError
+from topology.model_spec import ModelSpec
+
+
+def hf_config(spec: ModelSpec, num_layers: int | None = None, context: int | None = None) -> dict:
+    """config.json for LlamaForCausalLM. Both rope spellings: rope_parameters (transformers 5) and
+    rope_theta (4.x), so the folder loads with either."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.dim,
+        "intermediate_size": spec.ffn_dim,
+        "num_hidden_layers": num_layers if num_layers is not None else spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "max_position_embeddings": context or spec.context,
+        "rms_norm_eps": spec.norm_eps,
+        "rope_theta": spec.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "torch_dtype": "float32",
+    }
+
+
+def byte_tokenizer():
+    """A `tokenizers` Tokenizer whose ids are UTF-8 bytes (Note [byte tokenizer])."""
+    try:
+        from tokenizers import Tokenizer, decoders, models
+    except ImportError:
+        raise ConfigError("exporting a tokenizer needs the 'tokenizers' package; pip install tokenizers "
+                          "(or pip install -e '.[hf]')") from None
+    vocab = {f"<0x{byte:02X}>": byte for byte in range(256)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return tokenizer
+
+
+def export_tokenizer(tokenizer_name: str, out_dir: Path, context: int) -> None:
+    if tokenizer_name == "byte":
+        byte_tokenizer().save(str(out_dir / "tokenizer.json"))
+    else:
+        from skippipe.data import HFTokenizer
+        HFTokenizer(tokenizer_name)._tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context,
+        "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+
+
+def kept_state_dict(model: FullModel, stages: Sequence[int]) -> tuple[dict, list[int]]:
+    """Hugging Face weights of the kept stages only, layers renumbered 0.. in natural stage order."""
+    layers = [i for s in sorted(stages) for i in model.stages[s].layer_indices]
+    renumber = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(layers)}
+    out = {}
+    for key, tensor in hf_state_dict(model).items():
+        if key.startswith("model.layers."):
+            prefix = ".".join(key.split(".")[:3]) + "."
+            if prefix not in renumber:
+                continue
+            key = renumber[prefix] + key[len(prefix):]
+        out[key] = tensor
+    return out, layers
+
+
+def export_hf(model: FullModel, out_dir: str | Path, tokenizer: str = "byte", context: int | None = None,
+              stages: Sequence[int] | None = None, provenance: dict | None = None) -> Path:
+    """Write the Hugging Face folder; `stages` (with 0) exports only those stages' layers."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; pass a directory")
+    stages = sorted(range(model.num_stages) if stages is None else set(stages))
+    if 0 not in stages:
+        raise ConfigError(f"kept stages {stages} must include stage 0 (embedding and LM head)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights, layers = kept_state_dict(model, stages)
+    # Own contiguous storage per tensor: safetensors refuses shared or strided views.
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    spec = model.spec
+    (out_dir / "config.json").write_text(json.dumps(hf_config(spec, len(layers), context), indent=2) + "\n")
+    export_tokenizer(tokenizer, out_dir, context or spec.context)
+    (out_dir / "skippipe.json").write_text(json.dumps({
+        **(provenance or {}), "model": spec.to_dict(), "num_stages": model.num_stages,
+        "kept_stages": stages, "kept_layers": layers, "tokenizer": tokenizer}, indent=2) + "\n")
+    return out_dir
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, stages: Sequence[int] | None = None) -> Path:
+    """A run dir (or checkpoints/step_* folder) -> the Hugging Face folder."""
+    from skippipe.omission import checkpoint_summary, load_full_model
+    model, cfg, folder = load_full_model(checkpoint)
+    return export_hf(model, out_dir, cfg.data.tokenizer, cfg.data.context or model.spec.context, stages,
+                     checkpoint_summary(folder))

@@ -1,0 +1,158 @@
+"""Inference with omitted stages: which stages are kept, the table, and the evaluator CLI."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from skippipe import omission
+from skippipe.config import load_config
+from skippipe.model import FullModel
+from skippipe.train import make_plan, train
+from topology.errors import ConfigError
+from topology.model_spec import ModelSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ModelSpec(name="omit", dim=32, num_layers=8, num_heads=4, num_kv_heads=2, ffn_dim=64, context=16, vocab_size=256)
+
+
+@pytest.mark.parametrize("num_stages, keep, placement, expected", [
+    (8, 1.0, "even", [0, 1, 2, 3, 4, 5, 6, 7]),
+    (8, 0.5, "even", [0, 2, 4, 6]),
+    (8, 0.75, "even", [0, 1, 2, 4, 5, 6]),
+    (8, 0.25, "even", [0, 4]),
+    (4, 0.5, "even", [0, 2]),
+    (8, 0.5, "first", [0, 1, 2, 3]),
+    (8, 0.5, "last", [0, 5, 6, 7]),
+    (4, 0.75, "last", [0, 2, 3]),
+    (8, 0.01, "even", [0]),  # at least stage 0
+    (4, 1.0, "random", [0, 1, 2, 3]),
+])
+def test_kept_stages(num_stages, keep, placement, expected):
+    assert omission.kept_stages(num_stages, keep, placement) == expected
+
+
+def test_random_placement_is_seeded_sorted_and_keeps_stage_0():
+    draws = [omission.kept_stages(8, 0.5, "random", seed) for seed in range(20)]
+    assert all(d[0] == 0 and len(d) == 4 and d == sorted(set(d)) for d in draws)
+    assert draws == [omission.kept_stages(8, 0.5, "random", seed) for seed in range(20)]
+    assert len({tuple(d) for d in draws}) > 3
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.5, 1.01, float("nan")])
+def test_keep_outside_the_unit_interval_is_refused(keep):
+    with pytest.raises(ConfigError, match=r"outside \(0, 1\]"):
+        omission.kept_stages(8, keep, "even")
+
+
+def test_bad_inputs_name_the_fix():
+    with pytest.raises(ConfigError, match="even, random, first, last"):
+        omission.kept_stages(8, 0.5, "middle")
+    with pytest.raises(ConfigError, match="comma-separated"):
+        omission.parse_keeps("1.0,half")
+    assert omission.parse_keeps("1.0, 0.75,0.5") == [1.0, 0.75, 0.5]
+
+
+def test_table_rows_share_one_held_out_set_and_match_a_direct_computation():
+    torch.manual_seed(0)
+    model = FullModel(SPEC, 4, seed=1).eval()
+    tokens = torch.randint(0, 256, (3, 4, SPEC.context + 1))
+    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    rows = omission.omission_table(model, batches, [1.0, 0.5], ["even", "first", "random"], seeds=3)
+    assert [(r["keep"], r["placement"]) for r in rows] == [
+        (1.0, "even"), (1.0, "first"), (1.0, "random"), (0.5, "even"), (0.5, "first"), (0.5, "random")]
+    full = rows[0]
+    assert full["ratio_to_full"] == pytest.approx(1.0) and full["stages"] == [0, 1, 2, 3]
+    assert {r["ppl"] for r in rows[:3]} == {full["ppl"]}  # every placement keeps everything at 1.0
+    # Every row is on the same tokens: a direct computation of one row agrees.
+    half = rows[3]
+    with torch.no_grad():
+        loss = torch.stack([FullModel.loss(model.forward_path(x, [0, 2]), y) for x, y in batches]).mean()
+    assert half["stages"] == [0, 2] and half["ppl"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    assert half["tokens"] == 3 * 4 * SPEC.context and half["tokens_per_s"] > 0
+    rand = rows[5]
+    assert rand["seeds"] == 3 and len(rand["stages"]) == 3
+    assert rand["ppl_min"] <= rand["ppl"] <= rand["ppl_max"] and rand["ppl_std"] >= 0
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A real checkpoint from the runtime: 2 single-process steps of the debug config's tiny model."""
+    run = tmp_path_factory.mktemp("omission") / "run"
+    cfg = load_config(ROOT / "configs/train/debug.yaml", [
+        "schedule.strategy=full", "schedule.skip_ratio=0.0", "train.steps=2", "train.eval_batches=1",
+        "train.eval_every=0", f"train.run_dir={run}", "train.single_process=true", "train.log_every=100"])
+    train(cfg, make_plan(cfg))
+    return run
+
+
+def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts/evaluate.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def script_main(name: str):
+    """A script's main(), imported in-process (a subprocess costs seconds of torch imports)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run_main(name: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """(exit status, stderr) of a script run in-process."""
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *args])
+    code = 0
+    try:
+        script_main(name)()
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_evaluator_writes_json_csv_and_png_for_a_runtime_checkpoint(run_dir, tmp_path):
+    out = evaluate_cli("--checkpoint", str(run_dir), "--keep", "1.0,0.75,0.5", "--placement", "even,random",
+                       "--seeds", "2", "--batches", "2", "--json", str(tmp_path / "r.json"),
+                       "--csv", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png"))
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [(r["keep"], r["placement"]) for r in results] == [
+        (k, p) for k in (1.0, 0.75, 0.5) for p in ("even", "random")]
+    assert all(r["ppl"] > 1 and r["tokens_per_s"] > 0 for r in results)
+    assert results[0]["ppl"] == pytest.approx(results[1]["ppl"])  # keep 1.0: the same model whatever the placement
+    with open(tmp_path / "r.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loaded_model_is_the_trained_one(run_dir):
+    model, cfg, folder = omission.load_full_model(run_dir)
+    assert folder.name == "step_000002" and model.num_stages == cfg.schedule.num_stages
+    fresh = FullModel(model.spec, model.num_stages, cfg.train.seed)
+    assert not torch.equal(model.stages[0].embed_tokens.weight, fresh.stages[0].embed_tokens.weight)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "no/such/run"], "checkpoint not found"),
+    (["--keep", "1.5"], "outside (0, 1]"),
+    (["--keep", "0"], "outside (0, 1]"),
+    (["--placement", "middle"], "unknown placement"),
+])
+def test_bad_input_is_one_line_and_exit_2(run_dir, args, message, monkeypatch, capsys):
+    if "--checkpoint" not in args:
+        args = ["--checkpoint", str(run_dir), *args]
+    code, err = run_main("evaluate", args, monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_a_run_dir_without_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
+    code, err = run_main("evaluate", ["--checkpoint", str(tmp_path)], monkeypatch, capsys)
+    assert code == 2 and "holds no checkpoint" in err
