@@ -84,7 +84,7 @@ def cmd_validate(args) -> None:
         print(f"{args.plan}: {v}")
         if v.microbatch is not None and v.microbatch < len(plan.paths):
             print("    " + path_grid(plan, v.microbatch, v.stage))
-    raise ConfigError(f"{args.plan} breaks {len(found)} rule(s): first {found[0].rule}; re-solve it or fix the cells marked [ ]")
+    raise ConfigError(f"{args.plan} breaks {len(found)} rule(s): first {found[0]}; re-solve it or fix the cells marked [ ]")
 
 
 def path_grid(plan: Plan, microbatch: int, stage: int | None) -> str:
