@@ -162,7 +162,8 @@ def test_more_bad_input_in_process(files, command, message, capsys):
 
 def test_validate_names_the_cell_that_broke(files):
     result = cli("scheduler", "validate", str(files / "cc3.json"))
-    lines = result.stderr.splitlines()
+    lines = result.stdout.splitlines()  # the details on stdout, the one-line error on stderr
+    assert result.stderr.count("\n") == 1 and "first CC3" in result.stderr
     assert lines[0].endswith("CC3: stages [0, 3, 1, 2, 4, 5] go back further than one neighbouring swap "
                              f"(microbatch 1, node {json.loads((files / 'cc3.json').read_text())['paths'][1]['nodes'][2]}, "
                              "stage 1)")
