@@ -34,7 +34,7 @@ def test_regions_by_latency_groups_near_nodes():
     assert regions_by_latency(lat, 100.0) == ["r0"] * 4
 
 
-def test_build_topology_uses_both_directions_and_removes_ping_wire_time():
+def test_build_topology_uses_both_directions():
     def pair(peer, bps, rtt=None):
         out = {"peer": peer, "bandwidth": {"bytes_per_s": bps}}
         if rtt is not None:
@@ -44,8 +44,7 @@ def test_build_topology_uses_both_directions_and_removes_ping_wire_time():
                 {"rank": 1, "pairs": [pair(0, 2e6)], "compute": {"flops": 7e9}}]
     topo = build_topology(per_rank, names=["a", "b"])
     assert topo.bandwidth_gbit_s[0, 1] == pytest.approx(8e-3) and topo.bandwidth_gbit_s[1, 0] == pytest.approx(16e-3)
-    # min RTT / 2 = 50 ms, less the 150-byte ping's serialisation at 1 and 2 MB/s, averaged over both ways
-    assert topo.latency_ms[0, 1] == pytest.approx(50 - 0.5 * 150 * (1 / 1e6 + 1 / 2e6) * 1e3)
+    assert topo.latency_ms[0, 1] == topo.latency_ms[1, 0] == pytest.approx(50.0)  # the smallest round trip, halved
     assert [n.flops for n in topo.nodes] == [5e9, 7e9] and [n.name for n in topo.nodes] == ["a", "b"]
 
 
@@ -140,7 +139,7 @@ def test_bandwidth_and_compute_are_measured(profiled):
     _, outs = profiled
     bw = np.array(outs[0]["topology"]["bandwidth_gbit_s"])
     off = ~np.eye(WORLD, dtype=bool)
-    assert np.all(bw[off] > 0.05), bw  # localhost moves far more than 50 Mbit/s
+    assert np.all(np.isfinite(bw[off]) & (bw[off] > 0.005)), bw  # localhost: far above 5 Mbit/s, even on a busy machine
     flops = [n["flops"] for n in outs[0]["topology"]["nodes"]]
     assert all(f > 1e6 for f in flops) and len(set(flops)) == WORLD  # really measured, per rank
 

@@ -1,0 +1,185 @@
+"""Run real multi-node training on an emulated heterogeneous cluster on one machine (needs root).
+
+    with EmulatedCluster(emulated_topology(load_topology("configs/topologies/emulated-8.yaml"), 1 / 128),
+                         work_dir) as cluster:
+        cluster.train(run_dir, ["--config", "configs/train/emulated.yaml", "--skip-ratio", "0.25"])
+
+Each node is a network namespace (skippipe/netns.py) with its links shaped to the topology's bandwidths;
+link latency is added in the processes (skippipe/latency.py). One torchrun agent per namespace is started
+with the real multi-node flags (--nnodes N --node-rank i, c10d rendezvous on node 0's address,
+GLOO_SOCKET_IFNAME=eth0), exactly as on N machines.
+
+Note [rank = node]: the plan, the shaped links and the latency file all index nodes by rank, so rank i must
+run in namespace i. With c10d rendezvous torchrun ignores --node-rank and ranks the agents by their
+--local-addr (then pid); node addresses have equal length (netns.FIRST_HOST), so address order is node
+order and rank i is node i. Each rank checks this (latency.NODE_ENV).
+
+Note [bandwidth scale]: the tiny CPU model's messages are a few tens of KB, a real model's several MB. Scaling
+every bandwidth by the ratio of their message sizes (`auto_bandwidth_scale`) makes each hop of the tiny model
+take as long on the emulated link as the reference model's hop on the real one; compute, which the tiny
+model does in a millisecond, then is a small part of the iteration, as in a geo-distributed job.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from skippipe.latency import ENV as LATENCY_ENV, NODE_ENV, write_latency_file
+from skippipe.netns import EmulatedNetwork, netns_unavailable_reason, remove_stale
+from topology.model_spec import ModelSpec
+from topology.network import Node, Topology
+
+REPO = Path(__file__).resolve().parent.parent
+RDZV_PORT = 29400
+
+
+def auto_bandwidth_scale(model: ModelSpec, reference: ModelSpec) -> float:
+    """Message bytes of `model` over those of `reference`, per sample (Note [bandwidth scale])."""
+    return (model.context * model.dim * model.dtype_bytes) / (reference.context * reference.dim * reference.dtype_bytes)
+
+
+def emulated_topology(configured: Topology, bandwidth_scale: float, latency_scale: float = 1.0) -> Topology:
+    """The topology as emulated: bandwidths times `bandwidth_scale`, latencies times `latency_scale`."""
+    if not bandwidth_scale > 0 or not latency_scale >= 0:
+        raise ValueError(f"scales must be positive (bandwidth {bandwidth_scale}, latency {latency_scale})")
+    nodes = [Node(n.id, n.name, n.region, n.flops, n.memory_gb) for n in configured.nodes]
+    return Topology(f"{configured.name}-emulated", nodes, configured.latency_ms * latency_scale,
+                    configured.bandwidth_gbit_s * bandwidth_scale)
+
+
+def write_topology(path: str | Path, topology: Topology) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(topology.to_dict(), sort_keys=False))
+    return path
+
+
+class _Interrupted(BaseException):
+    """SIGTERM / SIGHUP turned into an exception, so that every `finally` (tear-down) runs."""
+
+
+class EmulatedCluster:
+    """The namespaces, shaping and latency file for one topology; `train` launches one job on it."""
+
+    def __init__(self, topology: Topology, work_dir: str | Path, python: str = sys.executable):
+        reason = netns_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"cannot emulate a cluster here: {reason}")
+        self.topology = topology
+        self.work_dir = Path(work_dir)
+        self.python = python
+        self.net = EmulatedNetwork(topology.bandwidth_gbit_s * 1e3)
+        self.latency_file = self.work_dir / "link_latency.json"
+        self._old_handlers: dict = {}
+        self._jobs = 0
+
+    def __enter__(self) -> "EmulatedCluster":
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, self._raise)
+        try:
+            removed = remove_stale()
+            if removed:
+                print(f"removed leftovers of an earlier emulation: {', '.join(removed)}", flush=True)
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            write_latency_file(self.latency_file, self.topology.latency_ms)
+            write_topology(self.work_dir / "topology.shaped.yaml", self.topology)
+            self.net.up()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.net.down()
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise _Interrupted(f"signal {signum}")
+
+    def agent_command(self, index: int, script_args: list[str], run_id: str) -> list[str]:
+        n = self.topology.num_nodes
+        return [self.python, "-m", "torch.distributed.run", "--nnodes", str(n), "--nproc-per-node", "1",
+                "--node-rank", str(index), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"{self.net.address(0)}:{RDZV_PORT}", "--rdzv-id", run_id,
+                "--rdzv-conf", f"is_host={'true' if index == 0 else 'false'},join_timeout=120",
+                "--local-addr", self.net.address(index), "--max-restarts", "0", "--monitor-interval", "0.5",
+                str(REPO / "scripts" / "train.py"), *script_args]
+
+    def agent_env(self, index: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "GLOO_SOCKET_IFNAME": "eth0",  # the namespace's only interface besides lo
+            "OMP_NUM_THREADS": "1",  # N ranks share this machine's cores; more threads only contend
+            LATENCY_ENV: str(self.latency_file), NODE_ENV: str(index),
+            "SKIPPIPE_NODE_NAME": self.topology.nodes[index].name,
+            "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def train(self, run_dir: str | Path, script_args: list[str], timeout_s: float = 1800) -> float:
+        """Run scripts/train.py on every node with `script_args` (+ --run-dir); return the wall seconds.
+
+        Each agent's output goes to run_dir/logs/<node>.log. A failing node ends the whole job; the error
+        names it and shows the end of its log.
+        """
+        run_dir = Path(run_dir)
+        logs = run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        write_topology(run_dir / "topology.shaped.yaml", self.topology)
+        self._jobs += 1
+        run_id = f"emu-{self.net.tag}-{self._jobs}"
+        args = [*script_args, "--run-dir", str(run_dir)]
+        procs, files = [], []
+        started = time.monotonic()
+        try:
+            for i in range(self.topology.num_nodes):
+                out = open(logs / f"{self.topology.nodes[i].name}.log", "w")
+                files.append(out)
+                procs.append(self.net.popen(i, self.agent_command(i, args, run_id), env=self.agent_env(i),
+                                            stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO)))
+            while True:
+                codes = [p.poll() for p in procs]
+                failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+                if failed:
+                    raise RuntimeError(self._failure(failed[0], codes[failed[0]], logs))
+                if all(c == 0 for c in codes):
+                    return time.monotonic() - started
+                if time.monotonic() - started > timeout_s:
+                    raise RuntimeError(f"the job did not finish within {timeout_s:.0f} s; logs in {logs}")
+                time.sleep(0.2)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            self.net.processes = [p for p in self.net.processes if p not in procs]
+            for f in files:
+                f.close()
+
+    def _failure(self, index: int, code: int, logs: Path) -> str:
+        name = self.topology.nodes[index].name
+        log = logs / f"{name}.log"
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:]) if log.is_file() else "(no log)"
+        return f"node {index} ({name}) exited with {code}; the end of {log}:\n{tail}"
+
+
+def median_after_first(values: list[float]) -> float:
+    """The median iteration time over the steps after the first (which includes warm-up and connection)."""
+    rest = values[1:] if len(values) > 1 else values
+    return float(np.median(rest))
