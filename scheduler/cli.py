@@ -94,6 +94,16 @@ def path_grid(plan: Plan, microbatch: int, stage: int | None) -> str:
     return f"microbatch {microbatch}: " + " -> ".join(cells) + f" -> loss@n{path.data_node}"
 
 
+def cmd_compare(args) -> None:
+    from scheduler.compare import compare, format_table, write_json
+    problem = problem_from_args(args)
+    rows = compare(problem, args.strategies.split(",") if args.strategies else None)
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json, problem)
+        print(f"wrote {args.json}")
+
+
 def build_parser() -> ArgumentParser:
     _load_strategies()
     parser = ArgumentParser(prog="python -m scheduler", description=__doc__)
@@ -109,6 +119,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--nodes")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_validate)
+    p = sub.add_parser("compare", help="every strategy on one setting: iteration time, ratio to full, solve time")
+    add_problem_args(p)
+    p.add_argument("--strategies", help=f"comma-separated subset of {','.join(sorted(STRATEGIES))} (default: all)")
+    p.add_argument("--json", help="also write the comparison as JSON to this file")
+    p.set_defaults(run=cmd_compare)
     return parser
 
 

@@ -32,6 +32,10 @@ from scheduler.timeline import Timeline
 from topology.workload import Action, Route
 
 ENUMERATE_LIMIT = 64  # stage sets per microbatch beyond which candidates are sampled
+# Work budgets for a whole path build (numpy steps in "cost" mode, reservation look-ups in "timed" mode),
+# spread over the microbatches: a few seconds at 1,000 nodes, milliseconds at 20.
+COST_STEPS = 60_000
+TIMED_FITS = 200_000
 
 
 def stage_targets(num_stages: int, num_mb: int, path_length: int, replicas: list[list[int]]) -> list[int]:
@@ -119,12 +123,15 @@ class PathBuilder:
         self.data_nodes = self.replicas[0]
         self.timeline = Timeline(problem.topology.num_nodes, problem.memory)
         self.planned: dict[Action, float] = {}  # timed mode: reserved start of every action
-        # Timed mode scales its candidate lists to the problem so that a solve stays within seconds.
+        # Candidate lists scale with the problem so that a build stays within seconds (COST_STEPS, TIMED_FITS).
+        k = max(self.K, 1)
         width = max(len(r) for r in self.replicas[1:]) if self.S > 1 else 1
-        per_mb = max(self.K, 1) * width
-        self.max_sets = int(np.clip(4000 // per_mb, 3, ENUMERATE_LIMIT))
-        self.max_variants = 3 if per_mb * self.max_sets > 400 else 8
-        self.max_replicas = int(np.clip(800 // (max(self.K, 1) * self.max_sets), 3, 64))
+        self.max_replicas = int(min(width, 4 if width > 8 else width))
+        per_candidate = k * (self.max_replicas if choose == "timed" else 1)
+        budget = (TIMED_FITS if choose == "timed" else COST_STEPS) / max(num_mb, 1)
+        candidates = int(np.clip(budget // per_candidate, 2, 8 * ENUMERATE_LIMIT))
+        self.max_variants = 8 if candidates >= 4 * ENUMERATE_LIMIT else 3 if candidates >= 12 else 1
+        self.max_sets = int(np.clip(candidates // self.max_variants, 1, ENUMERATE_LIMIT))
 
     def data_node(self, mb: int) -> int:
         return self.data_nodes[mb % len(self.data_nodes)]
@@ -138,13 +145,13 @@ class PathBuilder:
         if self.choose == "random":
             pick = self.rng.choice(len(free), need, replace=False) if need else []
             return [tuple(sorted(must + [free[i] for i in pick]))]
-        limit = self.max_sets if self.choose == "timed" else ENUMERATE_LIMIT
+        limit = self.max_sets
         if math.comb(len(free), need) <= limit:
             return [tuple(sorted(must + list(c))) for c in itertools.combinations(free, need)]
         # Too many to list: the sets of most remaining visits first, plus samples weighted by them.
         weights = self.remaining[np.array(free) - 1].astype(float)
         sets = {tuple(sorted(must + [free[i] for i in np.argsort(-weights, kind="stable")[:need]]))}
-        for _ in range(max(limit - 1, 1)):
+        for _ in range(limit - 1):
             pick = self.rng.choice(len(free), need, replace=False, p=weights / weights.sum())
             sets.add(tuple(sorted(must + [free[i] for i in pick])))
         return sorted(sets)
@@ -245,7 +252,7 @@ class PathBuilder:
         else:
             best = None
             for stage_set in sets:
-                variants = swap_variants(stage_set, self.p.max_swaps) if self.reorder else [stage_set]
+                variants = swap_variants(stage_set, self.p.max_swaps, self.max_variants) if self.reorder else [stage_set]
                 for seq in variants:
                     value, nodes = self.best_loop(data, seq)
                     value += 1e-9 * self.rng.random()  # seeded tie-break
