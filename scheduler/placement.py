@@ -70,8 +70,11 @@ def choose_stage_sizes(problem: Problem) -> list[int]:
     work = [mean(cost.forward_s[0]) * (1 + cost.backward_factor) + mean(cost.loss_s)]
     work += [share * mean(cost.forward_s[st]) * (1 + cost.backward_factor) for st in range(1, s)]
     sizes = [1] * s
+    # More data nodes than microbatches would leave some idle and only slow stage 0's all-reduce.
+    cap = [problem.num_microbatches or problem.topology.num_nodes] + [problem.topology.num_nodes] * (s - 1)
     for _ in range(problem.topology.num_nodes - s):
-        busiest = max(range(s), key=lambda st: (work[st] / sizes[st], -st))
+        open_stages = [st for st in range(s) if sizes[st] < cap[st]] or list(range(1, s)) or [0]
+        busiest = max(open_stages, key=lambda st: (work[st] / sizes[st], -st))
         sizes[busiest] += 1
     return sizes
 

@@ -32,8 +32,8 @@ def score(outcome: Outcome) -> float:
 
 class RouteSearch:
     def __init__(self, problem: Problem, node_stage: list[int], routes: list[Route], priority: Priority,
-                 rng: np.random.Generator):
-        self.p, self.node_stage, self.rng = problem, node_stage, rng
+                 rng: np.random.Generator, reorder: bool = True):
+        self.p, self.node_stage, self.rng, self.reorder = problem, node_stage, rng, reorder
         self.context = Context(problem, node_stage)
         self.routes = list(routes)
         if priority.planned is not None or priority.mb_rank is None:
@@ -94,7 +94,7 @@ class RouteSearch:
             new[b] = _sorted(_with(rb, j, s, ra.nodes[i]))
             return new, self.priority
         # reorder: swap the neighbours at (i, i + 1) if the result is a valid CC3 sequence
-        if i + 1 >= len(ra.stages):
+        if not self.reorder or i + 1 >= len(ra.stages):
             return None
         stages, nodes = list(ra.stages), list(ra.nodes)
         stages[i], stages[i + 1] = stages[i + 1], stages[i]

@@ -28,6 +28,7 @@ from scheduler.placement import choose_stage_sizes, place
 from scheduler.problem import Problem
 from scheduler.search import RouteSearch, score
 from scheduler.solve import Solution, strategy
+from topology.workload import Route
 
 # Work budget of the route search, in dispatched actions (an evaluation dispatches every action once):
 # about a second for 20 nodes and 30 microbatches, tens of seconds at 1,000 nodes on a 2-core machine.
@@ -68,33 +69,47 @@ def stage_sizes(problem: Problem) -> list[int]:
     return list(problem.stage_sizes) if problem.stage_sizes is not None else choose_stage_sizes(problem)
 
 
+def reorders(problem: Problem) -> bool:
+    """CC3 reordering is for partial paths; at skip ratio 0 a plan is an ordinary full pipeline."""
+    return problem.skip_ratio > 0 and problem.max_swaps > 0
+
+
+def cost_routes(problem: Problem, node_stage: list[int], rng: np.random.Generator):
+    """Cost-chosen routes that the default dispatch runs to the end. Reordered paths can, in principle,
+    hold each other's memory slots in a cycle (a at stage 2 waits for room at stage 1 and b the other way
+    round); paths in stage order cannot, since every wait then points to a higher stage."""
+    seed = int(rng.integers(2**32))
+    routes, _ = build_routes(problem, node_stage, np.random.default_rng(seed), "cost", reorders(problem))
+    if reorders(problem) and Compiled(problem, node_stage, routes).dispatch(Priority(), record=False).order is None:
+        routes, _ = build_routes(problem, node_stage, np.random.default_rng(seed), "cost", reorder=False)
+    return routes
+
+
 def choose_placement(problem: Problem, rng: np.random.Generator, progress: Progress, deadline=None,
-                     keep: int = 3) -> list[int]:
-    """Best of the placement search's candidates by simulation (cost-chosen paths, default dispatch)."""
+                     keep: int = 3) -> tuple[list[int], list[Route]]:
+    """Best of the placement search's candidates by simulation (cost-chosen paths, default dispatch);
+    returns the placement and those paths."""
     sizes = stage_sizes(problem)
     starts = [contiguous_placement(region_chain_order(problem.topology), sizes)]
     progress("placement")
     candidates = place(problem, sizes, rng, PLACEMENT_EVALS, deadline, keep=keep, extra_starts=starts)
-    if len(candidates) == 1:
-        return candidates[0][1]
     best = None
     for i, (_, node_stage) in enumerate(candidates):
         progress("comparing placements", i, len(candidates))
-        routes, _ = build_routes(problem, node_stage, np.random.default_rng(rng.integers(2**32)), "cost")
+        routes = cost_routes(problem, node_stage, rng)
         value = score(Compiled(problem, node_stage, routes).dispatch(Priority(), record=False))
         if best is None or value < best[0]:
-            best = (value, node_stage)
+            best = (value, node_stage, routes)
         if deadline is not None and deadline():
             break
-    return best[1]
+    return best[1], best[2]
 
 
 @strategy("skippipe-no-tc2")
 def skippipe_no_tc2(problem: Problem) -> Solution:
     rng = np.random.default_rng(problem.seed)
     progress = Progress("skippipe-no-tc2")
-    node_stage = choose_placement(problem, rng, progress, deadline_of(problem))
-    routes, _ = build_routes(problem, node_stage, np.random.default_rng(rng.integers(2**32)), "cost")
+    node_stage, routes = choose_placement(problem, rng, progress, deadline_of(problem))
     return Solution(node_stage, routes, None)  # the simulator's default dispatch orders the work
 
 
@@ -103,13 +118,13 @@ def skippipe(problem: Problem) -> Solution:
     rng = np.random.default_rng(problem.seed)
     progress = Progress("skippipe")
     deadline = deadline_of(problem)
-    node_stage = choose_placement(problem, rng, progress, deadline)
-    path_rng = np.random.default_rng(rng.integers(2**32))
-    num_mb = problem.microbatches_for(node_stage.count(0))
+    node_stage, routes = choose_placement(problem, rng, progress, deadline)
+    num_mb = len(routes)
+    progress("paths (timed)")
+    timed, planned = build_routes(problem, node_stage, np.random.default_rng(rng.integers(2**32)), "timed",
+                                  reorders(problem))
     best = None
-    for choose in ("cost", "timed"):
-        progress(f"paths ({choose})")
-        routes, planned = build_routes(problem, node_stage, path_rng, choose)
+    for routes, planned in ((routes, {}), (timed, planned)):
         compiled = Compiled(problem, node_stage, routes)
         rules = candidate_priorities(num_mb, rng, extra_random=2)
         if planned:
@@ -118,12 +133,11 @@ def skippipe(problem: Problem) -> Solution:
             value = score(compiled.dispatch(rule, record=False))
             if best is None or value < best[0]:
                 best = (value, routes, rule)
-        if deadline is not None and deadline():
-            break
     _, routes, rule = best
     actions = sum(2 * len(r.stages) + 1 for r in routes)
     evals = int(np.clip(SEARCH_ACTIONS // max(actions, 1), 4, MAX_SEARCH_EVALS))
-    search = RouteSearch(problem, node_stage, routes, rule, np.random.default_rng(rng.integers(2**32)))
+    search = RouteSearch(problem, node_stage, routes, rule, np.random.default_rng(rng.integers(2**32)),
+                         reorders(problem))
     found, found_rule, value = search.run(evals, deadline, lambda d, t, b: progress("route search", d, t, b))
     if value < best[0]:  # a planned-start rule may score better than the rank rule the search starts from
         routes, rule = found, found_rule
