@@ -179,7 +179,55 @@ class EmulatedCluster:
         return f"node {index} ({name}) exited with {code}; the end of {log}:\n{tail}"
 
 
-def median_after_first(values: list[float]) -> float:
-    """The median iteration time over the steps after the first (which includes warm-up and connection)."""
-    rest = values[1:] if len(values) > 1 else values
-    return float(np.median(rest))
+
+def run_benchmark(topology_path: str, skip_ratios: list[float], steps: int, profile: bool, config: str,
+                  work_dir: str | Path, bandwidth_scale: float | None = None, reference_model: str = "llama-500m",
+                  latency_scale: float = 1.0, overrides: list[str] = (), plots_dir: str | Path | None = None,
+                  timeout_s: float = 1800) -> dict:
+    """Train for `steps` at each skip ratio on one emulated cluster; the report of the issue's end-to-end run.
+
+    With `profile`, every run starts with `--topology measure` (rank 0 solves on what was measured);
+    otherwise it solves on the shaped topology. See skippipe/emulate_report.py for the figures.
+    """
+    from skippipe.config import load_config
+    from skippipe.emulate_report import gantt_for_run, summarise_run
+    from topology.load import load_topology
+    from topology.model_spec import load_model_spec
+
+    cfg = load_config(config, list(overrides))
+    model = load_model_spec(cfg.model)
+    configured = load_topology(topology_path)
+    scale = bandwidth_scale or auto_bandwidth_scale(model, load_model_spec(reference_model))
+    shaped = emulated_topology(configured, scale, latency_scale)
+    work_dir = Path(work_dir)
+    runs = []
+    with EmulatedCluster(shaped, work_dir) as cluster:
+        for ratio in skip_ratios:
+            run_dir = work_dir / f"skip{ratio:g}"
+            topo_arg = "measure" if profile else str(work_dir / "topology.shaped.yaml")
+            wall = cluster.train(run_dir, ["--config", config, "--skip-ratio", str(ratio), "--steps", str(steps),
+                                           "--topology", topo_arg, *overrides], timeout_s)
+            summary = summarise_run(run_dir, shaped, model)
+            summary["wall_s"] = wall
+            if plots_dir is not None:
+                summary["gantt"] = str(gantt_for_run(run_dir, shaped, model,
+                                                     Path(plots_dir) / f"emulate_gantt_skip{ratio:g}.png", summary))
+            runs.append(summary)
+            print(f"skip ratio {ratio:g}: measured {summary['measured_iteration_s']:.3f} s, predicted "
+                  f"{summary['predicted_iteration_s']:.3f} s ({summary['prediction_error']:+.1%})", flush=True)
+    report = {"topology": topology_path, "config": config, "steps": steps, "profile": profile,
+              "bandwidth_scale": scale, "reference_model": None if bandwidth_scale else reference_model,
+              "latency_scale": latency_scale, "shaped_topology": shaped.to_dict(), "runs": runs}
+    errors = [e for r in runs if "profile" in r for e in r["profile"]["bandwidth_rel_errors"]]
+    if errors:
+        report["profile_bandwidth_error"] = float(np.median(errors))
+        report["profile_bandwidth_error_max"] = float(np.max(errors))
+        report["profile_latency_error_ms_median"] = float(np.median(
+            [r["profile"]["latency_abs_error_ms_median"] for r in runs if "profile" in r]))
+    by_ratio = {r["skip_ratio"]: r for r in runs}
+    if 0.0 in by_ratio:
+        full = by_ratio[0.0]
+        report["ratio_to_full"] = {f"{r:g}": {"measured": v["measured_iteration_s"] / full["measured_iteration_s"],
+                                              "predicted": v["predicted_iteration_s"] / full["predicted_iteration_s"]}
+                                   for r, v in by_ratio.items() if r != 0.0}
+    return report
