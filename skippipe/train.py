@@ -23,7 +23,7 @@ from skippipe import single
 from skippipe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from skippipe.comm import connect_peers, peer_errors, wait_for
 from skippipe.config import Config, load_config, save_config
-from skippipe.context import Context
+from skippipe.context import Context, pick_device
 from skippipe.data import TokenStream, load_corpus
 from skippipe.metrics import Metrics
 from skippipe.model import FullModel, Stage
@@ -109,8 +109,7 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
     """
     distributed = ctx is not None
     rank = ctx.rank if distributed else 0
-    device = ctx.device if distributed else torch.device(cfg.train.device if cfg.train.device != "auto" else
-                                                         ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = ctx.device if distributed else pick_device(cfg.train.device)
     spec = load_model_spec(cfg.model)
     if plan.model and plan.model != spec.name:
         raise ConfigError(f"the plan was solved for model {plan.model!r} but the config trains {spec.name!r}; "
@@ -157,6 +156,7 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
         metrics.info(f"resumed from {folder} after step {start_step}")
 
     records = []
+    # The plan's microbatch size, not the config's: the plan is the contract (it may come from --plan).
     tokens_per_step = plan.num_microbatches * plan.microbatch_size * context
     for step in range(start_step + 1, cfg.train.steps + 1):
         started, wall = time.perf_counter(), time.time()
@@ -178,11 +178,12 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
         if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             val_loss = (_shared_value(worker.evaluate(val_batches), device, timeout) if distributed
                         else single.evaluate(model, val_batches, device))
+        logged = last or step % cfg.train.log_every == 0
         record = _record(step, lr, grad_norm, result, time.perf_counter() - started, wall, ctx, device,
-                         tokens_per_step, plan.num_microbatches)
+                         tokens_per_step, plan.num_microbatches, with_timeline=logged)
         record["val_loss"] = val_loss
         records.append(record)
-        metrics.log(record, print_line=last or step % cfg.train.log_every == 0)
+        metrics.log(record, print_line=logged)
         if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             barrier = (lambda: _barrier(device, timeout)) if distributed else (lambda: None)
             write = ({ctx.stage} if ctx.is_stage_leader else set()) if distributed else None
@@ -220,8 +221,10 @@ def _shared_value(value: float | None, device: torch.device, timeout) -> float:
 
 
 def _record(step: int, lr: float, grad_norm: float, result: IterationResult, iteration_s: float, wall: float,
-            ctx: Context | None, device: torch.device, tokens_per_step: int, num_microbatches: int) -> dict:
-    """The step's metrics, gathered from every rank (one small collective plus one object gather)."""
+            ctx: Context | None, device: torch.device, tokens_per_step: int, num_microbatches: int,
+            with_timeline: bool = True) -> dict:
+    """The step's metrics, gathered from every rank: one small collective, plus the action timelines
+    on logged steps (an object gather is two more collectives, which cost latency on a slow network)."""
     loss_sum = sum(float(v) for v in result.losses.values())
     mine = torch.tensor([loss_sum, result.compute_s, result.wait_s, iteration_s, wall], dtype=torch.float64,
                         device=device)
@@ -229,8 +232,9 @@ def _record(step: int, lr: float, grad_norm: float, result: IterationResult, ite
         rows = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
         wait_for(dist.all_gather(rows, mine, async_op=True), ctx.timeout, "gathering the step's metrics")
         timelines = [None] * ctx.world_size
-        with peer_errors("gathering the step's timelines"):
-            dist.all_gather_object(timelines, result.timeline)
+        if with_timeline:
+            with peer_errors("gathering the step's timelines"):
+                dist.all_gather_object(timelines, result.timeline)
     else:
         rows, timelines = [mine], [result.timeline]
     rows = [row.tolist() for row in rows]
@@ -243,5 +247,6 @@ def _record(step: int, lr: float, grad_norm: float, result: IterationResult, ite
         "tokens_per_s": tokens_per_step / iteration,
         "idle_share": sum(i / r[3] for i, r in zip(idle, rows)) / len(rows),
         "compute_s": [r[1] for r in rows], "wait_s": [r[2] for r in rows], "idle_s": idle,
-        "timeline": [[[name, round(a - origin, 6), round(b - origin, 6)] for name, a, b in tl] for tl in timelines],
+        "timeline": [[[name, round(a - origin, 6), round(b - origin, 6)] for name, a, b in tl] for tl in timelines]
+        if with_timeline else None,
     }
