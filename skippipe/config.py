@@ -66,6 +66,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     single_process: bool = False  # path-faithful mode: the whole model on one device
     device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda
+    # CPU threads per process; 0: torch's default. Tiny models run faster on one thread, and many
+    # threads per process on a busy or shared CPU can slow a step down tenfold.
+    num_threads: int = 0
     comm_timeout_s: float = 300.0  # a peer silent for this long ends the run with an error
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the last step
@@ -96,7 +99,7 @@ class Config:
         for key, value in {"optim.warmup_steps": o.warmup_steps, "optim.min_lr": o.min_lr,
                            "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip,
                            "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches,
-                           "train.checkpoint_every": t.checkpoint_every}.items():
+                           "train.checkpoint_every": t.checkpoint_every, "train.num_threads": t.num_threads}.items():
             if value < 0:
                 raise ConfigError(f"{key} must not be negative, got {value}")
         if not 0 <= s.skip_ratio < 1:

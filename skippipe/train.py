@@ -120,6 +120,8 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed, timeout = cfg.train.seed, (ctx.timeout if distributed else None)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
 
     corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
     if distributed:

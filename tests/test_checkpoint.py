@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from skippipe.checkpoint import latest_checkpoint, load_checkpoint
 from skippipe.train import train
 from tests.handplan import hand_plan
-from tests.test_runtime import SKIP, make_config, run_ranks
+from tests.test_runtime import SKIP, _restore_threads, make_config, run_ranks  # noqa: F401 (autouse fixture)
 from topology.errors import ConfigError
 
 # 3 nodes, 3 stages, skip ratio 1/3: paths of 2 stages, one swap-free skip each.

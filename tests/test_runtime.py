@@ -48,6 +48,15 @@ FULL = dict(stages="0 0 1 1 2 3",
 WORLD = 6
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """One thread while these tests run (tiny models; a busy 2-core machine), the old count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def with_ranks(plan: Plan, ranks: list[int]) -> Plan:
     """Rank r need not play node r: the plan maps ranks to nodes."""
     plan.nodes = [dataclasses.replace(node, rank=rank) for node, rank in zip(plan.nodes, ranks)]
@@ -61,7 +70,7 @@ def make_config(tmp: Path, name: str, **train) -> Config:
     cfg.data.context = 16
     cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.decay_steps = 1, 1e-2, 4  # fixed: resumed runs compare
     cfg.train.steps, cfg.train.eval_batches, cfg.train.run_dir = STEPS, 2, str(tmp / name)
-    cfg.train.comm_timeout_s = 60
+    cfg.train.comm_timeout_s, cfg.train.num_threads = 60, 1
     for key, value in train.items():
         setattr(cfg.train, key, value)
     return cfg
