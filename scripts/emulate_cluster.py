@@ -37,23 +37,35 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. schedule.num_microbatches=12")
     args = p.parse_args()
+    from skippipe.emulate import Interrupted, JobFailed
     with cli_errors():
-        from skippipe.emulate import run_benchmark
-        ratios = [float(x) for x in args.skip_ratios.split(",") if x.strip()]
-        if not ratios:
-            raise ValueError("--skip-ratios is empty; e.g. --skip-ratios 0.25,0")
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        report = run_benchmark(args.topology, ratios, args.steps, args.profile, args.config, args.work_dir,
-                               args.bandwidth_scale, args.reference_model, args.latency_scale, args.overrides,
-                               plots_dir=out.parent, timeout_s=args.timeout)
-        report["command"] = shlex.join(["scripts/emulate_cluster.py", *sys.argv[1:]])
-        out.write_text(json.dumps(report, indent=1))
-        for key, value in report.get("ratio_to_full", {}).items():
-            print(f"skip {key} / full: measured {value['measured']:.3f}, predicted {value['predicted']:.3f}")
-        if "profile_bandwidth_error" in report:
-            print(f"profiled bandwidth: median relative error {report['profile_bandwidth_error']:.2%}")
-        print(f"report: {out}")
+        try:
+            run(args)
+        except JobFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        except Interrupted as exc:  # Ctrl-C, SIGTERM, SIGHUP: everything made was removed on the way out
+            print(f"error: interrupted by {exc}; the emulated cluster was removed", file=sys.stderr)
+            sys.exit(143)
+
+
+def run(args: argparse.Namespace) -> None:
+    from skippipe.emulate import run_benchmark
+    ratios = [float(x) for x in args.skip_ratios.split(",") if x.strip()]
+    if not ratios:
+        raise ValueError("--skip-ratios is empty; e.g. --skip-ratios 0.25,0")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = run_benchmark(args.topology, ratios, args.steps, args.profile, args.config, args.work_dir,
+                           args.bandwidth_scale, args.reference_model, args.latency_scale, args.overrides,
+                           plots_dir=out.parent, timeout_s=args.timeout)
+    report["command"] = shlex.join(["scripts/emulate_cluster.py", *sys.argv[1:]])
+    out.write_text(json.dumps(report, indent=1))
+    for key, value in report.get("ratio_to_full", {}).items():
+        print(f"skip {key} / full: measured {value['measured']:.3f}, predicted {value['predicted']:.3f}")
+    if "profile_bandwidth_error" in report:
+        print(f"profiled bandwidth: median relative error {report['profile_bandwidth_error']:.2%}")
+    print(f"report: {out}")
 
 
 if __name__ == "__main__":

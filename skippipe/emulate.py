@@ -61,8 +61,12 @@ def write_topology(path: str | Path, topology: Topology) -> Path:
     return path
 
 
-class _Interrupted(BaseException):
-    """SIGTERM / SIGHUP turned into an exception, so that every `finally` (tear-down) runs."""
+class JobFailed(RuntimeError):
+    """A node of the emulated job failed; the message names it and quotes the logs."""
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP turned into an exception, so that every `finally` (tear-down) runs."""
 
 
 class EmulatedCluster:
@@ -71,7 +75,7 @@ class EmulatedCluster:
     def __init__(self, topology: Topology, work_dir: str | Path, python: str = sys.executable):
         reason = netns_unavailable_reason()
         if reason is not None:
-            raise RuntimeError(f"cannot emulate a cluster here: {reason}")
+            raise OSError(f"cannot emulate a cluster here: {reason}")
         self.topology = topology
         self.work_dir = Path(work_dir)
         self.python = python
@@ -81,7 +85,7 @@ class EmulatedCluster:
         self._jobs = 0
 
     def __enter__(self) -> "EmulatedCluster":
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: it may be ignored in a background job
             self._old_handlers[sig] = signal.signal(sig, self._raise)
         try:
             removed = remove_stale()
@@ -104,7 +108,7 @@ class EmulatedCluster:
 
     @staticmethod
     def _raise(signum, frame):
-        raise _Interrupted(f"signal {signum}")
+        raise Interrupted(f"signal {signum}")
 
     def agent_command(self, index: int, script_args: list[str], run_id: str) -> list[str]:
         n = self.topology.num_nodes
@@ -152,11 +156,11 @@ class EmulatedCluster:
                 codes = [p.poll() for p in procs]
                 failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
-                    raise RuntimeError(self._failure(failed[0], codes[failed[0]], logs))
+                    raise JobFailed(self._failure(failed[0], codes[failed[0]], logs))
                 if all(c == 0 for c in codes):
                     return time.monotonic() - started
                 if time.monotonic() - started > timeout_s:
-                    raise RuntimeError(f"the job did not finish within {timeout_s:.0f} s; logs in {logs}")
+                    raise JobFailed(f"the job did not finish within {timeout_s:.0f} s; logs in {logs}")
                 time.sleep(0.2)
         finally:
             for p in procs:
@@ -173,10 +177,18 @@ class EmulatedCluster:
                 f.close()
 
     def _failure(self, index: int, code: int, logs: Path) -> str:
+        """The failing node, every distinct `error:` line of any node (the cause is often on another node),
+        and the end of the failing node's log."""
         name = self.topology.nodes[index].name
         log = logs / f"{name}.log"
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:]) if log.is_file() else "(no log)"
-        return f"node {index} ({name}) exited with {code}; the end of {log}:\n{tail}"
+        errors = []
+        for path in sorted(logs.glob("*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                if line.startswith("error:") and line not in errors:
+                    errors.append(line)
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.is_file() else "(no log)"
+        return (f"node {index} ({name}) exited with {code}" + "".join(f"\n  {e}" for e in errors[:5]) +
+                f"\nthe end of {log}:\n{tail}")
 
 
 
