@@ -32,16 +32,25 @@ def test_builtin_corpus_is_deterministic_and_large(corpus):
     assert corpus.tokenizer.decode(corpus.train[:200].tolist()) == text.encode()[:200].decode()
 
 
-def test_validation_split_is_the_held_out_tail(corpus):
-    total = len(corpus.train) + len(corpus.val)
-    assert len(corpus.val) == round(total * 0.05)
-    tokens = torch.cat([corpus.train, corpus.val])
-    # Every validation window lies after every training window: disjoint by position.
+def test_validation_split_is_spread_over_the_corpus_and_disjoint():
+    tokens = torch.arange(100_000, dtype=torch.int64)  # every position distinct, so positions are traceable
+    train, val = split_tokens(tokens, context=CONTEXT, val_fraction=0.05)
+    assert len(train) + len(val) == len(tokens)
+    assert abs(len(val) - 5_000) <= 20  # 5%, give or take the rounding into 20 blocks
+    assert not set(train.tolist()) & set(val.tolist())
+    # Held out from all over the corpus, not only its end.
+    assert val.min() < len(tokens) // 10 and val.max() == len(tokens) - 1
+    # Each held-out block is contiguous text at least one window long.
+    seams = (val[1:] - val[:-1] != 1).nonzero().flatten()
+    assert len(seams) == 19 and (seams[1:] - seams[:-1]).min() >= CONTEXT + 1
+
+
+def test_builtin_corpus_splits_into_train_and_val(corpus):
     inputs, targets = next(corpus.val_batches(4))
     assert inputs.shape == targets.shape == (4, CONTEXT)
-    assert torch.equal(inputs[0], tokens[len(corpus.train):len(corpus.train) + CONTEXT].long())
+    assert torch.equal(inputs[0, 1:], targets[0, :-1])
     stream = corpus.stream(batch_size=8)
-    assert stream.shard.data_ptr() == corpus.train.data_ptr() and len(stream.shard) == len(corpus.train)
+    assert len(stream.shard) == len(corpus.train)
 
 
 def test_validation_windows_are_fixed_and_cover_the_split():
