@@ -41,6 +41,7 @@ class Outcome:
     order: dict[int, list[Action]] | None  # None when the memory cap stalled the dispatch
     finish: np.ndarray  # per node: end of its last compute
     mean_done: float  # mean end of the microbatches' last backward (a smoother tie-break than makespan)
+    wait: list[float] | None = None  # per action (Compiled numbering): start minus arrival of its input
 
 
 class Context:
@@ -132,7 +133,10 @@ class Compiled:
         node_of, kind, dur, mb_of = self.node, self.kind, self.dur, self.mb
         serialise, latency, remote, last = self.serialise, self.latency, self.remote, self.is_last
         n = self.num_nodes
-        ready: list[list] = [[] for _ in range(n)]
+        # Ready work per node in two heaps, forwards apart: a forward may start only under the memory cap,
+        # so the pick is the better of the two tops, or the other top when the node is full.
+        fready: list[list] = [[] for _ in range(n)]
+        oready: list[list] = [[] for _ in range(n)]
         held = [0] * n
         idle = [True] * n
         uplink = [0.0] * n
@@ -145,39 +149,39 @@ class Compiled:
             seq += 1
         heapq.heapify(events)
         done_time = [0.0] * len(self.routes)
+        arrived = [0.0] * self.num_actions
+        wait = [0.0] * self.num_actions
         left = self.num_actions
         push, pop = heapq.heappush, heapq.heappop
         while events:
             now = events[0][0]
-            touched = set()
+            touched = []
             while events and events[0][0] == now:
                 _, _, node, a = pop(events)
                 if a < 0:
                     idle[node] = True
                 else:
-                    push(ready[node], (key[a], now if by_arrival else 0.0, rank[mb_of[a]], a))
-                touched.add(node)
-            for node in sorted(touched):
-                if not idle[node] or not ready[node]:
+                    arrived[a] = now
+                    push(fready[node] if kind[a] == 0 else oready[node],
+                         (key[a], now if by_arrival else 0.0, rank[mb_of[a]], a))
+                touched.append(node)
+            if len(touched) > 1:
+                touched = sorted(set(touched))
+            for node in touched:
+                if not idle[node]:
                     continue
-                heap = ready[node]
-                skipped, a = [], -1
-                while heap:
-                    item = pop(heap)
-                    if kind[item[3]] == 0 and held[node] >= memory:
-                        skipped.append(item)
-                        continue
-                    a = item[3]
-                    break
-                for item in skipped:
-                    push(heap, item)
-                if a < 0:
-                    continue
-                if kind[a] == 0:
+                fq, oq = fready[node], oready[node]
+                if fq and held[node] < memory and (not oq or fq[0] < oq[0]):
+                    a = pop(fq)[3]
                     held[node] += 1
-                elif kind[a] == 2:
-                    held[node] -= 1
+                elif oq:
+                    a = pop(oq)[3]
+                    if kind[a] == 2:
+                        held[node] -= 1
+                else:
+                    continue
                 idle[node] = False
+                wait[a] = now - arrived[a]
                 end = now + dur[a]
                 finish[node] = end
                 left -= 1
@@ -204,7 +208,7 @@ class Compiled:
             if members:
                 makespan = max(makespan, float(fin[members].max()) + self.allreduce[st])
         out = {node: [self.action(a) for a in acts] for node, acts in enumerate(order)} if record else None
-        return Outcome(makespan, out, fin, float(np.mean(done_time)) if done_time else 0.0)
+        return Outcome(makespan, out, fin, float(np.mean(done_time)) if done_time else 0.0, wait)
 
 
 def candidate_priorities(num_mb: int, rng: np.random.Generator, extra_random: int = 0) -> list[Priority]:

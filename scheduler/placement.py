@@ -57,26 +57,58 @@ def visit_share(num_stages: int, path_length: int) -> float:
     return (path_length - 1) / (num_stages - 1) if num_stages > 1 else 0.0
 
 
-def choose_stage_sizes(problem: Problem) -> list[int]:
-    """Nodes per stage when the user gives none: proportional to each stage's work per iteration.
-
-    Stage 0 runs the embedding, the loss and every microbatch; another stage sees only a share of the
-    microbatches when paths skip, so even sizes would leave stage 0 the bottleneck. Each node goes to the
-    stage whose per-replica work is currently largest (at least one node per stage).
-    """
+def work_per_visit(problem: Problem) -> list[float]:
+    """Mean seconds a stage's replica spends per microbatch of the iteration (skipping included)."""
     cost, s = problem.cost, problem.num_stages
-    mean = lambda a: float(np.mean(a))
     share = visit_share(s, problem.path_length)
-    work = [mean(cost.forward_s[0]) * (1 + cost.backward_factor) + mean(cost.loss_s)]
-    work += [share * mean(cost.forward_s[st]) * (1 + cost.backward_factor) for st in range(1, s)]
+    work = [float(np.mean(cost.forward_s[0])) * (1 + cost.backward_factor) + float(np.mean(cost.loss_s))]
+    return work + [share * float(np.mean(cost.forward_s[st])) * (1 + cost.backward_factor) for st in range(1, s)]
+
+
+def proportional_sizes(problem: Problem, weights: list[float]) -> list[int]:
+    """Nodes per stage in proportion to `weights` (each node to the stage with the most weight per replica),
+    at least one per stage, and no more data nodes than microbatches when their number is fixed."""
+    s, n = problem.num_stages, problem.topology.num_nodes
     sizes = [1] * s
-    # More data nodes than microbatches would leave some idle and only slow stage 0's all-reduce.
-    cap = [problem.num_microbatches or problem.topology.num_nodes] + [problem.topology.num_nodes] * (s - 1)
-    for _ in range(problem.topology.num_nodes - s):
+    cap = [problem.num_microbatches or n] + [n] * (s - 1)
+    for _ in range(n - s):
         open_stages = [st for st in range(s) if sizes[st] < cap[st]] or list(range(1, s)) or [0]
-        busiest = max(open_stages, key=lambda st: (work[st] / sizes[st], -st))
+        busiest = max(open_stages, key=lambda st: (weights[st] / sizes[st], -st))
         sizes[busiest] += 1
     return sizes
+
+
+def candidate_stage_sizes(problem: Problem) -> list[list[int]]:
+    """Stage sizes worth trying when the user gives none: even, proportional to each stage's work, and
+    blends. Stage 0 runs the embedding, the loss and every microbatch while another stage sees only a
+    share when paths skip, so its work argues for more replicas; its all-reduce (the largest gradient)
+    argues for fewer, better-connected ones. The estimate decides (`choose_stage_sizes`)."""
+    work = np.asarray(work_per_visit(problem))
+    out = []
+    for blend in (0.0, 0.25, 0.5, 1.0):
+        weights = (1 - blend) * np.ones_like(work) * work.mean() + blend * work
+        sizes = proportional_sizes(problem, list(weights))
+        if sizes not in out:
+            out.append(sizes)
+    return out
+
+
+def choose_stage_sizes(problem: Problem) -> list[int]:
+    """The candidate sizes whose greedy clustered placement has the best estimated iteration time.
+
+    Without --microbatches the count follows the number of data nodes (memory x stage 0's size); the
+    sizes are then compared at the count an even split would give, so that the choice is about how fast
+    the same work runs, not about taking on more work."""
+    best = None
+    fixed = problem.num_microbatches or problem.microbatches_for(problem.even_stage_sizes()[0])
+    for sizes in candidate_stage_sizes(problem):
+        est = Estimator(problem, sizes, num_mb=fixed)
+        order = sorted(range(problem.num_stages), key=lambda st: (st != 0, -sizes[st], st))
+        est.start(grown_groups(problem, sizes, order))
+        value = est.score()
+        if best is None or value < best[0]:
+            best = (value, sizes)
+    return best[1]
 
 
 @dataclass
@@ -84,6 +116,7 @@ class Estimator:
     """Scores a placement (Note [placement estimate]) with incremental updates for swap moves."""
     problem: Problem
     sizes: list[int]
+    num_mb: int | None = None  # None: the problem's count (memory x data nodes when not given)
 
     def __post_init__(self):
         p, cost = self.problem, self.problem.cost
@@ -95,7 +128,7 @@ class Estimator:
         self.comp = cost.forward_s * (1 + cost.backward_factor)  # [stage, node]
         self.comp[0] += cost.loss_s
         k0 = self.sizes[0]
-        self.num_mb = p.num_microbatches if p.num_microbatches is not None else p.memory * k0
+        self.num_mb = self.num_mb or p.microbatches_for(k0)
         share = visit_share(self.S, p.path_length)
         self.visits = np.array([self.num_mb] + [self.num_mb * share] * (self.S - 1))
         self.first, self.last, self.pair = self._path_probabilities()
@@ -172,7 +205,7 @@ def grown_groups(problem: Problem, sizes: list[int], stage_order: list[int], see
         if size > 1 and len(idx) > 1:
             # Seed: the node whose (size-1)-th best free link is fastest (the densest cluster around it).
             kth = min(size - 1, len(idx) - 1)
-            ranked = -np.sort(-np.nan_to_num(sub, nan=-np.inf), axis=1)[:, kth - 1]
+            ranked = -np.partition(-np.nan_to_num(sub, nan=-np.inf), kth - 1, axis=1)[:, kth - 1]
             order = np.lexsort((idx, -ranked))
         else:
             order = np.arange(len(idx))

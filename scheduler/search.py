@@ -24,6 +24,7 @@ from scheduler.problem import Problem
 from topology.workload import Route
 
 TIE_BREAK = 1e-3
+FOCUS = 0.6
 
 
 def score(outcome: Outcome) -> float:
@@ -46,11 +47,32 @@ class RouteSearch:
                 rank = tuple(float(r.microbatch) for r in self.routes)
             priority = replace(priority, planned=None, mb_rank=rank, rank_weight=priority.rank_weight or 0.25)
         self.priority = priority
-        self.best = self.evaluate(self.routes, self.priority)
+        self.best, outcome = self.evaluate(self.routes, self.priority)
+        self.hot = self.hotspots(self.routes, outcome)
         self.evals = 0
 
-    def evaluate(self, routes: list[Route], priority: Priority) -> float:
-        return score(Compiled(self.p, self.node_stage, routes, self.context).dispatch(priority, record=False))
+    def evaluate(self, routes: list[Route], priority: Priority) -> tuple[float, Outcome]:
+        outcome = Compiled(self.p, self.node_stage, routes, self.context).dispatch(priority, record=False)
+        return score(outcome), outcome
+
+    @staticmethod
+    def hotspots(routes: list[Route], outcome: Outcome) -> np.ndarray | None:
+        """Where the work queued: per (microbatch, path position), the waits of its forward and backward
+        there (the loss counts for position 0). Conflict-directed moves start where this is large."""
+        if outcome.wait is None or not np.isfinite(outcome.makespan):
+            return None
+        width = max(len(r.stages) for r in routes)
+        hot = np.zeros((len(routes), width))
+        at = 0
+        for index, r in enumerate(routes):
+            k = len(r.stages)
+            w = outcome.wait[at:at + 2 * k + 1]
+            hot[index, 1:k] += w[1:k]  # forwards after the data node's (its wait is the memory cap's)
+            hot[index, 1:k] += w[k + 1:2 * k][::-1]  # backwards, retracing
+            hot[index, 0] += w[k] + w[2 * k]  # loss and stage 0's backward on the data node
+            at += 2 * k + 1
+        total = hot.sum()
+        return hot.ravel() / total if total > 0 else None
 
     def propose(self):
         """A random valid move: (new routes, new priority), or None when the drawn move does not apply."""
@@ -58,6 +80,15 @@ class RouteSearch:
         m = len(routes)
         kind = rng.random()
         a, b = int(rng.integers(m)), int(rng.integers(m))
+        focus = None
+        if self.hot is not None and rng.random() < FOCUS:
+            # Conflict-directed: move a microbatch at a position where work queued.
+            cell = int(rng.choice(len(self.hot), p=self.hot))
+            a, focus = divmod(cell, self.hot.size // m)
+            if focus == 0:
+                kind = rng.uniform(0.0, 0.25)  # queueing on the data node: rank or data node moves
+            else:
+                kind = rng.uniform(0.25, 1.0)
         ra, rb = routes[a], routes[b]
         if kind < 0.15:  # rank swap
             if a == b:
@@ -74,7 +105,7 @@ class RouteSearch:
             return new, self.priority
         if len(ra.stages) < 2:
             return None
-        i = int(rng.integers(1, len(ra.stages)))
+        i = focus if focus else int(rng.integers(1, len(ra.stages)))
         s = ra.stages[i]
         if kind < 0.55:  # replica swap at stage s
             j = rb.stages.index(s) if s in rb.stages else -1
@@ -119,11 +150,12 @@ class RouteSearch:
             if move is None:
                 continue
             routes, priority = move
-            value = self.evaluate(routes, priority)
+            value, outcome = self.evaluate(routes, priority)
             self.evals += 1
             temp = temperature * (1.0 - self.evals / max_evals)
             if value <= current + 1e-12 or (temp > 0 and self.rng.random() < np.exp((current - value) / temp)):
                 self.routes, self.priority, current = routes, priority, value
+                self.hot = self.hotspots(routes, outcome)
                 if value < self.best:
                     self.best, best_state = value, (routes, priority)
             if progress is not None and self.evals % 200 == 0:

@@ -32,9 +32,10 @@ from topology.workload import Route
 
 # Work budget of the route search, in dispatched actions (an evaluation dispatches every action once):
 # about a second for 20 nodes and 30 microbatches, tens of seconds at 1,000 nodes on a 2-core machine.
-SEARCH_ACTIONS = 6_000_000
+SEARCH_ACTIONS = 3_000_000
 MAX_SEARCH_EVALS = 1000
-PLACEMENT_EVALS = 1500
+PLACEMENT_WORK = 300_000  # placement swap evaluations x nodes
+MAX_PLACEMENT_EVALS = 1500
 
 
 class Progress:
@@ -92,7 +93,10 @@ def choose_placement(problem: Problem, rng: np.random.Generator, progress: Progr
     sizes = stage_sizes(problem)
     starts = [contiguous_placement(region_chain_order(problem.topology), sizes)]
     progress("placement")
-    candidates = place(problem, sizes, rng, PLACEMENT_EVALS, deadline, keep=keep, extra_starts=starts)
+    num_nodes = problem.topology.num_nodes
+    evals = int(np.clip(PLACEMENT_WORK // num_nodes, 100, MAX_PLACEMENT_EVALS))
+    keep = keep if num_nodes <= 200 else 2  # each comparison builds paths for every microbatch
+    candidates = place(problem, sizes, rng, evals, deadline, keep=keep, extra_starts=starts)
     best = None
     for i, (_, node_stage) in enumerate(candidates):
         progress("comparing placements", i, len(candidates))
