@@ -12,6 +12,7 @@ the run with an error naming the peer and the message, never a silent hang.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from datetime import timedelta
 
@@ -48,6 +49,52 @@ def wait_for(work, timeout: timedelta | None, what: str) -> None:
             work.wait()
         elif work.wait(timeout) is False:  # some backends report a timeout by returning False
             raise RuntimeError(f"timed out after {timeout.total_seconds():.0f} s")
+
+
+# Note [no pickles from peers]: torch.distributed's *_object collectives (broadcast_object_list,
+# all_gather_object, ...) unpickle what a peer sends, so a compromised or confused peer could run code on
+# every rank. Everything structured that ranks share (the plan, parameter counts, timelines, profiles)
+# travels as UTF-8 JSON in a uint8 tensor and is decoded with json.loads, which builds plain data only.
+
+def _collective_device() -> torch.device:
+    """NCCL moves CUDA tensors only; gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _encode(value) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+
+
+def _decode(tensor: torch.Tensor, length: int):
+    return json.loads(bytes(tensor[:length].cpu().tolist()).decode())
+
+
+def broadcast_json(value, src: int = 0):
+    """`value` (JSON-serialisable, given on `src`) on every rank; nothing is unpickled (Note [no pickles from peers])."""
+    device = _collective_device()
+    data = _encode(value).to(device) if dist.get_rank() == src else None
+    length = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(length, src=src)
+    if data is None:
+        data = torch.empty(int(length), dtype=torch.uint8, device=device)
+    dist.broadcast(data, src=src)
+    return _decode(data, int(length))
+
+
+def all_gather_json(value) -> list:
+    """Every rank's `value` (JSON-serialisable), in rank order (Note [no pickles from peers])."""
+    device = _collective_device()
+    data = _encode(value).to(device)
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(lengths, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    longest = max(int(n) for n in lengths)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in lengths]
+    dist.all_gather(parts, padded)
+    return [_decode(part, int(n)) for part, n in zip(parts, lengths)]
 
 
 class Messenger:

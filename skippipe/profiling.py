@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from skippipe.comm import all_gather_json
 from skippipe.latency import isend
 from topology.cost import layer_forward_flops
 from topology.model_spec import ModelSpec
@@ -182,8 +183,7 @@ def measure_topology(rank: int, world_size: int, model: ModelSpec | None = None,
             if turn == rank:
                 mine["compute"] = measure_compute(model, microbatch_size)
             dist.barrier()
-    everyone: list = [None] * world_size
-    dist.all_gather_object(everyone, mine)
+    everyone = all_gather_json(mine)  # JSON, not all_gather_object: nothing from a peer is unpickled
     return build_topology(everyone, names, region_latency_ms, default_flops), {"ranks": everyone,
                                                                              "rounds": rounds}
 
@@ -231,8 +231,7 @@ def profile_for_run(cfg, rank: int, world_size: int) -> Path:
     from topology.model_spec import load_model_spec
     run_dir = Path(cfg.train.run_dir)
     name = os.environ.get("SKIPPIPE_NODE_NAME") or f"{socket.gethostname()}-{rank}"
-    names: list = [None] * world_size
-    dist.all_gather_object(names, name)
+    names = all_gather_json(name)
     if len(set(names)) != world_size:
         names = [f"{n}-{i}" for i, n in enumerate(names)]
     started = time.perf_counter()

@@ -8,7 +8,6 @@ mean token cross entropy. Both modes draw the same data, so their losses and gra
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from scheduler.constraints import check
 from scheduler.plan import Plan
 from skippipe import single
 from skippipe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from skippipe.comm import connect_peers, peer_errors, wait_for
+from skippipe.comm import all_gather_json, broadcast_json, connect_peers, peer_errors, wait_for
 from skippipe.config import Config, load_config, save_config
 from skippipe.context import Context, pick_device
 from skippipe.data import TokenStream, load_corpus
@@ -56,19 +55,23 @@ def plan_for_run(cfg: Config, resume: bool) -> Plan:
 
 
 def share_plan(make: Callable[[], Plan], rank: int) -> Plan:
-    """Rank 0 makes the plan and broadcasts it as JSON; a bad input fails on every rank, not only on 0."""
-    payload: list = [None]
+    """Rank 0 makes the plan and broadcasts it as JSON; a bad input fails on every rank, not only on 0.
+
+    JSON bytes in a tensor, not broadcast_object_list: nothing from a peer is unpickled (Note [no pickles
+    from peers] in comm.py)."""
+    payload = None
     if rank == 0:
         try:
-            payload = [("plan", make().to_json())]
+            payload = {"plan": make().to_dict()}
         except (ValueError, OSError) as exc:
-            payload = [("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc))]
+            payload = {"error": f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)}
     with peer_errors("receiving the plan from rank 0"):
-        dist.broadcast_object_list(payload, src=0)
-    kind, text = payload[0]
-    if kind == "error":
-        raise ConfigError(text)
-    return Plan.from_dict(json.loads(text), where="the plan from rank 0")
+        payload = broadcast_json(payload, src=0)
+    if not isinstance(payload, dict) or not isinstance(payload.get("plan", payload.get("error")), (dict, str)):
+        raise ConfigError("the plan from rank 0 is malformed; is every rank running the same skippipe version?")
+    if "error" in payload:
+        raise ConfigError(str(payload["error"]))
+    return Plan.from_dict(payload["plan"], where="the plan from rank 0")
 
 
 @contextlib.contextmanager
@@ -202,9 +205,8 @@ def _report_parameters(metrics: Metrics, plan: Plan, stages: dict, ctx: Context 
     mine = [(ctx.rank if ctx else 0, ctx.node.id if ctx else -1, s, count_parameters(m)) for s, m in stages.items()]
     rows = mine
     if ctx is not None:
-        gathered = [None] * ctx.world_size
         with peer_errors("gathering parameter counts"):
-            dist.all_gather_object(gathered, mine)
+            gathered = all_gather_json(mine)
         rows = [row for part in gathered for row in part]
     for rank, node, stage, count in rows:
         where = f"rank {rank} | node {node} ({plan.nodes[node].name}) | " if node >= 0 else "single process | "
@@ -226,7 +228,7 @@ def _record(step: int, lr: float, grad_norm: float, result: IterationResult, ite
             ctx: Context | None, device: torch.device, tokens_per_step: int, num_microbatches: int,
             with_timeline: bool = True) -> dict:
     """The step's metrics, gathered from every rank: one small collective, plus the action timelines
-    on logged steps (an object gather is two more collectives, which cost latency on a slow network)."""
+    on logged steps (a JSON gather is two more collectives, which cost latency on a slow network)."""
     loss_sum = sum(float(v) for v in result.losses.values())
     mine = torch.tensor([loss_sum, result.compute_s, result.wait_s, iteration_s, wall], dtype=torch.float64,
                         device=device)
@@ -236,7 +238,7 @@ def _record(step: int, lr: float, grad_norm: float, result: IterationResult, ite
         timelines = [None] * ctx.world_size
         if with_timeline:
             with peer_errors("gathering the step's timelines"):
-                dist.all_gather_object(timelines, result.timeline)
+                timelines = all_gather_json(result.timeline)
     else:
         rows, timelines = [mine], [result.timeline]
     rows = [row.tolist() for row in rows]
