@@ -4,12 +4,13 @@
     .venv/bin/python scripts/bench_overhead.py --out reports/overhead.json
 
 Same model, microbatches and ranks (one per stage, gloo on localhost, no shaping), both measured in one
-run, in alternating rounds. overhead_ratio = skippipe iteration time / GPipe iteration time (medians; see
-skippipe/bench_overhead.py for what an iteration holds and which steps are compared).
+run, step by step in alternation. overhead_ratio = skippipe iteration time / GPipe iteration time (medians;
+see skippipe/bench_overhead.py for what an iteration holds and why the steps alternate).
 """
 import argparse
 import json
 import multiprocessing
+import os
 import shlex
 import sys
 import tempfile
@@ -31,27 +32,17 @@ def rank_main(rank: int, world: int, init: str, args: argparse.Namespace, out: s
         f"schedule.num_nodes={world}", f"schedule.num_stages={world}", f"schedule.stage_sizes={','.join(['1'] * world)}",
         "schedule.topology=single-cluster", "schedule.skip_ratio=0", f"schedule.num_microbatches={args.microbatches}",
         # GPipe keeps every microbatch's activations; give skippipe the same memory so neither is capped.
-        f"schedule.memory={args.microbatches}", f"train.steps={args.steps}", "train.log_every=1000", *args.overrides])
+        f"schedule.memory={args.microbatches}", f"train.steps={args.steps + args.warmup}", *args.overrides])
     plan = share_plan(lambda: make_plan(cfg), rank)
     spec = load_model_spec(cfg.model)
-    skippipe_times, gpipe_times = [], []
-    # Round 0 of each warms up and is not counted; the order alternates so that a drift in machine load
-    # (other jobs) does not favour either method.
-    for round_index in range(args.rounds + 1):
-        run_dir = Path(out).parent / f"skippipe_round{round_index}"
-        measure = [lambda: bench.compared(bench.skippipe_steps(cfg, plan, run_dir), drop_last=True),
-                   lambda: bench.compared(bench.gpipe_steps(cfg, spec, rank, world, args.steps), drop_last=False)]
-        results = [fn() for fn in (measure if round_index % 2 == 0 else measure[::-1])]
-        sp, gp = results if round_index % 2 == 0 else results[::-1]
-        if round_index > 0:
-            skippipe_times += sp
-            gpipe_times += gp
+    skippipe, gpipe = bench.SkippipeRunner(cfg, plan, spec), bench.GPipeRunner(cfg, spec, rank, world)
+    times = bench.interleaved(skippipe, gpipe, args.steps, args.warmup)
     if rank == 0:
-        report = bench.summary(skippipe_times, gpipe_times)
-        report["load_average"] = list(__import__("os").getloadavg())  # other jobs on the machine add noise
+        report = bench.summary(times)
+        report["load_average"] = list(os.getloadavg())  # other jobs on the machine add noise
         report.update({"world_size": world, "model": spec.name, "num_microbatches": cfg.schedule.num_microbatches,
-                       "microbatch_size": cfg.schedule.microbatch_size, "steps_per_round": args.steps,
-                       "rounds": args.rounds, "skippipe_strategy": plan.strategy,
+                       "microbatch_size": cfg.schedule.microbatch_size, "steps": args.steps,
+                       "warmup_steps": args.warmup, "skippipe_strategy": plan.strategy,
                        "skippipe_order": {str(k): [str(a) for a in v] for k, v in plan.order.items()}})
         Path(out).write_text(json.dumps(report, indent=1))
     dist.destroy_process_group()
@@ -62,8 +53,8 @@ def main() -> None:
     p.add_argument("--config", default="configs/train/debug.yaml", help="training YAML (model, microbatch size)")
     p.add_argument("--ranks", type=int, default=4, help="ranks = pipeline stages")
     p.add_argument("--microbatches", type=int, default=8, help="microbatches per iteration")
-    p.add_argument("--steps", type=int, default=10, help="iterations per round and method")
-    p.add_argument("--rounds", type=int, default=4, help="measured rounds of both methods (plus one warm-up round)")
+    p.add_argument("--steps", type=int, default=40, help="measured iterations of each method (interleaved)")
+    p.add_argument("--warmup", type=int, default=4, help="iterations of each left out at the start")
     p.add_argument("--out", default="reports/overhead.json", help="the report (JSON)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model=llama-tiny")
     args = p.parse_args()
@@ -83,7 +74,8 @@ def main() -> None:
     report["command"] = shlex.join(["scripts/bench_overhead.py", *sys.argv[1:]])
     out.write_text(json.dumps(report, indent=1))
     print(f"skippipe {report['skippipe_iteration_s'] * 1e3:.1f} ms, GPipe {report['gpipe_iteration_s'] * 1e3:.1f} ms "
-          f"per iteration: overhead_ratio {report['overhead_ratio']:.3f}\nreport: {out}")
+          f"per iteration: overhead_ratio {report['overhead_ratio']:.3f} (CPU seconds: {report['cpu_ratio']:.3f}; "
+          f"load average {report['load_average'][0]:.1f} on {os.cpu_count()} cores)\nreport: {out}")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,28 @@
 """The runtime's overhead: skippipe at skip ratio 0 against torch.distributed.pipelining's ScheduleGPipe.
 
-Both run the same model (skippipe.model stages), the same microbatches (count and size, drawn from the
-same corpus) on the same ranks of one gloo group on localhost, one rank per stage, in the same processes,
-alternating rounds so that both see the same machine load. An iteration is, for both: every microbatch's
-forward and backward through the pipeline, the global-norm gradient clip (one all-reduce) and the AdamW
-step; its time is the slowest rank's. GPipe's last rank computes the loss (a linear pipeline); skippipe's
-loop returns to the data node (stage 0 holds the head), so skippipe moves one more hop per microbatch.
+Both run the same model (skippipe.model stages, same seeded init), the same microbatches (count and size,
+from the same corpus) on the same ranks of one gloo group on localhost, one rank per stage, in the same
+processes. An iteration is, for both: every microbatch's forward and backward through the pipeline, the
+global-norm gradient clip and the AdamW step; its time is the slowest rank's. GPipe's last rank computes
+the loss (a linear pipeline); skippipe's loop returns to the data node (stage 0 holds the head), so
+skippipe moves one more hop per microbatch.
 
-Note [steps compared]: the first step of every round warms up (connections, allocator, autograd
-graph caching) and the last step of a skippipe run also evaluates and checkpoints inside its iteration
-time; both are left out, for both methods alike.
+Note [interleaved steps]: development machines are shared, and other jobs make step times swing by 2-5x
+over seconds. Whole rounds of one method then the other compare different machine loads. So the two
+alternate step by step (ABBA: skippipe first on even steps, GPipe first on odd ones), a barrier before
+every step, and the first `warmup` steps of each are left out. `SkippipeRunner.step` is the body of
+skippipe.train.train's loop without its metrics and checkpoints: the same functions, in the same order.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from scheduler.plan import Plan
 from skippipe.config import Config
 from skippipe.model import FullModel, Stage
 from topology.model_spec import ModelSpec
@@ -52,42 +54,37 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return FullModel.loss(logits, targets)
 
 
-def _slowest(seconds: float) -> float:
-    t = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+class GPipeRunner:
+    def __init__(self, cfg: Config, spec: ModelSpec, rank: int, world: int):
+        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+        from skippipe.data import load_corpus
+        from skippipe.optim import build_optimizer
+        s = cfg.schedule
+        self.rank, self.world, self.clip = rank, world, cfg.optim.grad_clip
+        self.module = GPipeStage(spec, rank, world, cfg.train.seed)
+        context = cfg.data.context or spec.context
+        example = (torch.zeros(s.microbatch_size, context, dtype=torch.long) if rank == 0
+                   else torch.zeros(s.microbatch_size, context, spec.dim))
+        stage = PipelineStage(self.module, rank, world, torch.device("cpu"), input_args=(example,))
+        self.schedule = ScheduleGPipe(stage, n_microbatches=s.num_microbatches, loss_fn=_loss)
+        self.optimizer = build_optimizer(self.module, cfg.optim)
+        corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
+        self.stream = corpus.stream(s.microbatch_size * s.num_microbatches, 0, 1, cfg.train.seed)
 
-
-def gpipe_steps(cfg: Config, spec: ModelSpec, rank: int, world: int, steps: int) -> list[float]:
-    """`steps` GPipe iterations (forward/backward of every microbatch, clip, AdamW); each one's slowest-rank time."""
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
-    from skippipe.data import load_corpus
-    from skippipe.optim import build_optimizer
-    s = cfg.schedule
-    module = GPipeStage(spec, rank, world, cfg.train.seed)
-    context = cfg.data.context or spec.context
-    example = (torch.zeros(s.microbatch_size, context, dtype=torch.long) if rank == 0
-               else torch.zeros(s.microbatch_size, context, spec.dim))
-    stage = PipelineStage(module, rank, world, torch.device("cpu"), input_args=(example,))
-    schedule = ScheduleGPipe(stage, n_microbatches=s.num_microbatches, loss_fn=_loss)
-    optimizer = build_optimizer(module, cfg.optim)
-    corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
-    stream = corpus.stream(s.microbatch_size * s.num_microbatches, 0, 1, cfg.train.seed)
-    times = []
-    for _ in range(steps):
-        tokens, targets = (t.contiguous() for t in stream.next_batch())  # same batch on every rank; the ends use it
+    def step(self) -> float:
+        """One iteration; this rank's seconds."""
+        tokens, targets = (t.contiguous() for t in self.stream.next_batch())  # same batch everywhere; ends use it
         started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        if rank == 0:
-            schedule.step(tokens)
-        elif rank == world - 1:
-            schedule.step(target=targets, losses=[])
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.rank == 0:
+            self.schedule.step(tokens)
+        elif self.rank == self.world - 1:
+            self.schedule.step(target=targets, losses=[])
         else:
-            schedule.step()
-        _clip(module, cfg.optim.grad_clip)
-        optimizer.step()
-        times.append(_slowest(time.perf_counter() - started))
-    return times
+            self.schedule.step()
+        _clip(self.module, self.clip)
+        self.optimizer.step()
+        return time.perf_counter() - started
 
 
 def _clip(module: nn.Module, max_norm: float) -> None:
@@ -101,23 +98,90 @@ def _clip(module: nn.Module, max_norm: float) -> None:
             g.mul_(scale)
 
 
-def skippipe_steps(cfg: Config, plan, run_dir: Path) -> list[float]:
-    """`cfg.train.steps` skippipe iterations of `plan`; each one's slowest-rank time (from its metrics)."""
-    from skippipe.context import build_context
-    from skippipe.train import train
-    cfg.train.run_dir = str(run_dir)
-    ctx = build_context(plan, torch.device("cpu"), cfg.train.comm_timeout_s)
-    records = train(cfg, plan, ctx)
-    return [r["iteration_s"] for r in records]
+class SkippipeRunner:
+    """skippipe.train.train's per-step work (Note [interleaved steps])."""
+
+    def __init__(self, cfg: Config, plan: Plan, spec: ModelSpec):
+        from skippipe.comm import connect_peers
+        from skippipe.context import build_context
+        from skippipe.data import load_corpus
+        from skippipe.optim import build_optimizer
+        from skippipe.sync import stage_visits
+        from skippipe.train import data_streams
+        from skippipe.worker import Worker
+        self.cfg, self.plan = cfg, plan
+        ctx = self.ctx = build_context(plan, torch.device("cpu"), cfg.train.comm_timeout_s)
+        context = cfg.data.context or spec.context
+        corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
+        self.stages = {ctx.stage: Stage(spec, ctx.stage, plan.num_stages, cfg.train.seed, ctx.device)}
+        self.streams = data_streams(plan, corpus, [ctx.node.id], cfg.train.seed)
+        self.worker = Worker(plan, ctx, self.stages[ctx.stage], (plan.microbatch_size, context, spec.dim))
+        pairs = {(ctx.node_rank[a], ctx.node_rank[b]) for p in plan.paths
+                 for a, b in zip(p.nodes, p.nodes[1:] + p.nodes[:1])}
+        connect_peers(pairs, ctx.rank, ctx.device, ctx.timeout)
+        self.optimizers = {s: build_optimizer(m, cfg.optim) for s, m in self.stages.items()}
+        self.visits = stage_visits(plan)
+        self.step_index = 0
+
+    def step(self) -> float:
+        from skippipe.optim import lr_at, set_lr
+        from skippipe.sync import average_stage_gradients, clip_gradients
+        from skippipe.train import draw_batches
+        ctx, cfg = self.ctx, self.cfg
+        self.step_index += 1
+        started = time.perf_counter()
+        lr = lr_at(self.step_index, cfg.optim, cfg.train.steps)
+        for s, module in self.stages.items():
+            set_lr(self.optimizers[s], lr)
+            module.zero_grad(set_to_none=True)
+        batches = draw_batches(self.plan, self.streams)
+        self.worker.run_iteration(batches)
+        average_stage_gradients(self.stages, self.visits, ctx.stage_groups, ctx.timeout)
+        counted = {ctx.stage} if ctx.is_stage_leader else set()
+        clip_gradients(self.stages, cfg.optim.grad_clip, counted, True, ctx.timeout)
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+        return time.perf_counter() - started
 
 
-def compared(times: list[float], drop_last: bool) -> list[float]:
-    """Note [steps compared]: leave out the first step, and the last when it also evaluated."""
-    kept = times[1:-1] if drop_last else times[1:]
-    return kept or times
+def _slowest(seconds: float) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
-def summary(skippipe_times: list[float], gpipe_times: list[float]) -> dict:
-    sp, gp = statistics.median(skippipe_times), statistics.median(gpipe_times)
+def _total(seconds: float) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def interleaved(skippipe: SkippipeRunner, gpipe: GPipeRunner, steps: int, warmup: int) -> dict[str, list]:
+    """Note [interleaved steps]: ABBA order, a barrier before each step. Per step and method: the slowest
+    rank's wall seconds, and the CPU seconds of all ranks together (every thread, gloo's included), which
+    machine load does not inflate: the work each runtime does, overhead included."""
+    out = {"skippipe": [], "gpipe": [], "skippipe_cpu": [], "gpipe_cpu": []}
+    for k in range(warmup + steps):
+        order = [("skippipe", skippipe), ("gpipe", gpipe)] if k % 2 == 0 else [("gpipe", gpipe), ("skippipe", skippipe)]
+        for name, runner in order:
+            dist.barrier()
+            cpu = time.process_time()
+            wall = runner.step()
+            cpu = time.process_time() - cpu
+            wall, cpu = _slowest(wall), _total(cpu)
+            if k >= warmup:
+                out[name].append(wall)
+                out[f"{name}_cpu"].append(cpu)
+    return out
+
+
+def summary(times: dict[str, list]) -> dict:
+    sp, gp = statistics.median(times["skippipe"]), statistics.median(times["gpipe"])
+    sp_cpu, gp_cpu = statistics.median(times["skippipe_cpu"]), statistics.median(times["gpipe_cpu"])
+    pairs = [a / b for a, b in zip(times["skippipe"], times["gpipe"])]
     return {"skippipe_iteration_s": sp, "gpipe_iteration_s": gp, "overhead_ratio": sp / gp,
-            "skippipe_steps_s": skippipe_times, "gpipe_steps_s": gpipe_times}
+            "paired_ratio_median": statistics.median(pairs),
+            "min_ratio": min(times["skippipe"]) / min(times["gpipe"]),
+            "skippipe_cpu_s": sp_cpu, "gpipe_cpu_s": gp_cpu, "cpu_ratio": sp_cpu / gp_cpu,
+            "skippipe_steps_s": times["skippipe"], "gpipe_steps_s": times["gpipe"],
+            "skippipe_cpu_steps_s": times["skippipe_cpu"], "gpipe_cpu_steps_s": times["gpipe_cpu"]}
