@@ -33,7 +33,7 @@ from topology.workload import Route
 # Work budget of the route search, in dispatched actions (an evaluation dispatches every action once):
 # about a second for 20 nodes and 30 microbatches, tens of seconds at 1,000 nodes on a 2-core machine.
 SEARCH_ACTIONS = 3_000_000
-MAX_SEARCH_EVALS = 1000
+MAX_SEARCH_EVALS = 1200
 PLACEMENT_WORK = 300_000  # placement swap evaluations x nodes
 MAX_PLACEMENT_EVALS = 1500
 
