@@ -173,7 +173,7 @@ class PathBuilder:
         j = int(np.argmin(dist))
         total = float(dist[j])
         chosen = []
-        for (nodes_before, arg), s in zip(reversed(back), reversed(stages)):
+        for (_, arg), s in zip(reversed(back), reversed(stages)):
             chosen.append(int(np.array(self.replicas[s])[j]))
             j = int(arg[j])
         return total, chosen[::-1]
