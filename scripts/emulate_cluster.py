@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--work-dir", default="runs/emulate", help="run dirs, logs and the shaped topology go here")
     p.add_argument("--out", default="reports/emulate.json", help="the report (JSON); Gantt PNGs beside it")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
+    p.add_argument("--nice", type=int, default=-19, help="scheduling priority of the emulated nodes (0: as others)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. schedule.num_microbatches=12")
     args = p.parse_args()
     from skippipe.emulate import Interrupted, JobFailed
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = run_benchmark(args.topology, ratios, args.steps, args.profile, args.config, args.work_dir,
                            args.bandwidth_scale, args.reference_model, args.latency_scale, args.overrides,
-                           plots_dir=out.parent, timeout_s=args.timeout)
+                           plots_dir=out.parent, timeout_s=args.timeout, nice=args.nice)
     report["command"] = shlex.join(["scripts/emulate_cluster.py", *sys.argv[1:]])
     out.write_text(json.dumps(report, indent=1))
     for key, value in report.get("ratio_to_full", {}).items():
