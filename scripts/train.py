@@ -8,6 +8,8 @@
 Every rank plays the plan node with its rank. Rank 0 solves the plan (or loads --plan) and shares it;
 every rank checks it against the world size. Settings: defaults < --config YAML < dotted overrides such
 as optim.lr=3e-4 < the flags below. --resume continues from the run dir's newest checkpoint, with its plan.
+Node loss: launch elastic (--nnodes MIN:MAX --max-restarts K) with SKIPPIPE_NODE=<topology node name> per
+machine; survivors re-plan and go on from the last checkpoint (Note [node loss], skippipe/elastic.py).
 """
 import argparse
 import os
@@ -55,7 +57,8 @@ def main() -> None:
         from skippipe.comm import PeerError
         from skippipe.config import load_config
         from skippipe.context import build_context, env_rank, init_process_group, pick_device
-        from skippipe.train import plan_for_run, share_plan, train
+        from skippipe.elastic import join, node_identity, plan_for_world
+        from skippipe.train import make_plan, plan_for_run, share_plan, train
 
         cfg = load_config(args.config, args.overrides + flag_overrides(args))
         if cfg.train.single_process:
@@ -68,18 +71,22 @@ def main() -> None:
             raise ConfigError("not launched by torchrun; run torchrun --standalone --nproc-per-node N "
                               "scripts/train.py ..., or pass --single-process")
         rank, local_rank, world_size = launched
-        if cfg.schedule.plan and not args.resume:  # a plan for another world size fails before joining
+        # A plan for another world size fails before joining, unless nodes are named (SKIPPIPE_NODE):
+        # then a smaller world re-plans (Note [node loss] in skippipe/elastic.py).
+        if cfg.schedule.plan and not args.resume and node_identity() is None:
             check(Plan.load(cfg.schedule.plan), world_size=world_size)
         device = pick_device(cfg.train.device, local_rank)
         init_process_group(device, cfg.train.comm_timeout_s)
-        if cfg.schedule.topology == "measure" and not cfg.schedule.plan and not args.resume:
-            from skippipe.profiling import profile_for_run  # every rank measures; rank 0 solves on the result
-            cfg.schedule.topology = str(profile_for_run(cfg, rank, world_size))
         try:
-            plan = share_plan(lambda: plan_for_run(cfg, args.resume), rank)
+            # Who is which node, and whether this (re)start continues the job from its checkpoint.
+            world = join(cfg, args.resume, rank, world_size)
+            if cfg.schedule.topology == "measure" and not cfg.schedule.plan and not world.resume:
+                from skippipe.profiling import profile_for_run  # every rank measures; rank 0 solves on the result
+                cfg.schedule.topology = str(profile_for_run(cfg, rank, world_size))
+            plan = share_plan(lambda: plan_for_world(cfg, world, world.resume, make_plan), rank)
             check(plan, world_size=world_size)
             ctx = build_context(plan, device, cfg.train.comm_timeout_s)
-            train(cfg, plan, ctx, resume=args.resume)
+            train(cfg, plan, ctx, resume=world.resume)
         except PeerError as exc:
             # A dead or silent peer: say so and leave at once; tearing down groups with messages
             # in flight could itself hang.

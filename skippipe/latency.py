@@ -117,6 +117,16 @@ class LinkLatency:
 
 _default: LinkLatency | None = None
 _default_lock = threading.Lock()
+_rank_nodes: list[int] | None = None
+
+
+def set_rank_nodes(nodes: list[int] | None) -> None:
+    """Emulated node index of each rank, for a world whose ranks are not its node indices (the survivors
+    of a lost node, re-ranked by torchrun: skippipe/elastic.py). None: rank == node, checked (the default)."""
+    global _rank_nodes, _default
+    with _default_lock:
+        _rank_nodes = None if nodes is None else [int(n) for n in nodes]
+        _default = None
 
 
 def default_link_latency() -> LinkLatency | None:
@@ -129,10 +139,14 @@ def default_link_latency() -> LinkLatency | None:
         if _default is None:
             rank = dist.get_rank()
             node = os.environ.get(NODE_ENV)
-            if node is not None and int(node) != rank:
+            expected = rank if _rank_nodes is None else _rank_nodes[rank]
+            if node is not None and int(node) != expected:
                 raise RuntimeError(f"rank {rank} runs in emulated node {node}'s namespace; the latency matrix and the "
                                    f"shaped links assume rank == node (the emulator orders ranks by node address)")
-            _default = LinkLatency.from_matrix(read_latency_file(path), rank)
+            matrix = read_latency_file(path)
+            if _rank_nodes is not None:  # rows and columns of the ranks' nodes, in rank order
+                matrix = [[matrix[a][b] for b in _rank_nodes] for a in _rank_nodes]
+            _default = LinkLatency.from_matrix(matrix, rank)
         return _default
 
 
