@@ -120,8 +120,8 @@ class EmulatedCluster:
 
     def agent_command(self, index: int, script_args: list[str], run_id: str) -> list[str]:
         n = self.topology.num_nodes
-        return ["nice", "-n", str(self.nice), self.python, "-m", "torch.distributed.run", "--nnodes", str(n), "--nproc-per-node", "1",
-                "--node-rank", str(index), "--rdzv-backend", "c10d",
+        return ["nice", "-n", str(self.nice), self.python, "-m", "torch.distributed.run", "--nnodes", str(n),
+                "--nproc-per-node", "1", "--node-rank", str(index), "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"{self.net.address(0)}:{RDZV_PORT}", "--rdzv-id", run_id,
                 "--rdzv-conf", f"is_host={'true' if index == 0 else 'false'},join_timeout=120",
                 "--local-addr", self.net.address(index), "--max-restarts", "0", "--monitor-interval", "0.5",
