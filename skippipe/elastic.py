@@ -333,13 +333,10 @@ def plan_for_world(cfg: Config, world: World, resume: bool, make_plan: Callable[
 
 def join(cfg: Config, explicit_resume: bool, rank: int, world_size: int) -> World:
     """Every rank: gather who is who, point the emulated link latency at it, agree on resuming."""
-    import torch.distributed as dist
-
-    from skippipe.comm import peer_errors
+    from skippipe.comm import all_gather_json, broadcast_json, peer_errors
     mine = {"node": node_identity(), "emulated": os.environ.get(EMULATED_ENV)}
-    gathered: list = [None] * world_size
-    with peer_errors("gathering node identities"):
-        dist.all_gather_object(gathered, mine)
+    with peer_errors("gathering node identities"):  # JSON, not pickles (Note [no pickles from peers], comm.py)
+        gathered = all_gather_json(mine)
     identities = check_identities([g["node"] for g in gathered])
     emulated = [g["emulated"] for g in gathered]
     emulated = [int(e) for e in emulated] if all(e is not None for e in emulated) else None
@@ -353,7 +350,7 @@ def join(cfg: Config, explicit_resume: bool, rank: int, world_size: int) -> Worl
         except OSError as exc:
             decision = [("error", f"{type(exc).__name__}: {exc}")]
     with peer_errors("agreeing on resuming"):
-        dist.broadcast_object_list(decision, src=0)
+        decision = broadcast_json(decision, src=0)
     kind, value = decision[0]
     if kind == "error":
         raise ConfigError(value)
