@@ -5,7 +5,8 @@ that was shaped (bandwidths and latencies as emulated), with each node's compute
 start-up profile when the run profiled, else from the run's own per-action timestamps (median forward
 seconds per layer per sample). Messages and gradients are counted in the bytes the CPU runtime moves
 (float32: the model spec's dtype_bytes, grad_bytes_per_param 4). The emulator shapes every pair on its own
-htb class, so one node's sends to different peers do not share an uplink (share_uplink=False).
+htb class: one node's sends to different peers do not share an uplink (share_uplink=False), but messages
+on one link queue behind each other (share_link=True: gloo sends a pair's messages in order on one socket).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def predict(plan: Plan, shaped: Topology, model: ModelSpec, flops: list[float], 
     topo = Topology(shaped.name, nodes, shaped.latency_ms, shaped.bandwidth_gbit_s)
     cost = CostModel(topo, model, plan.microbatch_size, plan.num_stages, backward_factor=backward_factor,
                      grad_bytes_per_param=4)
-    return simulate(Workload.from_plan_dict(plan.to_dict()), cost, share_uplink=share_uplink)
+    return simulate(Workload.from_plan_dict(plan.to_dict()), cost, share_uplink=share_uplink, share_link=True)
 
 
 def summarise_run(run_dir: str | Path, shaped: Topology, model: ModelSpec) -> dict:

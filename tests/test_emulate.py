@@ -99,3 +99,28 @@ def test_gpipe_stages_compute_skippipes_model():
         x = stage(x)
     torch.testing.assert_close(x, FullModel(spec, 4, seed=0)(tokens))
     assert not hasattr(stages[1].body, "embed_tokens") and stages[0].first and stages[3].last
+
+
+def test_simulator_link_fifo_queues_messages_on_one_link_only():
+    """share_link (the emulation's per-pair shaping): two messages on one link queue; on two links they don't."""
+    from topology.cost import CostModel
+    from topology.simulator import simulate
+    from topology.workload import Workload
+    spec = load_model_spec("llama-tiny-fp32")
+    topo = emulated_topology(topology_from_dict(TWO_REGIONS), 1e-3)  # 0.1 Mbit/s between regions: slow hops
+    cost = CostModel(topo, spec, 4, 2)
+    hop = cost.activation_bytes * 8 / (topo.bandwidth_gbit_s[0, 2] * 1e9)
+
+    def send_starts(paths, order, **kw):
+        plan = hand_plan("0 0 1", paths, order=order)
+        events = simulate(Workload.from_plan_dict(plan.to_dict()), cost, share_uplink=False, **kw).events
+        return {e.name: e.start for e in events if e.kind == "send"}
+
+    # Both forwards go from data node 0 to node 2 over the same x-y link, back to back.
+    same = (["0@0 1@2", "0@0 1@2"], {0: "F0@0 F1@0 L0@0 L1@0 B0@0 B1@0", 2: "F0@1 F1@1 B0@1 B1@1"})
+    free, fifo = send_starts(*same), send_starts(*same, share_link=True)
+    assert free["F1@0->2"] - free["F0@0->2"] < 0.01  # no queueing: both on the wire at once
+    assert fifo["F1@0->2"] - fifo["F0@0->2"] == pytest.approx(hop, rel=0.01)  # the second waits one serialisation
+    # From two data nodes over two links: no queueing, share_link or not.
+    apart = (["0@0 1@2", "0@1 1@2"], {0: "F0@0 L0@0 B0@0", 1: "F1@0 L1@0 B1@0", 2: "F0@1 F1@1 B0@1 B1@1"})
+    assert send_starts(*apart, share_link=True)["F1@0->2"] == send_starts(*apart)["F1@0->2"] < 0.01

@@ -1,7 +1,8 @@
 """Discrete-event replay of a plan on a topology with the cost model.
 
 Rules (DESIGN.md, issue 2): one compute task at a time per node; a hop costs latency + bytes / bandwidth,
-and a node's outgoing transfers queue on its uplink (switchable); a node holds at most `memory`
+and a node's outgoing transfers queue on its uplink (switchable; or, with share_link, only the messages
+on one link queue, each link a FIFO of its own, as when every pair is shaped apart); a node holds at most `memory`
 microbatches' activations (from a forward until its backward); each stage's data-parallel all-reduce
 starts once all its replicas have finished their backwards.
 
@@ -55,7 +56,8 @@ class SimResult:
 class _Run:
     """Shared bookkeeping of both modes: durations, message arrival, uplink queues, results."""
 
-    def __init__(self, workload: Workload, cost: CostModel, memory: int | None, share_uplink: bool):
+    def __init__(self, workload: Workload, cost: CostModel, memory: int | None, share_uplink: bool,
+                 share_link: bool = False):
         n = len(workload.node_stage)
         if cost.topology.num_nodes != n:
             raise ConfigError(f"the plan has {n} nodes but the topology {cost.topology.name!r} has "
@@ -63,6 +65,8 @@ class _Run:
         if cost.num_stages != workload.num_stages:
             raise ConfigError(f"the plan has {workload.num_stages} stages but the cost model was built for {cost.num_stages}")
         self.w, self.cost, self.memory, self.share_uplink = workload, cost, memory, share_uplink
+        self.share_link = share_link
+        self.link_free: dict[tuple[int, int], float] = defaultdict(float)
         self.num_nodes = n
         self.next: dict[Action, tuple[Action, int]] = {}
         self.node_of: dict[Action, int] = {}
@@ -108,7 +112,9 @@ class _Run:
                 topo, size = self.cost.topology, self.cost.activation_bytes
                 serialise = size * 8.0 / (topo.bandwidth_gbit_s[node, dst] * 1e9)
                 send = max(end, self.uplink_free[node]) if self.share_uplink else end
-                self.uplink_free[node] = send + serialise
+                if self.share_link:
+                    send = max(send, self.link_free[node, dst])
+                self.uplink_free[node] = self.link_free[node, dst] = send + serialise
                 self.arrival[b] = send + serialise + topo.latency_ms[node, dst] / 1e3
                 self.bytes_moved += size
                 self.events.append(Event(node, "send", f"{a}->{dst}", send, self.arrival[b]))
@@ -135,8 +141,9 @@ class _Run:
         return SimResult(end, list(self.busy), idle, share, self.bytes_moved, allreduce, dict(self.executed), self.events)
 
 
-def simulate(workload: Workload, cost: CostModel, memory: int | None = None, share_uplink: bool = True) -> SimResult:
-    run = _Run(workload, cost, memory, share_uplink)
+def simulate(workload: Workload, cost: CostModel, memory: int | None = None, share_uplink: bool = True,
+             share_link: bool = False) -> SimResult:
+    run = _Run(workload, cost, memory, share_uplink, share_link)
     if workload.order is None:
         _dispatch(run)
     else:
