@@ -230,6 +230,11 @@ def run_job(agents, script_args: list[str], run_dir: Path, settings: ChaosSettin
     return out
 
 
+def _median(values: list[float]) -> float | None:
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
+
+
 def _stage_sizes(plan: dict) -> list[int]:
     return [sum(1 for n in plan["nodes"] if n["stage"] == s) for s in range(plan["num_stages"])]
 
@@ -276,6 +281,10 @@ def summarise(job: dict, settings: ChaosSettings) -> dict:
         "microbatches_before": len(pb["paths"]), "microbatches_after": len(pa["paths"]),
         "predicted_iteration_s_before": pb["predicted"].get("iteration_s"),
         "predicted_iteration_s_after": pa["predicted"].get("iteration_s"),
+        # Medians, leaving out each run's first step (warm-up) and the last (it evaluates).
+        "measured_iteration_s_before": _median([r["iteration_s"] for r in before if 1 < r["step"]]),
+        "measured_iteration_s_after": _median([r["iteration_s"] for r in after
+                                               if resumed_from + 1 < r["step"] < settings.steps]),
         "kill_s": job["kill_s"], "resumed_s": job.get("resumed_s"),
         "recovery_s": job["resumed_s"] - job["kill_s"] if job.get("resumed_s") else None,
         "wall_s": job["wall_s"], "exit_codes": job["exit_codes"], "log_lines": job["log_lines"],
