@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from scheduler.plan import Plan
 from skippipe.config import Config, save_config
 from topology.errors import ConfigError
+from topology.yamlio import read_json
 
 LATEST = "latest"
 
@@ -77,34 +79,110 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     if not pointer.is_file():
         raise ConfigError(f"no checkpoint to resume from in {root}; run without --resume, or pass the "
                           f"--run-dir of a run that saved one")
-    folder = root / pointer.read_text().strip()
-    if not (folder / "meta.json").is_file():
-        raise ConfigError(f"{pointer} names {folder.name}, which is incomplete or missing; "
+    name = pointer.read_text(errors="replace").strip()
+    folder = root / name
+    # A step_* folder beside `latest` (step_000042, or step_000042-replan1 after a node loss), nothing else.
+    if not re.fullmatch(r"step_[\w.-]+", name) or ".." in name or not (folder / "meta.json").is_file():
+        raise ConfigError(f"{pointer} names {name[:80]!r}, which is incomplete or not a checkpoint folder; "
                           f"point it at another step_* folder or start afresh")
     return folder
 
 
+def checkpoint_meta(folder: Path) -> dict:
+    """meta.json: step, num_stages, num_nodes, checked."""
+    meta = read_json(folder / "meta.json")
+    for key, least in (("step", 0), ("num_stages", 1)):
+        if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int) or meta[key] < least:
+            raise ConfigError(f"{folder / 'meta.json'}: {key} must be an integer >= {least}, got "
+                              f"{meta.get(key)!r}; the checkpoint is damaged")
+    return meta
+
+
 def checkpoint_step(folder: Path) -> int:
-    return int(json.loads((folder / "meta.json").read_text())["step"])
+    return checkpoint_meta(folder)["step"]
+
+
+def _damaged(path: Path, exc: BaseException, what: str) -> ConfigError:
+    detail = " ".join(str(exc).split())
+    detail = detail if len(detail) <= 240 else detail[:240] + "..."
+    return ConfigError(f"{path}: {what} ({type(exc).__name__}: {detail}); the checkpoint is damaged or from "
+                       f"another model or plan: resume from another step_* folder or start afresh")
+
+
+def read_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file, or a one-line ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; the checkpoint is incomplete or not for this plan's stages")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error type for every kind of bad file
+        raise _damaged(path, exc, "not a readable safetensors file") from None
+
+
+def load_weights(module: torch.nn.Module, path: Path, device: torch.device | str = "cpu") -> None:
+    """Load a stage's safetensors file into `module`; wrong names or shapes are a one-line ConfigError."""
+    weights = read_weights(path, device)
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise _damaged(path, exc, "does not fit this model's stage") from None
+
+
+def read_state(path: Path, device: torch.device | str = "cpu") -> dict:
+    """torch.load(weights_only=True): tensors and plain containers only; nothing in the file runs code."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated zip, a pickle of other objects, not a torch file at all
+        raise _damaged(path, exc, "not a readable weights-only torch file") from None
+    if not isinstance(state, dict):  # every state file of a checkpoint is a dict
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not the state dict a checkpoint saves; "
+                          f"the checkpoint is damaged: resume from another step_* folder or start afresh")
+    return state
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """load_state_dict checks the parameter counts; the moments' shapes only fail at the next step: check them."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"optimizer state {key} has shape {tuple(value.shape)} for a parameter of "
+                                     f"shape {tuple(param.shape)}")
+
+
+def _restore(path: Path, restore: Callable[[], None]) -> None:
+    try:
+        restore()
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise _damaged(path, exc, "holds the wrong state") from None
 
 
 def load_checkpoint(folder: Path, stages: dict[int, torch.nn.Module], optimizers: dict, streams: dict,
                     rank: int, device: torch.device) -> int:
     """Restore what this process holds; returns the step the checkpoint was taken after."""
+    step = checkpoint_step(folder)
     for stage, module in stages.items():
-        path = folder / f"stage{stage}.safetensors"
-        if not path.is_file():
-            raise ConfigError(f"{path} is missing; the checkpoint is not for this plan's stages")
-        module.load_state_dict(load_file(str(path), device=str(device)))
-        optimizers[stage].load_state_dict(
-            torch.load(folder / f"stage{stage}.optim.pt", map_location=device, weights_only=True))
+        load_weights(module, folder / f"stage{stage}.safetensors", device)
+        path = folder / f"stage{stage}.optim.pt"
+        state = read_state(path, device)
+        _restore(path, lambda: _load_optimizer(optimizers[stage], state))
     for node_id, stream in streams.items():
         # The generator state must stay on the CPU, whatever the device.
-        stream.load_state_dict(torch.load(folder / f"data{node_id}.pt", map_location="cpu", weights_only=True))
+        path = folder / f"data{node_id}.pt"
+        state = read_state(path, "cpu")
+        _restore(path, lambda: stream.load_state_dict(state))
     rng_path = folder / f"rng{rank}.pt"
     if rng_path.is_file():  # absent when resuming with more processes than saved
-        rng = torch.load(rng_path, map_location="cpu", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return checkpoint_step(folder)
+        rng = read_state(rng_path, "cpu")
+
+        def set_rng() -> None:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        _restore(rng_path, set_rng)
+    return step
