@@ -29,9 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from skippipe.checkpoint import checkpoint_root, checkpoint_step, latest_checkpoint
+from skippipe.checkpoint import checkpoint_meta, checkpoint_root, checkpoint_step, latest_checkpoint, load_weights
 from skippipe.config import Config, load_config
 from skippipe.data import load_corpus
 from skippipe.model import FullModel
@@ -109,14 +108,12 @@ def load_full_model(path: str | Path, device: torch.device | str = "cpu") -> tup
     """
     folder = checkpoint_folder(path)
     cfg = load_config(folder / "config.yaml")
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = checkpoint_meta(folder)
     spec = load_model_spec(cfg.model)
-    model = FullModel(spec, int(meta["num_stages"]), cfg.train.seed)
+    model = FullModel(spec, meta["num_stages"], cfg.train.seed)
     for stage_index, stage in enumerate(model.stages):
-        weights = folder / f"stage{stage_index}.safetensors"
-        if not weights.is_file():
-            raise ConfigError(f"{weights} is missing; the checkpoint {folder} is incomplete")
-        stage.load_state_dict(load_file(str(weights)))
+        # A missing, damaged or foreign weights file is a one-line ConfigError naming it.
+        load_weights(stage, folder / f"stage{stage_index}.safetensors")
     return model.to(device).eval(), cfg, folder
 
 
