@@ -24,14 +24,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="the draw of --placement random")
     args = p.parse_args()
     with cli_errors():
+        from skippipe.checkpoint import checkpoint_meta
         from skippipe.export import export_checkpoint
         from skippipe.omission import check_placement, checkpoint_folder, kept_stages
 
         stages = None
         if args.keep is not None:
             check_placement(args.placement)
-            import json
-            num_stages = json.loads((checkpoint_folder(args.checkpoint) / "meta.json").read_text())["num_stages"]
+            num_stages = checkpoint_meta(checkpoint_folder(args.checkpoint))["num_stages"]
             stages = kept_stages(num_stages, args.keep, args.placement, args.seed)
         out = export_checkpoint(args.checkpoint, args.out, stages)
         print(f"wrote {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, skippipe.json)"
