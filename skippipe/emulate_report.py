@@ -148,7 +148,8 @@ def plot_measured_vs_simulated(path: str | Path, record: dict, simulated: SimRes
             if e.kind == "send":
                 continue
             colour = colours["allreduce"] if e.kind == "allreduce" else colours[e.name[0]]
-            ax.barh(e.node, max(e.end - e.start, span / 2000), left=e.start, height=0.8, color=colour,
+            # Compute takes milliseconds here; a minimum width (0.2% of the axis) keeps every action visible.
+            ax.barh(e.node, max(e.end - e.start, span / 500), left=e.start, height=0.8, color=colour,
                     alpha=0.5 if e.kind == "allreduce" else 1.0, edgecolor="none")
         ax.axvline(end, color="black", lw=0.8, ls="--")
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
