@@ -18,11 +18,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from topology.errors import ConfigError, cli_errors  # noqa: E402
+from topology.errors import ArgumentParser, ConfigError, cli_errors  # noqa: E402
+
+
+class Parser(ArgumentParser):
+    """A bad flag: one `error:` line and exit 2 (not argparse's usage block), said by rank 0 only."""
+
+    def error(self, message: str):
+        if int(os.environ.get("RANK", 0)) != 0:
+            sys.exit(2)
+        super().error(message)
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="training YAML, e.g. configs/train/debug.yaml")
     p.add_argument("--skip-ratio", type=float, help="fraction of stages each microbatch skips (schedule.skip_ratio)")
     p.add_argument("--topology", help="scenario name, topology YAML, or 'measure' (profile the ranks at "
