@@ -226,7 +226,7 @@ def run_job(agents, script_args: list[str], run_dir: Path, settings: ChaosSettin
     out["records_after"] = _records(metrics)
     out["plan_after"] = json.loads(plan_path.read_text())
     out["log_lines"] = sorted({line.strip() for f in logs.glob("*.log") for line in f.read_text(errors="replace").splitlines()
-                               if line.startswith(("node loss:", "resumed from", "restarted ("))})
+                               if line.startswith(("node loss:", "nodes joined:", "resumed from", "restarted ("))})
     return out
 
 

@@ -308,9 +308,12 @@ def plan_for_world(cfg: Config, world: World, resume: bool, make_plan: Callable[
     shape = Shape.of_plan(current) if current is not None else Shape.of_config(cfg)
     plan = replan(topology, names, shape, job_cfg)
     was = sorted(n.name for n in current.nodes) if current is not None else [n.name for n in topology.nodes]
-    log(f"node loss: {len(was)} -> {len(names)} nodes (lost {', '.join(sorted(set(was) - set(names))) or 'none'}"
-        f"{'; joined ' + ', '.join(sorted(set(names) - set(was))) if set(names) - set(was) else ''}); re-planned: "
-        f"stage sizes {stage_sizes(plan)}, {plan.num_microbatches} microbatches, skip ratio {plan.skip_ratio:g}, "
+    lost, joined = sorted(set(was) - set(names)), sorted(set(names) - set(was))
+    head = "node loss" if lost else "nodes joined"
+    changes = "; ".join(part for part in (f"lost {', '.join(lost)}" if lost else "",
+                                          f"joined {', '.join(joined)}" if joined else "") if part)
+    log(f"{head}: {len(was)} -> {len(names)} nodes ({changes}); re-planned: stage sizes {stage_sizes(plan)}, "
+        f"{plan.num_microbatches} microbatches, skip ratio {plan.skip_ratio:g}, "
         f"predicted iteration {plan.predicted.get('iteration_s', float('nan')):.3f} s")
     if folder is not None:
         corpus = []
@@ -326,7 +329,7 @@ def plan_for_world(cfg: Config, world: World, resume: bool, make_plan: Callable[
 
         out = carry_over(folder, plan, make_stream, job_cfg.train.seed)
         meta = json.loads((out / "meta.json").read_text())
-        log(f"node loss: carried checkpoint {folder.name} over to {out.name} (data shards {meta['data_shards']}); "
+        log(f"{head}: carried checkpoint {folder.name} over to {out.name} (data shards {meta['data_shards']}); "
             f"resuming after step {meta['step']}")
     return plan
 

@@ -166,6 +166,39 @@ def test_plan_for_world_fresh_on_fewer_nodes(tmp_path):
     assert sorted(n.name for n in plan.nodes) == sorted(names)
 
 
+def test_plan_for_world_when_a_node_joins(tmp_path):
+    """A node (re)joins after a loss: the same path re-plans, the smallest stage grows."""
+    cfg = _cfg(tmp_path, ["train.steps=2"])
+    full = make_plan(cfg)
+    _save_single(cfg, full)
+    names = [n.name for n in full.nodes]
+    logged = []
+    seven = plan_for_world(cfg, World(0, 7, names[:-1], None), True, make_plan, log=logged.append)
+    eight = plan_for_world(cfg, World(0, 8, names[::-1], None), True, make_plan, log=logged.append)
+    check(eight, world_size=8)
+    assert [len(eight.stage_nodes(s)) for s in range(4)] == [3, 2, 2, 1] != [len(seven.stage_nodes(s)) for s in range(4)]
+    assert logged[-2].startswith(f"nodes joined: 7 -> 8 nodes (joined {names[-1]})")
+    assert json.loads((latest_checkpoint(cfg.train.run_dir) / "meta.json").read_text())["joined"] == [names[-1]]
+
+
+def test_emulated_latency_follows_the_node_not_the_rank(tmp_path, monkeypatch):
+    """After a loss rank r plays some other node; its sends take that node's link latencies."""
+    import skippipe.latency as latency
+    path = tmp_path / "latency.json"
+    latency.write_latency_file(path, [[0, 10, 20], [10, 0, 30], [20, 30, 0]])
+    monkeypatch.setenv(latency.ENV, str(path))
+    monkeypatch.setenv(latency.NODE_ENV, "2")
+    monkeypatch.setattr(latency.dist, "get_rank", lambda: 1)
+    try:
+        latency.set_rank_nodes([0, 2])  # node 1 is gone: rank 1 is node 2
+        assert latency.default_link_latency().latency_s_to == {0: 0.020}
+        latency.set_rank_nodes(None)  # without the mapping, rank 1 in node 2's namespace is refused
+        with pytest.raises(RuntimeError, match="rank 1 runs in emulated node 2"):
+            latency.default_link_latency()
+    finally:
+        latency.set_rank_nodes(None)
+
+
 @pytest.mark.slow
 def test_elastic_run_survives_a_killed_node(tmp_path):
     """Four torchrun agents on localhost (c10d, --nnodes 3:4); the sole replica of a stage is killed
