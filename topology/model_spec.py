@@ -31,6 +31,12 @@ class ModelSpec:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model {self.name!r}: {field} must be a positive integer, got {value!r}")
+        for field in ("norm_eps", "rope_theta"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ConfigError(f"model {self.name!r}: {field} must be a positive number, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"model {self.name!r}: tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if not isinstance(self.num_kv_heads, int) or self.num_kv_heads <= 0:
