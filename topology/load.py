@@ -60,6 +60,9 @@ def topology_from_dict(data: dict, where: str = "topology", num_nodes: int | Non
     nodes = _nodes(data["nodes"], where)
     n = len(nodes)
     index = {node.name: node.id for node in nodes}
+    if len(index) != n:  # links name nodes: two of one name cannot both be linked
+        dup = sorted({node.name for node in nodes if [m.name for m in nodes].count(node.name) > 1})
+        raise ConfigError(f"{where}: duplicate node name(s) {', '.join(dup)}; give each node its own name")
     lat, bw = np.full((n, n), np.nan), np.full((n, n), np.nan)
     forms = [k for k in ("links", "region_links", "latency_ms") if k in data]
     if len(forms) != 1 and n > 1:
@@ -108,6 +111,8 @@ def _list(value, where: str, key: str) -> list:
 def _number(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where} must be a number, got {value!r}")
+    if not np.isfinite(value):  # NaN marks a missing link below, and nan_to_num would turn .inf into 1.8e308
+        raise ConfigError(f"{where} must be finite, got {value!r}")
     return float(value)
 
 
