@@ -8,6 +8,7 @@ beside the run (``save_config``) and loads back unchanged (``load_config`` of th
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -144,7 +145,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 raise ValueError
             return int(value)
         elif kind is float and not isinstance(value, bool):
-            return float(value)  # YAML reads 3e-4 as a string; float() does not mind
+            number = float(value)  # YAML reads 3e-4 as a string; float() does not mind
+            if math.isfinite(number):  # NaN passes every `<= 0` check; no setting here means infinity
+                return number
         elif kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     except (TypeError, ValueError):
