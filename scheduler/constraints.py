@@ -106,6 +106,9 @@ def _structure(plan: Plan) -> list[Violation]:
             out.append(Violation("structure", "no node serves this stage", stage=stage))
     if not plan.paths:
         out.append(Violation("structure", "the plan has no microbatches; pass --microbatches N with N >= 1"))
+    if plan.microbatch_size < 1:
+        out.append(Violation("structure", f"microbatch_size is {plan.microbatch_size}; a microbatch needs at least "
+                                          f"one sequence (--microbatch-size)"))
     if sorted(p.microbatch for p in plan.paths) != list(range(len(plan.paths))):
         out.append(Violation("structure", f"microbatch ids must be 0..{len(plan.paths) - 1}, each once"))
     for path in plan.paths:
