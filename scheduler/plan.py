@@ -92,8 +92,8 @@ class Plan:
                        strategy=str(data.get("strategy", "")), model=str(data.get("model", "")),
                        microbatch_size=int(data.get("microbatch_size", 1)), topology=dict(data.get("topology", {})),
                        predicted=dict(data["predicted"]), version=int(data["version"]))
-        except ConfigError:
-            raise
+        except ConfigError as exc:  # a bad action string: say which file it is in
+            raise ConfigError(f"{where}: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"{where}: malformed plan ({type(exc).__name__}: {exc}); re-solve it with python -m scheduler solve") from None
 
