@@ -59,13 +59,20 @@ def cmd_simulate(args) -> None:
         raise ConfigError(f"{args.plan} was made for another topology ({made_for.get('name')!r}, "
                           f"{made_for.get('num_nodes')} nodes) than {topo.name!r} with {topo.num_nodes} nodes; "
                           f"pass the topology it was solved for or re-solve")
-    model = load_model_spec(args.model) if args.model else load_model_spec(plan.get("model") or "llama-500m")
-    microbatch_size = args.microbatch_size if args.microbatch_size is not None else int(plan.get("microbatch_size", 1))
     workload = Workload.from_plan_dict(plan, where=str(args.plan))
     if workload.order is None:
         raise ConfigError(f"{args.plan} has no order; solve it with python -m scheduler solve")
-    cost = CostModel(topo, model, microbatch_size, int(plan.get("num_stages", workload.num_stages)))
-    memory = (plan.get("constraints") or {}).get("memory")
+    try:  # the plan's scalar fields, checked here: this package does not import scheduler.plan
+        model = load_model_spec(args.model) if args.model else load_model_spec(str(plan.get("model") or "llama-500m"))
+        microbatch_size = args.microbatch_size if args.microbatch_size is not None else int(plan.get("microbatch_size", 1))
+        num_stages = int(plan.get("num_stages", workload.num_stages))
+        memory = (plan.get("constraints") or {}).get("memory")
+    except (TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{args.plan}: malformed plan ({type(exc).__name__}: {exc}); "
+                          f"check it with python -m scheduler validate") from None
+    cost = CostModel(topo, model, microbatch_size, num_stages)
     started = time.perf_counter()
     result = simulate(workload, cost, memory, share_uplink=not args.no_uplink_sharing)
     elapsed = time.perf_counter() - started
