@@ -4,14 +4,16 @@
     .venv/bin/python scripts/bench_overhead.py --out reports/overhead.json
 
 Same model, microbatches and ranks (one per stage, gloo on localhost, no shaping), both measured in one
-run, step by step in alternation. overhead_ratio = skippipe iteration time / GPipe iteration time (medians;
-see skippipe/bench_overhead.py for what an iteration holds and why the steps alternate).
+run, step by step in alternation. overhead_ratio = skippipe iteration time / GPipe iteration time (medians
+over the steps; the median over --repeat runs; see skippipe/bench_overhead.py for what an iteration holds
+and why the steps alternate).
 """
 import argparse
 import json
 import multiprocessing
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -62,9 +64,27 @@ def main() -> None:
                    help="scheduling priority of the ranks (default -19 as root: other jobs add noise)")
     p.add_argument("--out", default="reports/overhead.json", help="the report (JSON)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model=llama-tiny")
+    p.add_argument("--repeat", type=int, default=3, help="independent runs; the report's ratio is their median")
     args = p.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for _ in range(args.repeat):
+        runs.append(one_run(args))
+        print(f"skippipe {runs[-1]['skippipe_iteration_s'] * 1e3:.1f} ms, GPipe {runs[-1]['gpipe_iteration_s'] * 1e3:.1f} "
+              f"ms per iteration: ratio {runs[-1]['overhead_ratio']:.3f} (CPU seconds: {runs[-1]['cpu_ratio']:.3f}; "
+              f"load average {runs[-1]['load_average'][0]:.1f} on {os.cpu_count()} cores)", flush=True)
+    keys = ("overhead_ratio", "cpu_ratio", "skippipe_iteration_s", "gpipe_iteration_s")
+    report = {key: statistics.median(r[key] for r in runs) for key in keys}
+    report.update({f"{key}_runs": [r[key] for r in runs] for key in ("overhead_ratio", "cpu_ratio")})
+    report["runs"] = runs
+    report["command"] = shlex.join(["scripts/bench_overhead.py", *sys.argv[1:]])
+    out.write_text(json.dumps(report, indent=1))
+    print(f"overhead_ratio {report['overhead_ratio']:.3f} (median of {len(runs)} runs: "
+          f"{', '.join(f'{x:.3f}' for x in report['overhead_ratio_runs'])})\nreport: {out}")
+
+
+def one_run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ctx = multiprocessing.get_context("spawn")
         procs = [ctx.Process(target=rank_main, args=(r, args.ranks, f"{tmp}/init", args, f"{tmp}/report.json"))
@@ -75,13 +95,7 @@ def main() -> None:
             proc.join()
         if any(proc.exitcode for proc in procs):
             sys.exit(f"error: a rank failed (exit codes {[proc.exitcode for proc in procs]})")
-        report = json.loads(Path(f"{tmp}/report.json").read_text())
-    report["command"] = shlex.join(["scripts/bench_overhead.py", *sys.argv[1:]])
-    out.write_text(json.dumps(report, indent=1))
-    print(f"skippipe {report['skippipe_iteration_s'] * 1e3:.1f} ms, GPipe {report['gpipe_iteration_s'] * 1e3:.1f} ms "
-          f"per iteration: overhead_ratio {report['overhead_ratio']:.3f} (CPU seconds: {report['cpu_ratio']:.3f}; "
-          f"load average {report['load_average'][0]:.1f} on {os.cpu_count()} cores)\nreport: {out}")
-
+        return json.loads(Path(f"{tmp}/report.json").read_text())
 
 if __name__ == "__main__":
     main()
