@@ -35,10 +35,14 @@ class CostModel:
     microbatch_size: int
     num_stages: int
     backward_factor: float = 2.0
-    grad_bytes_per_param: int = 2  # gradients all-reduced in bf16
+    # Bytes per gradient element in the all-reduce; None: the model's wire dtype (dtype_bytes), as the
+    # runtime all-reduces gradients in the dtype it trains in (bf16: 2; float32 on CPU: 4).
+    grad_bytes_per_param: int | None = None
     forward_s: np.ndarray = field(init=False, repr=False)  # [stage, node]
 
     def __post_init__(self):
+        if self.grad_bytes_per_param is None:
+            self.grad_bytes_per_param = self.model.dtype_bytes
         if isinstance(self.microbatch_size, bool) or not isinstance(self.microbatch_size, int) or self.microbatch_size <= 0:
             raise ConfigError(f"microbatch size must be a positive integer, got {self.microbatch_size!r}")
         self.layers = split_layers(self.model.num_layers, self.num_stages)
