@@ -3,13 +3,15 @@
 Note [prediction]: the plan a run executed is replayed strictly by the topology simulator on the topology
 that was shaped (bandwidths and latencies as emulated), with each node's compute speed as measured: by the
 start-up profile when the run profiled, else from the run's own per-action timestamps (median forward
-seconds per layer per sample). Messages and gradients are counted in the bytes the CPU runtime moves
-(float32: the model spec's dtype_bytes, grad_bytes_per_param 4). The emulator shapes every pair on its own
-htb class: one node's sends to different peers do not share an uplink (share_uplink=False), but messages
-on one link queue behind each other (share_link=True: gloo sends a pair's messages in order on one socket).
+seconds per layer per sample). Messages and gradients are counted in the bytes the CPU runtime moves:
+float32 activations and gradients, whatever the model spec's dtype_bytes says. The emulator shapes every
+pair on its own htb class: one node's sends to different peers do not share an uplink
+(share_uplink=False), but messages on one link queue behind each other (share_link=True: gloo sends a
+pair's messages in order on one socket).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -24,6 +26,8 @@ from topology.model_spec import ModelSpec, split_layers
 from topology.network import Node, Topology
 from topology.simulator import Event, SimResult, simulate
 from topology.workload import Action, Workload
+
+CPU_WIRE_BYTES = 4  # the CPU runtime trains, sends and all-reduces in float32
 
 
 def median_after_first(values: list[float]) -> float:
@@ -71,8 +75,9 @@ def predict(plan: Plan, shaped: Topology, model: ModelSpec, flops: list[float], 
     """Note [prediction]: the plan replayed on the shaped topology with the measured compute speed."""
     nodes = [Node(n.id, n.name, n.region, float(f), n.memory_gb) for n, f in zip(shaped.nodes, flops)]
     topo = Topology(shaped.name, nodes, shaped.latency_ms, shaped.bandwidth_gbit_s)
-    cost = CostModel(topo, model, plan.microbatch_size, plan.num_stages, backward_factor=backward_factor,
-                     grad_bytes_per_param=4)
+    wire = dataclasses.replace(model, dtype_bytes=CPU_WIRE_BYTES)  # what the CPU runtime really sends
+    cost = CostModel(topo, wire, plan.microbatch_size, plan.num_stages, backward_factor=backward_factor,
+                     grad_bytes_per_param=CPU_WIRE_BYTES)
     return simulate(Workload.from_plan_dict(plan.to_dict()), cost, share_uplink=share_uplink, share_link=True)
 
 
