@@ -17,6 +17,8 @@ from topology.errors import ConfigError
 
 def pick_device(kind: str = "auto", local_rank: int = 0) -> torch.device:
     """CUDA when present (one GPU per local rank), CPU otherwise; nothing else hard-codes a device."""
+    if kind not in ("auto", "cpu", "cuda"):  # e.g. evaluate.py --device tpu would otherwise mean cuda
+        raise ConfigError(f"device must be auto, cpu or cuda, got {kind!r}")
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
