@@ -23,7 +23,10 @@ is the payload rate times WIRE_OVERHEAD: what the application sees is then the t
 Two settings keep single messages exact, not only long streams: `gso_max_segs 1` on each eth0 (htb lets a
 whole GSO super-packet of up to 64 KB through at once and only then goes into debt, so a lone 16 KB
 message would cross a "5 Mbit/s" link in 0.2 ms), and a burst of one frame (an idle class saves up
-`burst` bytes that the next message then gets for free).
+`burst` bytes that the next message then gets for free). Packets under 128 bytes (pure TCP ACKs) bypass
+the shaping: otherwise the ACKs of a message from b to a queue behind a's own data to b in a's 64 KB-deep
+FIFO, and b's message stalls for want of ACKs (a reply sent while the other direction is busy arrived 0.5 s
+late on a 0.79 Mbit/s link). Real links carry an ACK in microseconds; so does this.
 netem is not available on this kernel, so latency is added in the processes (skippipe/latency.py).
 """
 from __future__ import annotations
@@ -141,7 +144,9 @@ class EmulatedNetwork:
     def _shape(self, i: int) -> None:
         """Note [shaping]: htb root, one class + u32 destination filter per peer, unshaped default class."""
         lines = [f"qdisc add dev {INTERFACE} root handle 1: htb default 1",
-                 f"class add dev {INTERFACE} parent 1: classid 1:1 htb rate {UNSHAPED_MBIT:.0f}mbit quantum 60000"]
+                 f"class add dev {INTERFACE} parent 1: classid 1:1 htb rate {UNSHAPED_MBIT:.0f}mbit quantum 60000",
+                 # Packets under 128 bytes (pure TCP ACKs) skip the shaping: Note [shaping], ACKs.
+                 f"filter add dev {INTERFACE} parent 1: protocol ip prio 1 u32 match u16 0x0000 0xff80 at 2 flowid 1:1"]
         for j in range(self.num_nodes):
             if j == i or not math.isfinite(self.rates[i, j]):
                 continue
@@ -149,7 +154,7 @@ class EmulatedNetwork:
             minor = f"{16 + j:x}"
             lines.append(f"class add dev {INTERFACE} parent 1: classid 1:{minor} htb rate {rate_kbit:.0f}kbit "
                          f"burst 1514 cburst 1514 quantum 1514")
-            lines.append(f"filter add dev {INTERFACE} parent 1: protocol ip prio 1 u32 "
+            lines.append(f"filter add dev {INTERFACE} parent 1: protocol ip prio 2 u32 "
                          f"match ip dst {self.address(j)}/32 flowid 1:{minor}")
         _run(["ip", "netns", "exec", self.namespace(i), "tc", "-batch", "-"], stdin="\n".join(lines) + "\n")
 
