@@ -4,7 +4,7 @@
     batches = held_out_batches(cfg, model.spec)
     rows = omission_table(model, batches, keeps=[1.0, 0.75, 0.5], placements=["even", "random"])
 
-A kept fraction ``keep`` of S stages keeps ``round(S * keep)`` of them (at least one). Stage 0 is always
+A kept fraction ``keep`` of S stages keeps ``round(S * keep)`` of them (halves up, at least one). Stage 0 is always
 kept: it holds the embedding, the final norm and the LM head. The kept stages run in their natural order
 (0, 1, 2, ...), whatever order training paths used. Which stages are kept is the *placement*:
 
@@ -66,7 +66,8 @@ def check_placement(placement: str) -> str:
 
 
 def num_kept(num_stages: int, keep: float) -> int:
-    return max(1, min(num_stages, round(num_stages * check_keep(keep))))
+    """round(S * keep), halves up, at least 1: the rule of a path's length (scheduler path_length)."""
+    return max(1, min(num_stages, math.floor(num_stages * check_keep(keep) + 0.5)))
 
 
 def kept_stages(num_stages: int, keep: float, placement: str, seed: int = 0) -> list[int]:
@@ -165,6 +166,9 @@ def omission_table(model: FullModel, batches: Batches, keeps: Sequence[float],
                     f"{cache[key]['tokens_per_s']:,.0f} tok/s")
         return cache[key]
 
+    if batches:  # warm-up: the first forward pays for lazy initialisation, which is no row's speed
+        with torch.no_grad():
+            model.forward_path(batches[0][0][:1].to(next(model.parameters()).device), range(num_stages))
     full_ppl = math.exp(run(list(range(num_stages)))["loss"])
     rows = []
     for keep in keeps:

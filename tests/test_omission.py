@@ -33,6 +33,7 @@ SPEC = ModelSpec(name="omit", dim=32, num_layers=8, num_heads=4, num_kv_heads=2,
     (8, 0.5, "last", [0, 5, 6, 7]),
     (4, 0.75, "last", [0, 2, 3]),
     (8, 0.01, "even", [0]),  # at least stage 0
+    (6, 0.25, "even", [0, 3]),  # 1.5 stages: halves round up, as a path's length does
     (4, 1.0, "random", [0, 1, 2, 3]),
 ])
 def test_kept_stages(num_stages, keep, placement, expected):
