@@ -278,8 +278,9 @@ def study_report(skip: list[dict], full: list[dict], headline: str = "even") -> 
     }
 
 
-def plot_study(report: dict, path: str | Path) -> None:
-    """Left: perplexity against kept fraction for both models; right: their training curves by tokens."""
+def plot_study(report: dict, path: str | Path, placements: Sequence[str] = ("even", "random")) -> None:
+    """Left: perplexity against kept fraction for both models (the `placements`; every placement is in
+    the report); right: their training curves by tokens."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -289,7 +290,7 @@ def plot_study(report: dict, path: str | Path) -> None:
     styles = {"even": "-", "random": "--", "first": ":", "last": "-."}
     for name, run in report["runs"].items():
         rows = run["omission"]
-        for placement in dict.fromkeys(r["placement"] for r in rows):
+        for placement in [p for p in dict.fromkeys(r["placement"] for r in rows) if p in placements]:
             mine = sorted((r for r in rows if r["placement"] == placement), key=lambda r: r["keep"])
             x = [r["keep"] for r in mine]
             left.plot(x, [r["ppl"] for r in mine], styles.get(placement, "-"), marker="o", color=colours[name],
@@ -304,7 +305,8 @@ def plot_study(report: dict, path: str | Path) -> None:
         if val:
             right.plot(*zip(*val), "o-", color=colours[name], label=f"{run['label']}, validation (all stages)")
     left.set_xlabel("fraction of stages kept at inference")
-    left.set_ylabel("held-out perplexity")
+    left.set_ylabel("held-out perplexity (log scale)")
+    left.set_yscale("log")
     left.invert_xaxis()
     left.set_title(f"q2 = {report['q2_skip_half_over_full']:.3f} (skip), q3 = {report['q3_full_half_over_full']:.3f} (full)")
     right.set_xlabel("training tokens")
