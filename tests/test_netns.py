@@ -66,6 +66,50 @@ def test_shaped_links_carry_their_payload_rate():
     assert net.leftovers() == []
 
 
+# One TCP connection, as gloo uses per pair: the client sends two messages back to back; the server,
+# after the first, replies with one while the second is still arriving; the client times the reply.
+REPLY = r"""
+import socket, sys, threading, time
+role, host, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if role == "server":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((host, 5602)); s.listen(1)
+    print("ready", flush=True)
+    c, _ = s.accept()
+else:
+    for _ in range(100):
+        try:
+            c = socket.create_connection((host, 5602)); break
+        except OSError:
+            time.sleep(0.05)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def recv(n):
+    got = 0
+    while got < n:
+        got += len(c.recv(min(1 << 20, n - got)))
+t0 = time.perf_counter()
+if role == "client":
+    c.sendall(b"\0" * (2 * size)); recv(size); print(time.perf_counter() - t0, flush=True)
+else:
+    recv(size); threading.Thread(target=lambda: c.sendall(b"\0" * size)).start(); recv(size); time.sleep(2)
+"""
+
+
+def test_a_reply_is_not_held_up_by_the_other_directions_traffic():
+    """Pure ACKs bypass the shaping (Note [shaping]): queued behind the reverse direction's data they would
+    starve the reply of ACKs and hold it up by most of a message time."""
+    mbit, size = 1.0, 40_000
+    with EmulatedNetwork(np.array([[np.inf, mbit], [mbit, np.inf]])) as net:
+        server = net.popen(1, [sys.executable, "-c", REPLY, "server", net.address(1), str(size)],
+                           stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "ready"
+        out = subprocess.run(net.command(0, [sys.executable, "-c", REPLY, "client", net.address(1), str(size)]),
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        server.wait(10)
+    message_s = size * 8 / (mbit * 1e6)  # 0.32 s
+    # The reply leaves once the first message is in (1 message time) and takes 1 message time.
+    assert float(out) == pytest.approx(2 * message_s, rel=0.15)
+
+
 def test_down_on_error_and_processes_ended():
     rates = np.full((2, 2), 10.0)
     with pytest.raises(RuntimeError, match="boom"):
