@@ -101,9 +101,14 @@ def _structure(plan: Plan) -> list[Violation]:
     for node in plan.nodes:
         if not 0 <= node.stage < s:
             out.append(Violation("structure", f"stage {node.stage} is outside 0..{s - 1}", node=node.id, stage=node.stage))
-    for stage in range(s):
-        if not any(node.stage == stage for node in plan.nodes):
+    # Only the first n + 1 stages are looked at: n nodes cannot serve them all, and num_stages may be absurd
+    # (1e9 in a hand-edited plan would hang a loop over every stage).
+    served = {node.stage for node in plan.nodes}
+    for stage in range(min(s, n + 1)):
+        if stage not in served:
             out.append(Violation("structure", "no node serves this stage", stage=stage))
+    if s > n + 1:
+        out.append(Violation("structure", f"num_stages is {s} but the plan has only {n} nodes; every stage needs one"))
     if not plan.paths:
         out.append(Violation("structure", "the plan has no microbatches; pass --microbatches N with N >= 1"))
     if plan.microbatch_size < 1:
