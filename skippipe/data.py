@@ -207,6 +207,10 @@ class TokenStream:
         if end - begin < context + 1:
             raise ConfigError(f"data shard {shard_index} of {num_shards} has {end - begin} tokens, fewer than "
                               f"one window of {context + 1}; use fewer data nodes or a larger corpus")
+        if batch_size > end - begin - context:  # also keeps an absurd batch (a plan's 1e12) from exhausting memory
+            raise ConfigError(f"a batch of {batch_size} sequences exceeds the {end - begin - context} distinct windows "
+                              f"of data shard {shard_index} of {num_shards}; use a smaller microbatch size or a "
+                              f"larger corpus")
         self.shard = tokens[begin:end]
         self.context, self.batch_size = context, batch_size
         self.shard_index, self.num_shards, self.seed = shard_index, num_shards, seed
