@@ -105,6 +105,12 @@ def edit_checkpoint(run_dir: Path, edits: list[dict]) -> None:
             torch.save(load_file(str(folder / arg)), folder / arg)
         elif kind == "payload":  # a pickle that would run code, under this name
             torch.save({"state": {}, "param_groups": [], "x": Payload(str(run_dir / "PWNED"))}, folder / arg)
+        elif kind == "reshape_optim":  # AdamW moments one row longer: the right counts, the wrong shapes
+            state = torch.load(folder / arg, weights_only=True)
+            for moments in state["state"].values():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    moments[key] = torch.cat([moments[key], moments[key][:1]])
+            torch.save(state, folder / arg)
         elif kind == "tensor":  # {file: a torch.save'd tensor in place of the expected dict}
             for name in arg:
                 torch.save(torch.zeros(3), folder / name)
