@@ -50,6 +50,11 @@ def save_checkpoint(run_dir: str | Path, step: int, stages: dict[int, torch.nn.M
     root = checkpoint_root(run_dir)
     folder = root / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        # Rewriting a step that exists (a fresh run in an old run dir, a redone step): from here until the
+        # new meta.json the folder is a mix of old and new files, so it must not look complete. A kill in
+        # between then leaves an "incomplete" error, never a silently mixed checkpoint.
+        (folder / "meta.json").unlink(missing_ok=True)
     for stage in sorted(stages if write_stages is None else write_stages):
         # Clone: safetensors refuses tensors that share memory (a tied LM head and embedding).
         weights = {k: v.detach().cpu().clone().contiguous() for k, v in stages[stage].state_dict().items()}
