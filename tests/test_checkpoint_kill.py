@@ -38,6 +38,7 @@ from skippipe.data import load_corpus  # noqa: E402
 from skippipe.model import FullModel  # noqa: E402
 from skippipe.optim import build_optimizer  # noqa: E402
 from skippipe.train import data_streams, train  # noqa: E402
+from topology.errors import ConfigError  # noqa: E402
 from topology.model_spec import load_model_spec  # noqa: E402
 
 TINY = "name: kill-tiny\ndim: 32\nnum_layers: 4\nnum_heads: 2\nnum_kv_heads: 1\nffn_dim: 64\ncontext: 16\nvocab_size: 256\n"
@@ -57,6 +58,7 @@ KILL_POINTS = [
     ("complete-but-latest-not-moved", "after:meta.json", "step_000002/meta.json"),
     ("latest-tmp-not-renamed", "before:latest", ".latest.tmp*"),
 ]
+RESAVE = "resave+after:stage1.safetensors"  # save step 1 again, in place, and die after its stage 1 weights
 
 
 def make_run(run_dir: Path) -> None:
@@ -152,7 +154,7 @@ def killed(base_run, tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
     base, _, _ = base_run
     root = tmp_path_factory.mktemp("killed")
     jobs = []
-    for point in [k[1] for k in KILL_POINTS] + ["none"]:
+    for point in [k[1] for k in KILL_POINTS] + ["none", RESAVE]:
         run_dir = root / point.replace(":", "-")
         shutil.copytree(base, run_dir)
         jobs.append((run_dir, point))
@@ -194,6 +196,18 @@ def test_a_save_that_is_not_killed_moves_latest(base_run, killed):
     assert all(not torch.equal(now["next_tokens"][n], t) for n, t in reference["next_tokens"].items())
     assert now["optim"][0]["state"][0]["step"] != reference["optim"][0]["state"][0]["step"]
     assert not torch.equal(now["rng"], reference["rng"])
+
+
+def test_a_killed_rewrite_of_the_latest_step_is_refused_not_mixed(base_run, killed):
+    """Saving step 1 again over the latest checkpoint (a fresh run in an old run dir), killed half way: the
+    folder holds old and new files, so loading it must fail as incomplete rather than mix them silently."""
+    run_dir, returncode, _ = killed[RESAVE]
+    assert returncode == -signal.SIGKILL
+    folder = run_dir / "checkpoints" / "step_000001"
+    assert checksums(folder)["stage0.safetensors"] != base_run[1]["step_000001/stage0.safetensors"]  # rewritten
+    assert checksums(folder)["stage2.safetensors"] == base_run[1]["step_000001/stage2.safetensors"]  # not yet
+    with pytest.raises(ConfigError, match="incomplete"):
+        latest_checkpoint(run_dir)
 
 
 def test_training_resumes_after_a_killed_save(killed, tmp_path):
@@ -265,9 +279,11 @@ def child(run_dir: Path, point: str) -> None:
     for stream in streams.values():
         stream.next_batch()
     torch.rand(7)
+    resave = point.startswith("resave+")
+    point = point.removeprefix("resave+")
     _inject(point)
     barrier = _die if point == "barrier" else (lambda: None)
-    save_checkpoint(run_dir, step + 1, stages, optimizers, streams, plan, cfg, 0, None, barrier)
+    save_checkpoint(run_dir, step if resave else step + 1, stages, optimizers, streams, plan, cfg, 0, None, barrier)
 
 
 if __name__ == "__main__":
