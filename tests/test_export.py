@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from skippipe.config import load_config
 from skippipe.data import ByteTokenizer
@@ -14,7 +15,6 @@ from skippipe.export import export_checkpoint
 from skippipe.omission import load_full_model
 from skippipe.train import make_plan, train
 
-transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "Hello, wörld: naïve ☃ text\twith\nbytes"
 

@@ -7,11 +7,12 @@ its error, to every rank.
 """
 from __future__ import annotations
 
-import multiprocessing
 import re
 from pathlib import Path
 
 import pytest
+
+from tests.spawn import spawn_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(p for folder in ("skippipe", "scripts", "scheduler", "topology") for p in (ROOT / folder).rglob("*.py"))
@@ -73,16 +74,7 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
 def test_json_collectives_on_gloo(tmp_path):
     import json
     world = 2
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank, args=(r, world, f"file://{tmp_path / 'init'}", str(tmp_path)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert spawn_ranks(_rank, lambda r: (r, world, f"file://{tmp_path / 'init'}", str(tmp_path)), world) == [0, 0]
     for rank in range(world):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
         assert got["gathered"] == [{"rank": r, "name": "nœud-" * (r + 1), "pairs": [[r, 0.5]],

@@ -4,7 +4,6 @@ sends keeping their per-peer order, and the measured topology loading back."""
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from skippipe.latency import LinkLatency, read_latency_file, write_latency_file
 from skippipe.profiling import build_topology, regions_by_latency, tournament_rounds
+from tests.spawn import spawn_ranks
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 16])
@@ -81,25 +81,27 @@ def _rank_main(rank: int, tmp: str) -> None:
     from topology.model_spec import load_model_spec
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=WORLD)
-    # Delayed sends keep their order per peer and arrive after the link's latency.
-    arrivals = []
+    # Delayed sends keep their order per peer and arrive after the link's latency. CLOCK_MONOTONIC is
+    # machine-wide, so the receiver's arrival times are measured from the moment the sender issued them.
+    arrivals, sent_at = [], None
+    dist.barrier()
     if rank == 0:
         link = default_link_latency()
+        sent_at = time.monotonic()
         works = [link.isend(torch.tensor([float(k)]), 2) for k in range(3)]
         for w in works:
             w.wait()
     elif rank == 2:
-        start = time.monotonic()
         for _ in range(3):
             t = torch.zeros(1)
             dist.recv(t, src=0)
-            arrivals.append((float(t), time.monotonic() - start))
+            arrivals.append((float(t), time.monotonic()))
     dist.barrier()
     topo, details = measure_topology(rank, WORLD, model=load_model_spec(Path(tmp) / "tiny.yaml"), microbatch_size=2,
                                      names=[f"n{i}" for i in range(WORLD)], pings=3, target_s=0.05, max_bytes=1 << 20)
     if rank == 0:
         save_profile(Path(tmp) / "run", topo, details)
-    torch.save({"topology": topo.to_dict(), "arrivals": arrivals, "details": details}, Path(tmp) / f"out{rank}.pt")
+    torch.save({"topology": topo.to_dict(), "arrivals": arrivals, "sent_at": sent_at, "details": details}, Path(tmp) / f"out{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -108,15 +110,7 @@ def profiled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("profile")
     write_latency_file(tmp / "lat.json", _latency_matrix())
     (tmp / "tiny.yaml").write_text(TINY)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(tmp))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    assert spawn_ranks(_rank_main, lambda r: (r, str(tmp)), WORLD) == [0] * WORLD
     return tmp, [torch.load(tmp / f"out{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -146,9 +140,9 @@ def test_bandwidth_and_compute_are_measured(profiled):
 
 def test_delayed_sends_arrive_late_and_in_order(profiled):
     _, outs = profiled
-    arrivals = outs[2]["arrivals"]
+    arrivals, sent_at = outs[2]["arrivals"], outs[0]["sent_at"]
     assert [v for v, _ in arrivals] == [0.0, 1.0, 2.0]
-    assert arrivals[0][1] >= 0.035  # 40 ms injected (the receiver started at most a few ms after the sender)
+    assert all(t - sent_at >= 0.040 for _, t in arrivals)  # 40 ms injected on the n0 -> n2 link
 
 
 def test_profile_saved_and_loads_back(profiled):

@@ -8,7 +8,6 @@ error within the configured timeout.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from skippipe.data import load_corpus
 from skippipe.model import FullModel
 from skippipe.train import data_streams, draw_batches, train
 from tests.handplan import hand_plan
+from tests.spawn import spawn_ranks
 
 TINY = "name: test-tiny\ndim: 32\nnum_layers: 4\nnum_heads: 2\nnum_kv_heads: 1\nffn_dim: 64\ncontext: 16\nvocab_size: 256\n"
 STEPS = 2
@@ -124,19 +124,8 @@ def run_ranks(tmp: Path, world: int, jobs: list, misbehave: str | None = None, t
     """
     out = tmp / "out"
     out.mkdir(exist_ok=True)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_spawned, args=(r, world, str(tmp / "init"), jobs, str(out), misbehave))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs[:1] if misbehave else procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return [p.exitcode for p in procs]
+    return spawn_ranks(_spawned, lambda r: (r, world, str(tmp / "init"), jobs, str(out), misbehave), world,
+                       timeout, wait_for=[0] if misbehave else None)
 
 
 def assert_same(dist_grads: dict, single_grads: dict, rank: int) -> None:
@@ -157,16 +146,12 @@ def distributed_runs(tmp_path_factory):
     from topology.load import load_topology
     from topology.model_spec import load_model_spec
     cfg = make_config(tmp, "probe")
-    problem = Problem(load_topology("gcp-12-regions", WORLD, 0), load_model_spec(cfg.model), microbatch_size=4,
-                      num_stages=3, num_microbatches=4, memory=3)
-    from scheduler.solve import STRATEGIES, _load_strategies
-    _load_strategies()
-    if "skippipe" in STRATEGIES:  # the SkipPipe solver: skips and swaps chosen for the network
-        problem = Problem(load_topology("gcp-12-regions", WORLD, 0), load_model_spec(cfg.model), microbatch_size=4,
-                          num_stages=4, num_microbatches=6, memory=3, skip_ratio=0.25)
-        plans["skippipe"] = solve(problem, "skippipe")
-    else:  # until it exists, the full-pipeline solver's plan
-        plans["full-solver"] = solve(problem, "full")
+    topo, spec = load_topology("gcp-12-regions", WORLD, 0), load_model_spec(cfg.model)
+    # The solvers' plans: the full pipeline's placement, and SkipPipe's skips and swaps chosen for the network.
+    plans["full-solver"] = solve(Problem(topo, spec, microbatch_size=4, num_stages=3, num_microbatches=4, memory=3),
+                                 "full")
+    plans["skippipe"] = solve(Problem(topo, spec, microbatch_size=4, num_stages=4, num_microbatches=6, memory=3,
+                                      skip_ratio=0.25), "skippipe")
     for name, plan in plans.items():
         assert violations(plan) == [], name
     jobs = [(name, plan.to_dict(), make_config(tmp, f"dist_{name}")) for name, plan in plans.items()]
@@ -178,8 +163,6 @@ def distributed_runs(tmp_path_factory):
 @pytest.mark.parametrize("name", ["skip", "full", "skippipe", "full-solver"])
 def test_distributed_equals_path_faithful_single_process(distributed_runs, name):
     tmp, plans = distributed_runs
-    if name not in plans:
-        pytest.skip(f"no {name!r} plan: the full solver stands in only while the skippipe strategy is missing")
     single_grads: dict = {}
     single = train(make_config(tmp, f"single_{name}"), plans[name], on_gradients=grad_collector(single_grads))
     for rank in range(WORLD):
