@@ -157,3 +157,28 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, args, message, monkeypatch, c
 def test_a_run_dir_without_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
     code, err = run_main("evaluate", ["--checkpoint", str(tmp_path)], monkeypatch, capsys)
     assert code == 2 and "holds no checkpoint" in err
+
+
+def test_omission_study_trains_both_runs_and_reports_the_three_answers(tmp_path):
+    """The study script end to end on a tiny model: both runs trained for the same tokens, skipping and
+    full paths, the report's answers computed from its own omission tables, the plot written."""
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text("name: tiny\ndim: 32\nnum_layers: 8\nnum_heads: 4\nnum_kv_heads: 2\nffn_dim: 64\n"
+                    "context: 32\nvocab_size: 256\n")
+    report_path = tmp_path / "study.json"
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/omission_study.py"), "--out", str(report_path),
+                          "--plot", str(tmp_path / "study.png"), "--steps", "3", "--seeds", "1",
+                          "--run-dir", str(tmp_path / "runs"), f"model={tiny}", "train.eval_every=0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(report_path.read_text())
+    skip, full = report["runs"]["skip"], report["runs"]["full"]
+    assert skip["tokens"] == full["tokens"] == 3 * 16 * 2 * 32 and skip["steps"] == full["steps"] == 3
+    assert full["paths"] == [list(range(8))] and all(len(p) == 6 and p[0] == 0 for p in skip["paths"])
+
+    def ppl(rows, keep):
+        return next(r["ppl"] for r in rows if r["keep"] == keep and r["placement"] == "even")
+
+    assert report["q2_skip_half_over_full"] == pytest.approx(ppl(skip["omission"], 0.5) / ppl(skip["omission"], 1.0))
+    assert report["q3_full_half_over_full"] == pytest.approx(ppl(full["omission"], 0.5) / ppl(full["omission"], 1.0))
+    assert report["q1_val_loss_ratio"] > 0 and (tmp_path / "study.png").stat().st_size > 0
