@@ -9,8 +9,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from scheduler.plan import Action, Plan, dependencies, path_actions
 from topology.errors import ConfigError
+from topology.plan import Action, Plan, dependencies, path_actions
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from scheduler.problem import Problem
-from scheduler.solve import Solution, strategy
+from scheduler.problem import Problem, Solution
 from topology.errors import ConfigError
 from topology.network import Topology
-from topology.workload import Route
+from topology.plan import Route
 
 
 def region_chain_order(topology: Topology) -> list[int]:
@@ -66,7 +65,6 @@ def balanced_routes(problem: Problem, node_stage: list[int], stage_paths: list[l
     return routes
 
 
-@strategy("full")
 def full_pipeline(problem: Problem) -> Solution:
     if problem.path_length != problem.num_stages:
         raise ConfigError(f"the full strategy sends every microbatch through all {problem.num_stages} stages, but skip "

@@ -29,7 +29,7 @@ import numpy as np
 
 from scheduler.problem import Problem
 from scheduler.timeline import Timeline
-from topology.workload import Action, Route
+from topology.plan import Action, Route
 
 ENUMERATE_LIMIT = 64  # stage sets per microbatch beyond which candidates are sampled
 # Work budgets for a whole path build (numpy steps in "cost" mode, reservation look-ups in "timed" mode),
@@ -113,9 +113,8 @@ class PathBuilder:
         self.targets = stage_targets(self.S, num_mb, problem.path_length, self.replicas)
         self.remaining = np.array(self.targets[1:] if self.S > 1 else [], dtype=int)
         self.quota = Quota(self.replicas, self.targets, problem.topology.num_nodes)
-        cost, topo = problem.cost, problem.topology
-        hop = topo.latency_ms / 1e3 + cost.activation_bytes * 8.0 / (topo.bandwidth_gbit_s * 1e9)
-        np.fill_diagonal(hop, 0.0)
+        cost = problem.cost
+        hop = cost.hop_matrix_s
         self.hop2 = hop + hop.T
         self.hop = hop
         self.comp = cost.forward_s * (1 + cost.backward_factor)

@@ -21,7 +21,7 @@ import numpy as np
 from scheduler.constraints import count_swaps
 from scheduler.ordering import Compiled, Context, Outcome, Priority
 from scheduler.problem import Problem
-from topology.workload import Route
+from topology.plan import Route
 
 TIE_BREAK = 1e-3
 FOCUS = 0.6

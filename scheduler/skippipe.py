@@ -25,10 +25,9 @@ from scheduler.full import contiguous_placement, region_chain_order
 from scheduler.ordering import Compiled, Priority, candidate_priorities
 from scheduler.paths import build_routes
 from scheduler.placement import choose_stage_sizes, place
-from scheduler.problem import Problem
+from scheduler.problem import Problem, Solution
 from scheduler.search import RouteSearch, score
-from scheduler.solve import Solution, strategy
-from topology.workload import Route
+from topology.plan import Route
 
 # Work budget of the route search, in dispatched actions (an evaluation dispatches every action once):
 # about a second for 20 nodes and 30 microbatches, tens of seconds at 1,000 nodes on a 2-core machine.
@@ -109,7 +108,6 @@ def choose_placement(problem: Problem, rng: np.random.Generator, progress: Progr
     return best[1], best[2]
 
 
-@strategy("skippipe-no-tc2")
 def skippipe_no_tc2(problem: Problem) -> Solution:
     rng = np.random.default_rng(problem.seed)
     progress = Progress("skippipe-no-tc2")
@@ -117,7 +115,6 @@ def skippipe_no_tc2(problem: Problem) -> Solution:
     return Solution(node_stage, routes, None)  # the simulator's default dispatch orders the work
 
 
-@strategy("skippipe")
 def skippipe(problem: Problem) -> Solution:
     rng = np.random.default_rng(problem.seed)
     progress = Progress("skippipe")
