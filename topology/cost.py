@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 
 from topology.errors import ConfigError
@@ -64,17 +63,22 @@ def ring_allreduce_s(*, grad_bytes: float, k: int, bandwidth_gbit_s: float, late
     return float(2 * (k - 1) / k * grad_bytes * 8 / (bandwidth_gbit_s * 1e9) + 2 * (k - 1) * lat)
 
 
-def ring_order(topology: Topology, nodes: list[int]) -> list[int]:
-    """A greedy ring (networkx's nearest-neighbour TSP): from the first node, always on to the
-    best-connected unvisited node (highest bandwidth, then lowest latency, then first in `nodes`)."""
-    nodes = [int(n) for n in nodes]
-    if len(nodes) <= 2:
-        return nodes
-    bw, lat = topology.bandwidth_gbit_s, topology.latency_ms
-    g = nx.DiGraph()
-    g.add_edges_from((a, b, {"rank": (-bw[a, b], lat[a, b], j)})
-                     for a in nodes for j, b in enumerate(nodes) if a != b)
-    return nx.approximation.greedy_tsp(g, weight="rank", source=nodes[0])[:-1]
+def ring_order(topology: Topology, nodes) -> list[int]:
+    """A greedy ring: from the first node, always on to the best-connected unvisited node (highest
+    bandwidth, then lowest latency, then first in `nodes`). Vectorised over the candidates: the placement
+    search asks for thousands of rings (networkx's greedy_tsp walks the same way, but building a graph per
+    ring cost a tenth of a whole solve at 100 nodes, and it breaks ties by set order)."""
+    idx = np.asarray(nodes, dtype=int)
+    k = len(idx)
+    bw = topology.bandwidth_gbit_s[np.ix_(idx, idx)]
+    lat = topology.latency_ms[np.ix_(idx, idx)]
+    visited = np.zeros(k, dtype=bool)
+    ring = [0] if k else []
+    for _ in range(k - 1):
+        visited[ring[-1]] = True
+        row = np.where(visited, -np.inf, bw[ring[-1]])
+        ring.append(int(np.argmin(np.where(row == row.max(), lat[ring[-1]], np.inf))))
+    return [int(idx[i]) for i in ring]
 
 
 @dataclass
