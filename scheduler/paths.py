@@ -104,7 +104,7 @@ def swap_variants(stages: tuple[int, ...], max_swaps: int, limit: int = 8) -> li
 class PathBuilder:
     """Builds routes one microbatch at a time under exact CC4 / TC1 bookkeeping."""
 
-    def __init__(self, problem: Problem, node_stage: list[int], num_mb: int, rng: np.random.Generator,
+    def __init__(self, problem: Problem, *, node_stage: list[int], num_mb: int, rng: np.random.Generator,
                  choose: str = "cost", reorder: bool = True):
         self.p, self.rng, self.choose, self.reorder = problem, rng, choose, reorder
         self.S, self.K = problem.num_stages, problem.path_length - 1
@@ -266,10 +266,10 @@ class PathBuilder:
         return Route(mb, data, (data, *nodes), (0, *seq))
 
 
-def build_routes(problem: Problem, node_stage: list[int], rng: np.random.Generator, choose: str = "cost",
+def build_routes(problem: Problem, *, node_stage: list[int], rng: np.random.Generator, choose: str = "cost",
                  reorder: bool = True) -> tuple[list[Route], dict[Action, float]]:
     """Every microbatch's route, and (timed mode) the planned start of each action."""
     num_mb = problem.microbatches_for(node_stage.count(0))
-    builder = PathBuilder(problem, node_stage, num_mb, rng, choose, reorder)
+    builder = PathBuilder(problem, node_stage=node_stage, num_mb=num_mb, rng=rng, choose=choose, reorder=reorder)
     routes = [builder.next_route(mb) for mb in range(num_mb)]
     return routes, builder.planned

@@ -224,7 +224,7 @@ def chain_stages(problem: Problem, node_stage: list[int]) -> list[int]:
     return [relabel[st] for st in node_stage]
 
 
-def local_search(est: Estimator, node_stage: list[int], rng: np.random.Generator, max_evals: int,
+def local_search(est: Estimator, *, node_stage: list[int], rng: np.random.Generator, max_evals: int,
                  deadline=None) -> tuple[list[int], float]:
     """First-improvement pairwise swaps between stages, scored by the estimate; a fixed evaluation budget
     (not wall time) keeps the result deterministic for a seed."""
@@ -258,7 +258,7 @@ def local_search(est: Estimator, node_stage: list[int], rng: np.random.Generator
     return [int(x) for x in est.node_stage], best
 
 
-def place(problem: Problem, sizes: list[int], rng: np.random.Generator, max_evals: int = 2000,
+def place(problem: Problem, *, sizes: list[int], rng: np.random.Generator, max_evals: int = 2000,
           deadline=None, keep: int = 3, extra_starts: list[list[int]] | None = None) -> list[tuple[float, list[int]]]:
     """The `keep` best distinct placements found, as (estimate, node -> stage), best first."""
     s = problem.num_stages
@@ -277,7 +277,7 @@ def place(problem: Problem, sizes: list[int], rng: np.random.Generator, max_eval
 
     for start in starts:
         add(start)
-        result, _ = local_search(est, start, rng, per_start, deadline)
+        result, _ = local_search(est, node_stage=start, rng=rng, max_evals=per_start, deadline=deadline)
         add(result)
         add(chain_stages(problem, result))
     ranked = sorted(found.items(), key=lambda kv: (kv[1], kv[0]))

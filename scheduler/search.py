@@ -32,7 +32,7 @@ def score(outcome: Outcome) -> float:
 
 
 class RouteSearch:
-    def __init__(self, problem: Problem, node_stage: list[int], routes: list[Route], priority: Priority,
+    def __init__(self, problem: Problem, *, node_stage: list[int], routes: list[Route], priority: Priority,
                  rng: np.random.Generator, reorder: bool = True):
         self.p, self.node_stage, self.rng, self.reorder = problem, node_stage, rng, reorder
         self.context = Context(problem, node_stage)

@@ -166,7 +166,7 @@ def test_placement_keeps_stage_groups_regional_on_gcp():
     """Geo-distributed stage groups make the all-reduce cost as much as the pipeline: the placement keeps
     stage 0 (the biggest gradient) inside one continent's well-connected regions."""
     problem = gcp()
-    (_, node_stage), *_ = place(problem, [5, 3, 3, 3, 3, 3], np.random.default_rng(0))
+    (_, node_stage), *_ = place(problem, sizes=[5, 3, 3, 3, 3, 3], rng=np.random.default_rng(0))
     members = [n for n, s in enumerate(node_stage) if s == 0]
     assert problem.cost.allreduce_s(0, members) < 3.0
 
@@ -183,8 +183,9 @@ def test_dispatcher_matches_the_simulator(choose):
     """The dispatcher's default priority is the simulator's greedy dispatch, and the order it executes
     replays strictly to the same iteration time."""
     problem = gcp()
-    node_stage = place(problem, [5, 3, 3, 3, 3, 3], np.random.default_rng(0))[0][1]
-    routes, _ = build_routes(problem, node_stage, np.random.default_rng(1), choose, reorder=choose != "random")
+    node_stage = place(problem, sizes=[5, 3, 3, 3, 3, 3], rng=np.random.default_rng(0))[0][1]
+    routes, _ = build_routes(problem, node_stage=node_stage, rng=np.random.default_rng(1), choose=choose,
+                             reorder=choose != "random")
     compiled = Compiled(problem, node_stage, routes)
     greedy = simulate(Workload(node_stage, routes, None), cost=problem.cost, memory=problem.memory)
     mine = compiled.dispatch(Priority())

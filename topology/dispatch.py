@@ -1,7 +1,7 @@
 """List scheduling: the one greedy dispatcher that the simulator (its order-free mode) and the solver
 (scheduler.ordering, TC2) both run.
 
-Work is a set of chains (one per microbatch: forwards, loss, backwards; docs/design.md, "Simulator")
+Work is a set of chains (one per microbatch: forwards, loss, backwards; topology.plan.Route.chain)
 numbered flat, chain by chain, so action a's successor is a + 1 unless a ends its chain. Whenever a node
 is idle it starts its ready action of smallest (key, arrival time if `by_arrival`, tie, number); a forward
 may start only while the node holds fewer than `memory` microbatches' activations (from a forward until

@@ -1,5 +1,5 @@
 """The plan: the only contract between the solver, the simulator and the runtime (docs/design.md,
-"The plan").
+"The plan: the contract").
 
 A plan is data: nodes on stages, each microbatch's path, each node's order of actions. Plans round-trip
 through JSON unchanged, and `Plan.from_dict` is the one parser of plan JSON: the solver writes plans, the

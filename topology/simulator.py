@@ -1,15 +1,17 @@
 """Discrete-event replay of a plan on a topology with the cost model.
 
-Rules (DESIGN.md, issue 2): one compute task at a time per node; a hop costs latency + bytes / bandwidth,
-and a node's outgoing transfers queue on its uplink (switchable; or, with share_link, only the messages
-on one link queue, each link a FIFO of its own, as when every pair is shaped apart); a node holds at most `memory`
-microbatches' activations (from a forward until its backward); each stage's data-parallel all-reduce
-starts once all its replicas have finished their backwards.
+Rules (docs/design.md, "Cost model"; issue 2): one compute task at a time per node; a hop costs latency +
+bytes / bandwidth (topology.cost), and a node's outgoing transfers queue on its uplink (switchable; or,
+with share_link, only the messages on one link queue, each link a FIFO of its own, as when every pair is
+shaped apart); a node holds at most `memory` microbatches' activations (from a forward until its
+backward); each stage's data-parallel all-reduce starts once all its replicas have finished their
+backwards.
 
 Two modes. Given an order, each node runs it strictly in sequence, exactly as the runtime does, so the
-result is the plan's prediction. Without one, each free node takes the ready action of highest priority
-(backward, then loss, then forward; earliest arrival first) and the order it ran is returned: this is how
-the solver turns paths into a collision-aware order (TC2).
+result is the plan's prediction. Without one, the greedy list scheduler (topology.dispatch) lets each free
+node take the ready action of highest priority (backward, then loss, then forward; earliest arrival
+first) and the order it ran is returned: this is how the solver turns paths into a collision-aware order
+(TC2).
 """
 from __future__ import annotations
 
