@@ -1,8 +1,9 @@
 """Order (TC2): each node's sequence of work, chosen so that microbatches do not queue behind each other.
 
-`Dispatcher` is list scheduling with the simulator's exact time model (one task at a time per node,
-latency + bytes / bandwidth hops queued on the sender's uplink, the memory cap from a forward until its
-backward, all-reduces once a stage's replicas finish) but with a *priority* of our choosing. The order
+`Compiled.dispatch` runs the simulator's list scheduler (topology.dispatch) with the simulator's exact
+time model, read from the cost model's cached matrices (one task at a time per node, latency + bytes /
+bandwidth hops queued on the sender's uplink, the memory cap from a forward until its backward,
+all-reduces once a stage's replicas finish) but with a *priority* of our choosing. The order
 it executes, replayed strictly by topology.simulator, gives the same timings (a node never idles while
 its next action in the order is ready, so strict replay starts every action at the same instant); the
 strategies still score the final plan with the simulator itself.
