@@ -5,7 +5,7 @@
 
 Same model, microbatches and ranks (one per stage, gloo on localhost, no shaping), both measured in one
 run, step by step in alternation. overhead_ratio = skippipe iteration time / GPipe iteration time (medians
-over the steps; the median over --repeat runs; see skippipe/bench_overhead.py for what an iteration holds
+over the steps; the median over --repeat runs; see experiments/overhead.py for what an iteration holds
 and why the steps alternate).
 """
 import argparse
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def rank_main(rank: int, world: int, init: str, args: argparse.Namespace, out: str) -> None:
     import torch
     import torch.distributed as dist
-    from skippipe import bench_overhead as bench
+    from experiments import overhead as bench
     from skippipe.config import load_config
     from skippipe.train import make_plan, share_plan
     from topology.model_spec import load_model_spec

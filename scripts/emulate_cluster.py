@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--nice", type=int, default=-19, help="scheduling priority of the emulated nodes (0: as others)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. schedule.num_microbatches=12")
     args = p.parse_args()
-    from skippipe.emulate import Interrupted, JobFailed
+    from skippipe.emulation.emulate import Interrupted, JobFailed
     with cli_errors():
         try:
             run(args)
@@ -51,7 +51,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from skippipe.emulate import run_benchmark
+    from skippipe.emulation.emulate import run_benchmark
     ratios = [float(x) for x in args.skip_ratios.split(",") if x.strip()]
     if not ratios:
         raise ValueError("--skip-ratios is empty; e.g. --skip-ratios 0.25,0")

@@ -7,7 +7,7 @@
 
 Stage 0 (embedding, final norm, LM head) is always kept and the kept stages run in natural order.
 Placements: even (spread over the depth), first, last, random (averaged over --seeds draws, with the
-spread). Every row is measured on the same held-out windows of the run's corpus (skippipe/omission.py).
+spread). Every row is measured on the same held-out windows of the run's corpus (skippipe/evaluation/omission.py).
 """
 import sys
 from pathlib import Path
@@ -35,7 +35,7 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     with cli_errors():
-        from skippipe import omission
+        from skippipe.evaluation import omission
         from skippipe.context import pick_device
 
         keeps = omission.parse_keeps(args.keep)

@@ -25,8 +25,8 @@ def main() -> None:
     args = p.parse_args()
     with cli_errors():
         from skippipe.checkpoint import checkpoint_meta
-        from skippipe.export import export_checkpoint
-        from skippipe.omission import check_placement, checkpoint_folder, kept_stages
+        from skippipe.evaluation.export import export_checkpoint
+        from skippipe.evaluation.omission import check_placement, checkpoint_folder, kept_stages
 
         stages = None
         if args.keep is not None:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from scheduler.plan import Plan, dependencies, message_order
-from skippipe.latency import isend  # dist.isend, or held back by an emulated link's latency
+from skippipe.emulation.latency import isend  # dist.isend, or held back by an emulated link's latency
 from topology.workload import Action
 
 

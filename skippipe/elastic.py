@@ -56,7 +56,7 @@ from topology.errors import ConfigError
 from topology.network import Topology
 
 NODE_ENV = "SKIPPIPE_NODE"  # this machine's node of the job's topology: its name or its index
-EMULATED_ENV = "SKIPPIPE_EMULATED_NODE"  # the emulator's namespace index (skippipe/latency.py)
+EMULATED_ENV = "SKIPPIPE_EMULATED_NODE"  # the emulator's namespace index (skippipe/emulation/latency.py)
 MARKER = "elastic.json"
 
 
@@ -344,7 +344,7 @@ def join(cfg: Config, explicit_resume: bool, rank: int, world_size: int) -> Worl
     emulated = [g["emulated"] for g in gathered]
     emulated = [int(e) for e in emulated] if all(e is not None for e in emulated) else None
     if emulated is not None and identities is not None:  # unnamed nodes keep the emulator's rank == node check
-        from skippipe.latency import set_rank_nodes
+        from skippipe.emulation.latency import set_rank_nodes
         set_rank_nodes(emulated)
     decision: list = [None]
     if rank == 0:

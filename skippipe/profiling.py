@@ -12,7 +12,7 @@ sends a probe of `probe_bytes` and a message sized to take about `target_s` at t
 receiver answers each with a one-element ack. The difference of the two sizes over the difference of the
 two round trips is the bandwidth: latencies, the ack and fixed per-message costs cancel. Each round trip
 is the best of two, since load on a shared machine only ever adds time. Sends go through
-skippipe.latency.isend, so latency added in the process (the emulator) is measured like a real one. The ping's
+skippipe.emulation.latency.isend, so latency added in the process (the emulator) is measured like a real one. The ping's
 own serialisation is left in the latency: a few bytes, microseconds on any real link.
 
 Note [compute speed]: each rank times the forward and backward of one decoder layer on a microbatch, in
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from skippipe.comm import all_gather_json
-from skippipe.latency import isend
+from skippipe.emulation.latency import isend
 from topology.cost import layer_forward_flops
 from topology.model_spec import ModelSpec
 from topology.network import Node, Topology

@@ -180,7 +180,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint(base_run, killed, point
     assert all(k.startswith(("step_000002/", ".latest.tmp")) for k in set(after) - set(sums)), sorted(after)
     assert_same(reference, snapshot(run_dir))
     # The evaluator and the exporter find it too.
-    from skippipe.omission import checkpoint_folder
+    from skippipe.evaluation.omission import checkpoint_folder
     assert checkpoint_folder(run_dir).name == "step_000001"
 
 

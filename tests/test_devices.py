@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from skippipe import omission
+from skippipe.evaluation import omission
 from skippipe.config import load_config
 from skippipe.train import make_plan, train
 

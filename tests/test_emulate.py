@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from scheduler.plan import Plan
-from skippipe.emulate import auto_bandwidth_scale, emulated_topology
-from skippipe.emulate_report import compute_from_timeline, median_after_first, predict, profile_errors
+from skippipe.emulation.emulate import auto_bandwidth_scale, emulated_topology
+from skippipe.emulation.emulate_report import compute_from_timeline, median_after_first, predict, profile_errors
 from topology.load import load_topology, topology_from_dict
 from topology.model_spec import load_model_spec
 from tests.handplan import hand_plan
@@ -89,7 +89,7 @@ def test_prediction_grows_with_the_link_latency():
 
 
 def test_gpipe_stages_compute_skippipes_model():
-    from skippipe.bench_overhead import GPipeStage
+    from experiments.overhead import GPipeStage
     from skippipe.model import FullModel
     spec = load_model_spec("llama-tiny")
     stages = [GPipeStage(spec, i, 4, seed=0) for i in range(4)]

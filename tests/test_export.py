@@ -11,8 +11,8 @@ import transformers
 
 from skippipe.config import load_config
 from skippipe.data import ByteTokenizer
-from skippipe.export import export_checkpoint
-from skippipe.omission import load_full_model
+from skippipe.evaluation.export import export_checkpoint
+from skippipe.evaluation.omission import load_full_model
 from skippipe.train import make_plan, train
 
 ROOT = Path(__file__).resolve().parent.parent

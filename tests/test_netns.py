@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from skippipe.netns import EmulatedNetwork, _existing_links, _existing_netns, netns_unavailable_reason, remove_stale
+from skippipe.emulation.netns import EmulatedNetwork, _existing_links, _existing_netns, netns_unavailable_reason, remove_stale
 
 REASON = netns_unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"network namespaces unavailable: {REASON}")

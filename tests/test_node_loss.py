@@ -183,7 +183,7 @@ def test_plan_for_world_when_a_node_joins(tmp_path):
 
 def test_emulated_latency_follows_the_node_not_the_rank(tmp_path, monkeypatch):
     """After a loss rank r plays some other node; its sends take that node's link latencies."""
-    import skippipe.latency as latency
+    import skippipe.emulation.latency as latency
     path = tmp_path / "latency.json"
     latency.write_latency_file(path, [[0, 10, 20], [10, 0, 30], [20, 30, 0]])
     monkeypatch.setenv(latency.ENV, str(path))
@@ -203,7 +203,7 @@ def test_emulated_latency_follows_the_node_not_the_rank(tmp_path, monkeypatch):
 def test_elastic_run_survives_a_killed_node(tmp_path):
     """Four torchrun agents on localhost (c10d, --nnodes 3:4); the sole replica of a stage is killed
     mid-run; the job completes every step on three nodes, the lost stage taken over, the loss continuous."""
-    from skippipe.chaos import ChaosSettings, run_chaos
+    from skippipe.emulation.chaos import ChaosSettings, run_chaos
     model = tmp_path / "tiny.yaml"
     model.write_text(TINY)
     settings = ChaosSettings(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from skippipe.latency import LinkLatency, read_latency_file, write_latency_file
+from skippipe.emulation.latency import LinkLatency, read_latency_file, write_latency_file
 from skippipe.profiling import build_topology, regions_by_latency, tournament_rounds
 from tests.spawn import spawn_ranks
 
@@ -76,7 +76,7 @@ def _rank_main(rank: int, tmp: str) -> None:
     import os
     os.environ["SKIPPIPE_LINK_LATENCY"] = str(Path(tmp) / "lat.json")
     import torch.distributed as dist
-    from skippipe.latency import default_link_latency
+    from skippipe.emulation.latency import default_link_latency
     from skippipe.profiling import measure_topology, save_profile
     from topology.model_spec import load_model_spec
     torch.set_num_threads(1)

@@ -3,7 +3,7 @@
     report = run_chaos(ChaosSettings(), work_dir="runs/chaos")   # scripts/chaos.py --out reports/chaos.json
 
 One torchrun agent per node, elastic (`--nnodes N-1:N --max-restarts K`, c10d rendezvous on node 0), each
-with SKIPPIPE_NODE set to its topology node's name. On the emulated cluster (skippipe/emulate.py: one
+with SKIPPIPE_NODE set to its topology node's name. On the emulated cluster (skippipe/emulation/emulate.py: one
 network namespace per node, links shaped) the node's processes are every process in its namespace; without
 namespaces (not root), the fallback is plain agents on localhost, told apart only by SKIPPIPE_NODE, and a
 node's processes are its agent and the agent's descendants. After `kill_after_step` is logged and about
@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RDZV_CONF = "keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=3"  # Note [rendezvous timing]
 # torchrun shares its agents' TCPStore with the workers by default and keeps it across restarts, so a
 # restarted world reads the previous world's addresses and gloo cannot connect (pytorch/pytorch#135712).
@@ -127,7 +127,7 @@ class NamespaceAgents:
     """The emulated cluster: a node's processes are every process in its network namespace."""
 
     def __init__(self, topology, work_dir: Path):
-        from skippipe.emulate import EmulatedCluster
+        from skippipe.emulation.emulate import EmulatedCluster
         self.cluster = EmulatedCluster(topology, work_dir)
         self.names = [n.name for n in topology.nodes]
         self.kind = "network namespaces"
@@ -325,8 +325,8 @@ def run_chaos(settings: ChaosSettings, work_dir: str | Path, namespaces: bool = 
     """The whole chaos run; on namespaces when asked and possible, else on localhost (the report says which)."""
     import shutil
 
-    from skippipe.emulate import emulated_topology, write_topology
-    from skippipe.netns import netns_unavailable_reason
+    from skippipe.emulation.emulate import emulated_topology, write_topology
+    from skippipe.emulation.netns import netns_unavailable_reason
     from topology.load import load_topology
     shaped = emulated_topology(load_topology(settings.topology, settings.num_nodes), settings.bandwidth_scale)
     reason = netns_unavailable_reason() if namespaces else "not asked for (--localhost)"

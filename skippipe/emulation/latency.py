@@ -1,6 +1,6 @@
 """Link latency added in the process: each point-to-point send starts after its link's one-way latency.
 
-The emulated cluster (skippipe/netns.py) shapes bandwidth in the kernel, but netem (kernel delay) is not
+The emulated cluster (skippipe/emulation/netns.py) shapes bandwidth in the kernel, but netem (kernel delay) is not
 available here, so latency is added where the message is sent. The emulator writes a JSON file with a
 rank x rank matrix of one-way latencies and points SKIPPIPE_LINK_LATENCY at it; `isend` then behaves as
 `torch.distributed.isend` on a link with that latency. Without the variable it *is* dist.isend.
@@ -40,7 +40,7 @@ def read_latency_file(path: str | Path) -> list[list[float]]:
     data = json.loads(Path(path).read_text())
     rows = data.get("latency_ms") if isinstance(data, dict) else None
     if not isinstance(rows, list) or any(not isinstance(r, list) or len(r) != len(rows) for r in rows):
-        raise ValueError(f"{path}: expected {{'latency_ms': n x n matrix}}; written by skippipe.latency.write_latency_file")
+        raise ValueError(f"{path}: expected {{'latency_ms': n x n matrix}}; written by skippipe.emulation.latency.write_latency_file")
     return rows
 
 
