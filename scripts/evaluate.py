@@ -36,13 +36,14 @@ def main() -> None:
     args = parse_args()
     with cli_errors():
         from skippipe.evaluation import omission
+        from skippipe.checkpoint import load_full_model
         from skippipe.context import pick_device
 
         keeps = omission.parse_keeps(args.keep)
         placements = [omission.check_placement(p.strip()) for p in args.placement.split(",") if p.strip()]
         if args.seeds < 1 or args.batch_size < 1 or (args.batches is not None and args.batches < 1):
             raise ConfigError("--seeds, --batches and --batch-size must be positive")
-        model, cfg, folder = omission.load_full_model(args.checkpoint, pick_device(args.device))
+        model, cfg, folder = load_full_model(args.checkpoint, pick_device(args.device))
         batches = omission.held_out_batches(cfg, model.spec, args.batch_size, args.batches)
         print(f"{folder} | {cfg.model} | {model.num_stages} stages | "
               f"{sum(t.numel() for _, t in batches):,} held-out tokens", flush=True)

@@ -66,6 +66,7 @@ def main() -> None:
             raise ConfigError(f"--steps must be positive, got {args.steps}")
         from experiments import omission_study as study
         from skippipe.evaluation import omission
+        from skippipe.checkpoint import load_full_model
         from skippipe.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # bad input fails here, before any training
@@ -75,7 +76,7 @@ def main() -> None:
         trained = time.time() - start
         report = {"config": args.config, "overrides": args.overrides, "runs": {}}
         for name, (label, skip_ratio) in RUNS.items():
-            model, run_cfg, folder = omission.load_full_model(run_root / name)
+            model, run_cfg, folder = load_full_model(run_root / name)
             batches = omission.held_out_batches(run_cfg, model.spec)  # the same tokens for every row
             rows = omission.omission_table(model, batches, [1.0, 0.75, 0.5], omission.PLACEMENTS, args.seeds)
             plan = json.loads((folder / "plan.json").read_text())

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from skippipe.evaluation import omission
+from skippipe.checkpoint import load_full_model
 from skippipe.config import load_config
-from skippipe.train import make_plan, train
+from skippipe.planning import make_plan
+from skippipe.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -46,7 +48,7 @@ def test_omission_table_on_the_device_matches_the_cpu(device, on_cpu):
     run_dir, _ = on_cpu
     tables = {}
     for where in ("cpu", device):
-        model, cfg, _ = omission.load_full_model(run_dir, where)
+        model, cfg, _ = load_full_model(run_dir, where)
         batches = omission.held_out_batches(cfg, model.spec, max_batches=2)
         tables[where] = omission.omission_table(model, batches, [1.0, 0.5], ["even"])
     assert [r["stages"] for r in tables[device]] == [[0, 1, 2, 3], [0, 2]]

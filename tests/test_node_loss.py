@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 from scheduler.constraints import check
 from scheduler.plan import Plan
 from skippipe import elastic
-from skippipe.checkpoint import latest_checkpoint, save_checkpoint
+from skippipe.checkpoint import latest_checkpoint
 from skippipe.config import load_config
-from skippipe.elastic import (Shape, World, assign_ranks, carry_over, check_identities, decide_resume,
+from skippipe.elastic import (Shape, World, assign_ranks, check_identities, decide_resume,
                               plan_for_world, replan, resolve_names, survivor_stage_sizes)
-from skippipe.train import make_plan, train
+from skippipe.planning import make_plan
+from skippipe.trainer import train
 from topology.errors import ConfigError
 from topology.load import load_topology
 
@@ -188,15 +189,11 @@ def test_emulated_latency_follows_the_node_not_the_rank(tmp_path, monkeypatch):
     latency.write_latency_file(path, [[0, 10, 20], [10, 0, 30], [20, 30, 0]])
     monkeypatch.setenv(latency.ENV, str(path))
     monkeypatch.setenv(latency.NODE_ENV, "2")
-    monkeypatch.setattr(latency.dist, "get_rank", lambda: 1)
-    try:
-        latency.set_rank_nodes([0, 2])  # node 1 is gone: rank 1 is node 2
-        assert latency.default_link_latency().latency_s_to == {0: 0.020}
-        latency.set_rank_nodes(None)  # without the mapping, rank 1 in node 2's namespace is refused
-        with pytest.raises(RuntimeError, match="rank 1 runs in emulated node 2"):
-            latency.default_link_latency()
-    finally:
-        latency.set_rank_nodes(None)
+    # node 1 is gone: rank 1 is node 2
+    assert latency.link_latency_from_env(1, [0, 2]).latency_s_to == {0: 0.020}
+    # without the mapping, rank 1 in node 2's namespace is refused
+    with pytest.raises(RuntimeError, match="rank 1 runs in emulated node 2"):
+        latency.link_latency_from_env(1, None)
 
 
 @pytest.mark.slow

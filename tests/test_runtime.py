@@ -20,7 +20,7 @@ from scheduler.plan import Plan
 from skippipe.config import Config
 from skippipe.data import load_corpus
 from skippipe.model import FullModel
-from skippipe.train import data_streams, draw_batches, train
+from skippipe.trainer import data_streams, draw_batches, train
 from tests.handplan import hand_plan
 from tests.spawn import spawn_ranks
 

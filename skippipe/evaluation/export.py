@@ -127,7 +127,8 @@ def export_hf(model: FullModel, out_dir: str | Path, tokenizer: str = "byte", co
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, stages: Sequence[int] | None = None) -> Path:
     """A run dir (or checkpoints/step_* folder) -> the Hugging Face folder."""
-    from skippipe.evaluation.omission import checkpoint_summary, load_full_model
+    from skippipe.checkpoint import load_full_model
+    from skippipe.evaluation.omission import checkpoint_summary
     model, cfg, folder = load_full_model(checkpoint)
     return export_hf(model, out_dir, cfg.data.tokenizer, cfg.data.context or model.spec.context, stages,
                      checkpoint_summary(folder))

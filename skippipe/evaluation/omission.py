@@ -1,6 +1,6 @@
 """Inference with omitted stages: perplexity on the held-out split with only a fraction of stages kept.
 
-    model, cfg, folder = load_full_model("runs/debug")
+    model, cfg, folder = load_full_model("runs/debug")   # skippipe.checkpoint
     batches = held_out_batches(cfg, model.spec)
     rows = omission_table(model, batches, keeps=[1.0, 0.75, 0.5], placements=["even", "random"])
 
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from skippipe.checkpoint import checkpoint_meta, checkpoint_root, checkpoint_step, latest_checkpoint, load_weights
-from skippipe.config import Config, load_config
+from skippipe.checkpoint import checkpoint_step
+from skippipe.config import Config
 from skippipe.data import load_corpus
 from skippipe.model import FullModel
 from topology.errors import ConfigError
-from topology.model_spec import ModelSpec, load_model_spec
+from topology.model_spec import ModelSpec
 
 PLACEMENTS = ("even", "random", "first", "last")
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -86,37 +86,6 @@ def kept_stages(num_stages: int, keep: float, placement: str, seed: int = 0) -> 
 
 
 # --- loading a run ---------------------------------------------------------------------------------
-
-def checkpoint_folder(path: str | Path) -> Path:
-    """A run dir (its newest checkpoint) or one checkpoints/step_* folder."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"checkpoint not found: {path}; pass the --run-dir of a training run "
-                          "(or one of its checkpoints/step_* folders)")
-    if (path / "meta.json").is_file():
-        return path
-    if not (checkpoint_root(path) / "latest").is_file():
-        raise ConfigError(f"{path} holds no checkpoint (no {checkpoint_root(path) / 'latest'}); train with "
-                          "--run-dir there first, or pass a checkpoints/step_* folder")
-    return latest_checkpoint(path)
-
-
-def load_full_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[FullModel, Config, Path]:
-    """(model with every stage's trained weights, the run's resolved config, the checkpoint folder).
-
-    Reads only the weight files of the checkpoint layout (skippipe/checkpoint.py), never the optimizer
-    state: the evaluator and the exporter need neither the optimizer nor the data position.
-    """
-    folder = checkpoint_folder(path)
-    cfg = load_config(folder / "config.yaml")
-    meta = checkpoint_meta(folder)
-    spec = load_model_spec(cfg.model)
-    model = FullModel(spec, meta["num_stages"], cfg.train.seed)
-    for stage_index, stage in enumerate(model.stages):
-        # A missing, damaged or foreign weights file is a one-line ConfigError naming it.
-        load_weights(stage, folder / f"stage{stage_index}.safetensors")
-    return model.to(device).eval(), cfg, folder
-
 
 def held_out_batches(cfg: Config, spec: ModelSpec, batch_size: int = 8, max_batches: int | None = None) -> Batches:
     """The run's validation windows, materialised once (Note [same held-out tokens])."""
