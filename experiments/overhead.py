@@ -68,7 +68,8 @@ class GPipeRunner:
         stage = PipelineStage(self.module, rank, world, torch.device("cpu"), input_args=(example,))
         self.schedule = ScheduleGPipe(stage, n_microbatches=s.num_microbatches, loss_fn=_loss)
         self.optimizer = build_optimizer(self.module, cfg.optim)
-        corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
+        corpus = load_corpus(cfg.data.corpus, context=context, tokenizer=cfg.data.tokenizer,
+                             val_fraction=cfg.data.val_fraction, vocab_size=spec.vocab_size)
         self.stream = corpus.stream(s.microbatch_size * s.num_microbatches, 0, 1, cfg.train.seed)
 
     def step(self) -> float:

@@ -47,7 +47,7 @@ def main() -> None:
         batches = omission.held_out_batches(cfg, model.spec, args.batch_size, args.batches)
         print(f"{folder} | {cfg.model} | {model.num_stages} stages | "
               f"{sum(t.numel() for _, t in batches):,} held-out tokens", flush=True)
-        rows = omission.omission_table(model, batches, keeps, placements, args.seeds)
+        rows = omission.omission_table(model, batches, keeps=keeps, placements=placements, seeds=args.seeds)
         print("keep | placement | kept | ppl | x full | tok/s")
         for r in rows:
             spread = f" ± {r['ppl_std']:.3f}" if r["seeds"] > 1 else ""

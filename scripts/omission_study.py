@@ -78,7 +78,8 @@ def main() -> None:
         for name, (label, skip_ratio) in RUNS.items():
             model, run_cfg, folder = load_full_model(run_root / name)
             batches = omission.held_out_batches(run_cfg, model.spec)  # the same tokens for every row
-            rows = omission.omission_table(model, batches, [1.0, 0.75, 0.5], omission.PLACEMENTS, args.seeds)
+            rows = omission.omission_table(model, batches, keeps=[1.0, 0.75, 0.5], placements=omission.PLACEMENTS,
+                                           seeds=args.seeds)
             plan = json.loads((folder / "plan.json").read_text())
             tokens_per_step = len(plan["paths"]) * plan["microbatch_size"] * (run_cfg.data.context or model.spec.context)
             report["runs"][name] = {"label": label, "skip_ratio": skip_ratio, "run_dir": str(run_root / name),

@@ -106,7 +106,7 @@ def main() -> None:
         if cfg.schedule.plan and not args.resume and node_identity() is None:
             check(Plan.load(cfg.schedule.plan), world_size=world_size)
         device = pick_device(cfg.train.device, local_rank)
-        init_process_group(device, cfg.train.comm_timeout_s)
+        init_process_group(device, timeout_s=cfg.train.comm_timeout_s)
         try:
             # Who is which node, and whether this (re)start continues the job from its checkpoint.
             world = join(cfg, explicit_resume=args.resume, rank=rank, world_size=world_size)
@@ -114,7 +114,7 @@ def main() -> None:
             if cfg.schedule.topology == "measure" and not cfg.schedule.plan and not world.resume:
                 from skippipe.profiling import profile_for_run  # every rank measures; rank 0 solves on the result
                 cfg.schedule.topology = str(profile_for_run(cfg, rank=rank, world_size=world_size, isend=isend))
-            plan = share_plan(lambda: plan_for_world(cfg, world, world.resume, make_plan), rank)
+            plan = share_plan(lambda: plan_for_world(cfg, world, resume=world.resume, make_plan=make_plan), rank)
             check(plan, world_size=world_size)
             ctx = build_context(plan, device, cfg.train.comm_timeout_s, isend=isend)
             train(cfg, plan, ctx, resume=world.resume)

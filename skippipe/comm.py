@@ -197,7 +197,9 @@ def exchange(ctx: Context, tensor: torch.Tensor | None, *, src: int, dst: int, s
     which emulated link latency has never delayed (only the training messages are what it models).
     """
     if ctx.rank == src:
-        wait_for(dist.isend(tensor.detach().contiguous(), dst=dst), ctx.timeout, f"{what}: sending to rank {dst}")
+        with peer_errors(f"{what}: sending to rank {dst}"):  # gloo raises at once when the peer has gone
+            work = dist.isend(tensor.detach().contiguous(), dst=dst)
+        wait_for(work, ctx.timeout, f"{what}: sending to rank {dst}")
         return None
     if ctx.rank == dst:
         buffer = torch.empty(shape, dtype=dtype, device=ctx.device)

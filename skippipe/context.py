@@ -63,7 +63,7 @@ class Context:
         return self.stage_ranks[self.stage][0] == self.rank
 
 
-def init_process_group(device: torch.device, timeout_s: float, init_method: str | None = None,
+def init_process_group(device: torch.device, *, timeout_s: float, init_method: str | None = None,
                        rank: int | None = None, world_size: int | None = None) -> None:
     """Join the default group; torchrun's environment (env://) unless an init_method is given (tests).
 

@@ -250,7 +250,7 @@ def decide_resume(run_dir: str | Path, explicit: bool, run_id: str | None) -> bo
     return False
 
 
-def plan_for_world(cfg: Config, world: World, resume: bool, make_plan: Callable[[Config], Plan],
+def plan_for_world(cfg: Config, world: World, *, resume: bool, make_plan: Callable[[Config], Plan],
                    log: Callable[[str], None] = lambda text: print(text, flush=True)) -> Plan:
     """Rank 0: the plan the live ranks run (and, after node loss, the checkpoint carried over to it)."""
     folder = latest_checkpoint(cfg.train.run_dir) if resume else None
@@ -282,8 +282,9 @@ def plan_for_world(cfg: Config, world: World, resume: bool, make_plan: Callable[
             from topology.model_spec import load_model_spec
             if not corpus:
                 spec = load_model_spec(job_cfg.model)
-                corpus.append(load_corpus(job_cfg.data.corpus, job_cfg.data.context or spec.context,
-                                          job_cfg.data.tokenizer, job_cfg.data.val_fraction, spec.vocab_size))
+                corpus.append(load_corpus(job_cfg.data.corpus, context=job_cfg.data.context or spec.context,
+                                          tokenizer=job_cfg.data.tokenizer, val_fraction=job_cfg.data.val_fraction,
+                                          vocab_size=spec.vocab_size))
             return corpus[0].stream(plan.microbatch_size, shard, num_shards, job_cfg.train.seed)
 
         out = carry_over(folder, plan, make_stream=make_stream, seed=job_cfg.train.seed)

@@ -206,11 +206,11 @@ def measure_topology(rank: int, *, world_size: int, model: ModelSpec | None = No
                 mine["compute"] = measure_compute(model, microbatch_size)
             dist.barrier()
     everyone = all_gather_json(mine)  # JSON, not all_gather_object: nothing from a peer is unpickled
-    return build_topology(everyone, names, region_latency_ms, default_flops), {"ranks": everyone,
-                                                                             "rounds": rounds}
+    topology = build_topology(everyone, names=names, region_latency_ms=region_latency_ms, default_flops=default_flops)
+    return topology, {"ranks": everyone, "rounds": rounds}
 
 
-def build_topology(per_rank: list[dict], names: list[str] | None = None, region_latency_ms: float = 5.0,
+def build_topology(per_rank: list[dict], *, names: list[str] | None = None, region_latency_ms: float = 5.0,
                    default_flops: float = 1e12, name: str = "measured") -> Topology:
     """The Topology from every rank's measurements (the lists `measure_topology` gathers)."""
     n = len(per_rank)

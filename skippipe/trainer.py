@@ -85,7 +85,8 @@ class Trainer:
         seed = cfg.train.seed
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        corpus = load_corpus(cfg.data.corpus, self.context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
+        corpus = load_corpus(cfg.data.corpus, context=self.context, tokenizer=cfg.data.tokenizer,
+                             val_fraction=cfg.data.val_fraction, vocab_size=spec.vocab_size)
         self.stages = executor.build(plan, spec, seed=seed, context=self.context)
         self.streams = data_streams(plan, corpus, executor.data_nodes(plan), seed)
         self.optimizers = {s: build_optimizer(m, cfg.optim) for s, m in self.stages.items()}

@@ -82,8 +82,8 @@ def fresh_state(run_dir: Path):
     model = FullModel(spec, plan.num_stages, cfg.train.seed + 1)  # another init: loading must overwrite it
     stages = dict(enumerate(model.stages))
     optimizers = {s: build_optimizer(m, cfg.optim) for s, m in stages.items()}
-    corpus = load_corpus(cfg.data.corpus, cfg.data.context or spec.context, cfg.data.tokenizer, cfg.data.val_fraction,
-                         spec.vocab_size)
+    corpus = load_corpus(cfg.data.corpus, context=cfg.data.context or spec.context, tokenizer=cfg.data.tokenizer,
+                         val_fraction=cfg.data.val_fraction, vocab_size=spec.vocab_size)
     streams = data_streams(plan, corpus, [n.id for n in plan.nodes], cfg.train.seed)
     return cfg, plan, stages, optimizers, streams
 

@@ -50,7 +50,7 @@ def test_omission_table_on_the_device_matches_the_cpu(device, on_cpu):
     for where in ("cpu", device):
         model, cfg, _ = load_full_model(run_dir, where)
         batches = omission.held_out_batches(cfg, model.spec, max_batches=2)
-        tables[where] = omission.omission_table(model, batches, [1.0, 0.5], ["even"])
+        tables[where] = omission.omission_table(model, batches, keeps=[1.0, 0.5], placements=["even"])
     assert [r["stages"] for r in tables[device]] == [[0, 1, 2, 3], [0, 2]]
     for cpu_row, row in zip(tables["cpu"], tables[device]):
         assert row["loss"] == pytest.approx(cpu_row["loss"], rel=1e-4)

@@ -83,8 +83,8 @@ def test_prediction_grows_with_the_link_latency():
     spec = load_model_spec("llama-tiny-fp32")
     fast = topology_from_dict(TWO_REGIONS)
     slow = emulated_topology(fast, 1.0, latency_scale=2.0)
-    a = predict(plan, fast, spec, [1e10] * 3, 2.0).iteration_s
-    b = predict(plan, slow, spec, [1e10] * 3, 2.0).iteration_s
+    a = predict(plan, shaped=fast, model=spec, flops=[1e10] * 3, backward_factor=2.0).iteration_s
+    b = predict(plan, shaped=slow, model=spec, flops=[1e10] * 3, backward_factor=2.0).iteration_s
     assert b > a + 0.1  # each microbatch crosses the 50 ms x-y link twice each way: >= 100 ms more
 
 

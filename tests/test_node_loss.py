@@ -127,7 +127,7 @@ def test_carried_over_checkpoint_resumes(tmp_path, lost_stage):
     live = [n.name for n in full.nodes if n.name not in lost]
     world = World(rank=0, world_size=len(live), identities=live, emulated=None)
     logged = []
-    plan = plan_for_world(cfg, world, True, make_plan, log=logged.append)
+    plan = plan_for_world(cfg, world, resume=True, make_plan=make_plan, log=logged.append)
     check(plan, world_size=len(live))
     new = latest_checkpoint(cfg.train.run_dir)
     assert new.name == "step_000002-replan1" and "node loss" in logged[0]
@@ -154,7 +154,7 @@ def test_carried_over_checkpoint_resumes(tmp_path, lost_stage):
 
 def test_plan_for_world_without_names_is_the_plain_plan(tmp_path):
     cfg = _cfg(tmp_path)
-    plan = plan_for_world(cfg, World(0, 8, None, None), False, make_plan)
+    plan = plan_for_world(cfg, World(0, 8, None, None), resume=False, make_plan=make_plan)
     assert plan.to_dict() == make_plan(cfg).to_dict()
 
 
@@ -162,7 +162,7 @@ def test_plan_for_world_fresh_on_fewer_nodes(tmp_path):
     """A node lost before the first checkpoint: the survivors start afresh on a plan of their own."""
     cfg = _cfg(tmp_path)
     names = [n.name for n in load_topology(EMULATED).nodes][:-1]
-    plan = plan_for_world(cfg, World(0, 7, names, None), False, make_plan, log=lambda text: None)
+    plan = plan_for_world(cfg, World(0, 7, names, None), resume=False, make_plan=make_plan, log=lambda text: None)
     check(plan, world_size=7)
     assert sorted(n.name for n in plan.nodes) == sorted(names)
 
@@ -174,8 +174,8 @@ def test_plan_for_world_when_a_node_joins(tmp_path):
     _save_single(cfg, full)
     names = [n.name for n in full.nodes]
     logged = []
-    seven = plan_for_world(cfg, World(0, 7, names[:-1], None), True, make_plan, log=logged.append)
-    eight = plan_for_world(cfg, World(0, 8, names[::-1], None), True, make_plan, log=logged.append)
+    seven = plan_for_world(cfg, World(0, 7, names[:-1], None), resume=True, make_plan=make_plan, log=logged.append)
+    eight = plan_for_world(cfg, World(0, 8, names[::-1], None), resume=True, make_plan=make_plan, log=logged.append)
     check(eight, world_size=8)
     assert [len(eight.stage_nodes(s)) for s in range(4)] == [3, 2, 2, 1] != [len(seven.stage_nodes(s)) for s in range(4)]
     assert logged[-2].startswith(f"nodes joined: 7 -> 8 nodes (joined {names[-1]})")

@@ -68,7 +68,7 @@ def test_table_rows_share_one_held_out_set_and_match_a_direct_computation():
     model = FullModel(SPEC, 4, seed=1).eval()
     tokens = torch.randint(0, 256, (3, 4, SPEC.context + 1))
     batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
-    rows = omission.omission_table(model, batches, [1.0, 0.5], ["even", "first", "random"], seeds=3)
+    rows = omission.omission_table(model, batches, keeps=[1.0, 0.5], placements=["even", "first", "random"], seeds=3)
     assert [(r["keep"], r["placement"]) for r in rows] == [
         (1.0, "even"), (1.0, "first"), (1.0, "random"), (0.5, "even"), (0.5, "first"), (0.5, "random")]
     full = rows[0]

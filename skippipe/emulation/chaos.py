@@ -31,12 +31,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 REPO = Path(__file__).resolve().parents[2]
 RDZV_CONF = "keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=3"  # Note [rendezvous timing]
 # torchrun shares its agents' TCPStore with the workers by default and keeps it across restarts, so a
 # restarted world reads the previous world's addresses and gloo cannot connect (pytorch/pytorch#135712).
-AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+AGENT_ENV = MappingProxyType({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # read-only
 
 
 @dataclass
@@ -105,7 +106,7 @@ class LocalAgents:
     def __exit__(self, *exc):
         pass
 
-    def popen(self, index: int, script_args: list[str], run_id: str, settings: ChaosSettings, out) -> subprocess.Popen:
+    def popen(self, index: int, *, script_args: list[str], run_id: str, settings: ChaosSettings, out) -> subprocess.Popen:
         n = len(self.names)
         argv = [self.python, "-m", "torch.distributed.run", "--nnodes", f"{n - 1}:{n}", "--nproc-per-node", "1",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{self.port}", "--rdzv-id", run_id,
@@ -139,7 +140,7 @@ class NamespaceAgents:
     def __exit__(self, *exc):
         self.cluster.__exit__(*exc)
 
-    def popen(self, index: int, script_args: list[str], run_id: str, settings: ChaosSettings, out) -> subprocess.Popen:
+    def popen(self, index: int, *, script_args: list[str], run_id: str, settings: ChaosSettings, out) -> subprocess.Popen:
         n = len(self.names)
         argv = self.cluster.agent_command(index, script_args, run_id)
         argv = _set_flag(argv, "--nnodes", f"{n - 1}:{n}")
@@ -186,7 +187,8 @@ def run_job(agents, script_args: list[str], run_dir: Path, settings: ChaosSettin
     started = time.monotonic()
     try:
         for i in range(len(agents.names)):
-            procs.append(agents.popen(i, [*script_args, "--run-dir", str(run_dir)], run_id, settings, files[i]))
+            procs.append(agents.popen(i, script_args=[*script_args, "--run-dir", str(run_dir)], run_id=run_id,
+                                      settings=settings, out=files[i]))
         victim, killed_at = None, None
         while True:
             codes = [p.poll() for p in procs]

@@ -200,7 +200,7 @@ class EmulatedCluster:
 
 
 
-def run_benchmark(topology_path: str, skip_ratios: list[float], steps: int, profile: bool, config: str,
+def run_benchmark(topology_path: str, *, skip_ratios: list[float], steps: int, profile: bool, config: str,
                   work_dir: str | Path, bandwidth_scale: float | None = None, reference_model: str = "llama-500m",
                   latency_scale: float = 1.0, overrides: list[str] = (), plots_dir: str | Path | None = None,
                   timeout_s: float = 1800, nice: int = -19) -> dict:
@@ -230,8 +230,8 @@ def run_benchmark(topology_path: str, skip_ratios: list[float], steps: int, prof
             summary = summarise_run(run_dir, shaped, model)
             summary["wall_s"] = wall
             if plots_dir is not None:
-                summary["gantt"] = str(gantt_for_run(run_dir, shaped, model,
-                                                     Path(plots_dir) / f"emulate_gantt_skip{ratio:g}.png", summary))
+                summary["gantt"] = str(gantt_for_run(run_dir, shaped=shaped, model=model, summary=summary,
+                                                     out=Path(plots_dir) / f"emulate_gantt_skip{ratio:g}.png"))
             runs.append(summary)
             print(f"skip ratio {ratio:g}: measured {summary['measured_iteration_s']:.3f} s, predicted "
                   f"{summary['predicted_iteration_s']:.3f} s ({summary['prediction_error']:+.1%})", flush=True)

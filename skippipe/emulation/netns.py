@@ -207,9 +207,6 @@ class EmulatedNetwork:
         self.processes.append(proc)
         return proc
 
-    def tc_stats(self, index: int) -> str:
-        return _run(["ip", "netns", "exec", self.namespace(index), "tc", "-s", "class", "show", "dev", INTERFACE]).stdout
-
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
     if proc.poll() is not None:

@@ -90,7 +90,8 @@ def kept_stages(num_stages: int, keep: float, placement: str, seed: int = 0) -> 
 def held_out_batches(cfg: Config, spec: ModelSpec, batch_size: int = 8, max_batches: int | None = None) -> Batches:
     """The run's validation windows, materialised once (Note [same held-out tokens])."""
     context = cfg.data.context or spec.context
-    corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
+    corpus = load_corpus(cfg.data.corpus, context=context, tokenizer=cfg.data.tokenizer,
+                         val_fraction=cfg.data.val_fraction, vocab_size=spec.vocab_size)
     return list(corpus.val_batches(batch_size, max_batches))
 
 
@@ -115,7 +116,7 @@ def evaluate_stages(model: FullModel, batches: Batches, stages: Sequence[int]) -
     return {"loss": total / count, "tokens": count, "seconds": seconds, "tokens_per_s": count / max(seconds, 1e-9)}
 
 
-def omission_table(model: FullModel, batches: Batches, keeps: Sequence[float],
+def omission_table(model: FullModel, batches: Batches, *, keeps: Sequence[float],
                    placements: Sequence[str] = ("even",), seeds: int = 3, log=None) -> list[dict]:
     """One row per (keep, placement): perplexity, loss, its ratio to the full model, tokens/s.
 
@@ -162,8 +163,8 @@ def omission_table(model: FullModel, batches: Batches, keeps: Sequence[float],
 
 # --- output ----------------------------------------------------------------------------------------
 
-CSV_FIELDS = ["keep", "placement", "num_kept", "num_stages", "ppl", "ppl_std", "ppl_min", "ppl_max", "ratio_to_full",
-              "loss", "seeds", "tokens", "tokens_per_s", "stages"]
+CSV_FIELDS = ("keep", "placement", "num_kept", "num_stages", "ppl", "ppl_std", "ppl_min", "ppl_max", "ratio_to_full",
+              "loss", "seeds", "tokens", "tokens_per_s", "stages")
 
 
 def write_json(rows: list[dict], path: str | Path, **extra) -> None:
