@@ -22,6 +22,21 @@ from topology.yamlio import read_yaml
 
 
 @dataclass
+class ReplanConfig:
+    """Re-planning while training (skippipe/replan.py): when the iteration runs `threshold` over its
+    reference for `patience` consecutive steps, re-estimate the network from the action timelines and
+    re-solve with the node-to-stage placement fixed. Off by default: the plan stays as solved."""
+    enabled: bool = False
+    threshold: float = 0.2  # drift: measured iteration / reference - 1
+    patience: int = 3  # consecutive drifting steps that trigger a re-plan
+    # Steps after a plan takes force whose median measured iteration is the reference (the first step of
+    # a run, which includes start-up, is not one of them).
+    warmup: int = 2
+    window: int = 4  # steps of timelines the re-estimate uses (the newest ones)
+    max_replans: int = 3  # re-plans per run at most: a network that keeps changing is the elastic path's job
+
+
+@dataclass
 class ScheduleConfig:
     """What the scheduler needs to make a plan (ignored when `plan` names a plan file)."""
     topology: str = "single-cluster"  # a named scenario or a topology YAML
@@ -35,6 +50,7 @@ class ScheduleConfig:
     memory: int = 3  # TC1: microbatches' activations a node may hold at once
     max_swaps: int = 2  # CC3
     plan: str | None = None  # use this plan.json instead of solving
+    replan: ReplanConfig = field(default_factory=ReplanConfig)
 
 
 @dataclass
@@ -103,6 +119,10 @@ class Config:
                            "train.checkpoint_every": t.checkpoint_every, "train.num_threads": t.num_threads}.items():
             if value < 0:
                 raise ConfigError(f"{key} must not be negative, got {value}")
+        r = s.replan
+        if not r.threshold > 0 or r.patience < 1 or r.warmup < 1 or r.window < 1 or r.max_replans < 0:
+            raise ConfigError(f"schedule.replan needs threshold > 0, patience, warmup and window >= 1 and "
+                              f"max_replans >= 0; got {r}")
         if not 0 <= s.skip_ratio < 1:
             raise ConfigError(f"schedule.skip_ratio must be in [0, 1), got {s.skip_ratio}; e.g. --skip-ratio 0.25")
         if t.device not in ("auto", "cpu", "cuda"):
