@@ -110,7 +110,7 @@ def test_link_bandwidth_recovered_within_ten_percent(tmp_path):
     # written as a topology YAML that loads back (what --topology reads)
     path = save_topology(estimate, tmp_path / "topology.estimated.yaml")
     again = load_topology(str(path))
-    assert np.allclose(again.bandwidth_gbit_s, estimate.bandwidth_gbit_s, rtol=1e-5)
+    assert np.allclose(again.bandwidth_gbit_s, estimate.bandwidth_gbit_s, rtol=1e-12)
     assert [n.flops for n in again.nodes] == pytest.approx([n.flops for n in estimate.nodes])
 
 
