@@ -15,7 +15,8 @@ from scheduler.problem import Problem, Solution
 
 
 def random_skip(problem: Problem) -> Solution:
-    node_stage = contiguous_placement(region_chain_order(problem.topology), problem.even_stage_sizes())
+    node_stage = problem.placement(lambda: contiguous_placement(region_chain_order(problem.topology),
+                                                                problem.even_stage_sizes()))
     routes, _ = build_routes(problem, node_stage=node_stage, rng=np.random.default_rng(problem.seed), choose="random",
                              reorder=False)
     return Solution(node_stage, routes, None)

@@ -71,7 +71,8 @@ def full_pipeline(problem: Problem) -> Solution:
         raise ConfigError(f"the full strategy sends every microbatch through all {problem.num_stages} stages, but skip "
                           f"ratio {problem.skip_ratio} asks for {problem.path_length}; pass --skip-ratio 0 or choose "
                           f"another --strategy")
-    node_stage = contiguous_placement(region_chain_order(problem.topology), problem.even_stage_sizes())
+    node_stage = problem.placement(lambda: contiguous_placement(region_chain_order(problem.topology),
+                                                                problem.even_stage_sizes()))
     num_data = node_stage.count(0)
     num_mb = problem.microbatches_for(num_data)
     stages = list(range(problem.num_stages))

@@ -25,10 +25,15 @@ class Problem:
     seed: int = 0
     time_limit: float | None = None
     topology_source: dict = field(default_factory=dict)  # how to rebuild the topology: {"spec", "seed"}
+    # node id -> stage, kept as given (a re-plan while training: no weights move, only paths, replicas
+    # and order change); None: the strategy places the nodes.
+    fixed_placement: list[int] | None = None
     cost: CostModel = field(init=False, repr=False)
 
     def __post_init__(self):
         n = self.topology.num_nodes
+        if self.fixed_placement is not None:
+            self._check_fixed_placement(n)
         if self.stage_sizes is not None:
             sizes = list(self.stage_sizes)
             if any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
@@ -60,6 +65,25 @@ class Problem:
         if self.time_limit is not None and self.time_limit <= 0:
             raise ConfigError(f"--time-limit must be positive seconds, got {self.time_limit}")
         self.cost = CostModel(self.topology, self.model, self.microbatch_size, self.num_stages)
+
+    def _check_fixed_placement(self, n: int) -> None:
+        """A fixed placement names a stage for every node and leaves no stage empty; it sets the stage
+        sizes (which must agree when given too)."""
+        placement = list(self.fixed_placement)
+        if len(placement) != n or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in placement):
+            raise ConfigError(f"a fixed placement needs a stage index >= 0 for each of the {n} nodes, got {placement}")
+        stages = max(placement) + 1
+        sizes = [placement.count(s) for s in range(stages)]
+        if 0 in sizes:
+            raise ConfigError(f"the fixed placement leaves stage {sizes.index(0)} without a node; every stage needs one")
+        if self.stage_sizes is not None and list(self.stage_sizes) != sizes:
+            raise ConfigError(f"the fixed placement has stage sizes {sizes} but {list(self.stage_sizes)} were asked "
+                              f"for; drop the stage sizes or re-solve without fixing the placement")
+        self.fixed_placement, self.stage_sizes = placement, sizes
+
+    def placement(self, default) -> list[int]:
+        """The fixed placement when there is one, else `default()` (the strategy's own rule)."""
+        return list(self.fixed_placement) if self.fixed_placement is not None else default()
 
     @property
     def path_length(self) -> int:

@@ -90,7 +90,9 @@ def cost_routes(problem: Problem, node_stage: list[int], rng: np.random.Generato
 def choose_placement(problem: Problem, *, rng: np.random.Generator, progress: Progress, deadline=None,
                      keep: int = 3) -> tuple[list[int], list[Route]]:
     """Best of the placement search's candidates by simulation (cost-chosen paths, default dispatch);
-    returns the placement and those paths."""
+    returns the placement and those paths. A problem's fixed placement is kept as it is."""
+    if problem.fixed_placement is not None:  # a re-plan that moves no weights: only the paths are chosen
+        return list(problem.fixed_placement), cost_routes(problem, list(problem.fixed_placement), rng)
     sizes = stage_sizes(problem)
     starts = [contiguous_placement(region_chain_order(problem.topology), sizes)]
     progress("placement")

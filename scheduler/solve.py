@@ -29,10 +29,13 @@ DEFAULT_STRATEGY = "skippipe"
 
 
 def solve(problem: Problem, strategy_name: str = "full") -> Plan:
-    """Solve `problem` with the named strategy; ConfigError for an unknown name or an impossible setting."""
+    """Solve `problem` with the named strategy; ConfigError for an unknown name or an impossible setting.
+    With `problem.fixed_placement`, every strategy keeps it: only paths, replicas and order are solved."""
     if strategy_name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy_name!r}; choose one of: {', '.join(STRATEGIES)}")
     solution = STRATEGIES[strategy_name](problem)
+    if problem.fixed_placement is not None and list(solution.node_stage) != problem.fixed_placement:
+        raise AssertionError(f"strategy {strategy_name!r} moved nodes of a fixed placement")  # a solver bug
     workload = Workload(solution.node_stage, solution.routes, solution.order)
     if solution.order is None:
         workload.order = simulate(workload, cost=problem.cost, memory=problem.memory).order
