@@ -66,10 +66,11 @@ def _point_latest(root: Path, folder: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, *, step: int, stages: dict[int, torch.nn.Module], optimizers: dict,
                     streams: dict, plan: Plan, cfg: Config, rank: int = 0, write_stages: set[int] | None = None,
-                    barrier: Callable[[], None] = lambda: None) -> Path:
+                    barrier: Callable[[], None] = lambda: None, plan_version: int = 0) -> Path:
     """Every process calls this with what it holds (its stages, their optimizers, its data nodes' streams);
     `write_stages` limits the stage files it writes (None: all it holds); `barrier` waits for every process.
-    Returns the checkpoint folder."""
+    `plan_version` (0: the run's first plan; +1 per re-plan while training) goes into meta.json beside the
+    plan in force (plan.json). Returns the checkpoint folder."""
     root = checkpoint_root(run_dir)
     folder = root / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def save_checkpoint(run_dir: str | Path, *, step: int, stages: dict[int, torch.n
     if rank == 0:
         plan.save(folder / "plan.json")
         save_config(cfg, folder / "config.yaml")
-        meta = {"step": step, "num_stages": plan.num_stages, "num_nodes": len(plan.nodes)}
+        meta = {"step": step, "num_stages": plan.num_stages, "num_nodes": len(plan.nodes), "plan_version": plan_version}
         _atomic(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
         _point_latest(root, folder)
     barrier()

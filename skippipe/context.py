@@ -52,6 +52,10 @@ class Context:
     stage_groups: dict[int, object] = field(default_factory=dict)  # stage -> data-parallel process group
     node_rank: dict[int, int] = field(default_factory=dict)  # plan node id -> rank
     isend: Send = dist.isend  # the transport of training messages (Note [transport])
+    # (from step, factor): from that step on, every forward, loss and backward of this rank takes
+    # `factor` times as long (an injected wait after it). A straggling node, for the emulated cluster's
+    # scheduled events (skippipe/emulation/events.py); chosen at launch (SLOWDOWN_ENV), None in real runs.
+    slowdown: tuple[int, float] | None = None
 
     @property
     def stage(self) -> int:
@@ -78,7 +82,27 @@ def init_process_group(device: torch.device, *, timeout_s: float, init_method: s
                             timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
-def build_context(plan: Plan, device: torch.device, timeout_s: float, *, isend: Send = dist.isend) -> Context:
+SLOWDOWN_ENV = "SKIPPIPE_SLOWDOWN"  # "STEP:FACTOR", read by the launcher (scripts/train.py)
+
+
+def slowdown_from_env() -> tuple[int, float] | None:
+    """SKIPPIPE_SLOWDOWN="6:3" -> (6, 3.0): this rank computes 3x slower from step 6; None when unset.
+    ConfigError for a malformed value."""
+    text = os.environ.get(SLOWDOWN_ENV, "").strip()
+    if not text:
+        return None
+    step, _, factor = text.partition(":")
+    try:
+        value = (int(step), float(factor))
+    except ValueError:
+        value = None
+    if value is None or value[0] < 1 or not value[1] >= 1.0:
+        raise ConfigError(f"{SLOWDOWN_ENV}={text!r}: expected STEP:FACTOR with STEP >= 1 and FACTOR >= 1, e.g. 6:3")
+    return value
+
+
+def build_context(plan: Plan, device: torch.device, timeout_s: float, *, isend: Send = dist.isend,
+                  slowdown: tuple[int, float] | None = None) -> Context:
     """Map this rank to its plan node and create one data-parallel group per stage; `isend` is the
     transport the launcher chose (Note [transport]). ConfigError when the world size is not the plan's.
 
@@ -98,7 +122,7 @@ def build_context(plan: Plan, device: torch.device, timeout_s: float, *, isend: 
             groups[stage] = group
     return Context(rank=rank, world_size=world_size, node=plan.node_of_rank(rank), device=device, timeout=timeout,
                    stage_ranks=stage_ranks, stage_groups=groups, node_rank={n.id: n.rank for n in plan.nodes},
-                   isend=isend)
+                   isend=isend, slowdown=slowdown)
 
 
 def env_rank() -> tuple[int, int, int] | None:

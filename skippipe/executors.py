@@ -5,7 +5,9 @@ between one process and a distributed run is here, behind the same methods:
 
     build(plan, spec, seed=, context=)   the stages this process holds (stage index -> module)
     data_nodes(plan)                      the plan nodes whose data streams this process draws
-    run_iteration(batches)                forward and backward of every microbatch this process runs
+    run_iteration(batches, step=)         forward and backward of every microbatch this process runs
+    switch(plan)                          run `plan` from the next iteration (same placement; a re-plan)
+    share_json(make, what)                rank 0's make() on every process, as JSON
     sum_over_replicas(stage, flat)        a stage's flat gradient summed over its replicas, in place
     sum_over_ranks(tensor)                a value summed over the processes, in place
     counted_stages                        the stages whose gradient norm this process counts
@@ -24,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from topology.plan import Plan
-from skippipe.comm import all_gather_json, connect_peers, peer_errors, wait_for
+from skippipe.comm import all_gather_json, broadcast_json, connect_peers, peer_errors, wait_for
 from skippipe.context import Context
 from skippipe.model import FullModel, Stage
 from skippipe.worker import IterationResult, Worker
@@ -56,7 +58,15 @@ class LocalExecutor:
     def data_nodes(self, plan: Plan) -> list[int]:
         return [n.id for n in plan.nodes]
 
-    def run_iteration(self, batches: Batches) -> IterationResult:
+    def switch(self, plan: Plan) -> None:
+        """Run `plan` from the next iteration: the whole model is here, so only the paths change."""
+        self.plan = plan
+
+    def share_json(self, make, what: str):
+        """One process: make() is the value."""
+        return make()
+
+    def run_iteration(self, batches: Batches, *, step: int | None = None) -> IterationResult:
         """Forward and backward of every microbatch through the stages of its path, in microbatch order."""
         result = IterationResult(losses={})
         for path in sorted(self.plan.paths, key=lambda p: p.microbatch):
@@ -113,19 +123,43 @@ class DistributedExecutor:
     def build(self, plan: Plan, spec: ModelSpec, *, seed: int, context: int) -> dict[int, nn.Module]:
         ctx = self.ctx
         self.stages = {ctx.stage: Stage(spec, ctx.stage, plan.num_stages, seed, ctx.device)}
-        self.worker = Worker(plan, ctx, self.stages[ctx.stage], (plan.microbatch_size, context, spec.dim))
-        # Every pair a path uses (wrapping back to the data node for the loss) and the ring of stage
-        # leaders that evaluation walks.
-        pairs = {(ctx.node_rank[a], ctx.node_rank[b]) for p in plan.paths for a, b in zip(p.nodes, p.nodes[1:] + p.nodes[:1])}
+        self.message_shape = (plan.microbatch_size, context, spec.dim)
+        self.worker = Worker(plan, ctx, self.stages[ctx.stage], self.message_shape)
+        # The ring of stage leaders that evaluation walks, and every pair a path uses (below).
         leaders = [ctx.stage_ranks[s][0] for s in range(plan.num_stages)]
-        connect_peers(ctx, pairs | set(zip(leaders, leaders[1:] + leaders[:1])))
+        self.connected: set[tuple[int, int]] = set()
+        self._connect(plan, set(zip(leaders, leaders[1:] + leaders[:1])))
         return self.stages
+
+    def _connect(self, plan: Plan, extra: set[tuple[int, int]] = frozenset()) -> None:
+        """Connect every pair a path of `plan` uses (wrapping back to the data node for the loss) that is
+        not connected yet; every rank calls it with the same plan (comm.connect_peers)."""
+        ctx = self.ctx
+        pairs = {(ctx.node_rank[a], ctx.node_rank[b]) for p in plan.paths for a, b in zip(p.nodes, p.nodes[1:] + p.nodes[:1])}
+        pairs = {(min(a, b), max(a, b)) for a, b in pairs | set(extra) if a != b} - self.connected
+        connect_peers(ctx, pairs)
+        self.connected |= pairs
+
+    def switch(self, plan: Plan) -> None:
+        """Run `plan` from the next iteration. Its placement must be the one in force (a re-plan moves no
+        weights): this rank keeps its stage module and optimizer; only its order and messages change.
+        Every rank calls it at the same step boundary (collective: new pairs are connected)."""
+        if plan.node_of_rank(self.rank).stage != self.ctx.stage:
+            raise ValueError(f"rank {self.rank}: the new plan moves it from stage {self.ctx.stage} to "
+                             f"{plan.node_of_rank(self.rank).stage}; moving stages needs the elastic restart")
+        self.worker = Worker(plan, self.ctx, self.stages[self.ctx.stage], self.message_shape)
+        self._connect(plan)
+
+    def share_json(self, make, what: str):
+        """make() on rank 0, its JSON value on every rank (Note [no pickles from peers]); collective."""
+        with peer_errors(what):
+            return broadcast_json(make() if self.rank == 0 else None, src=0)
 
     def data_nodes(self, plan: Plan) -> list[int]:
         return [self.ctx.node.id]
 
-    def run_iteration(self, batches: Batches) -> IterationResult:
-        return self.worker.run_iteration(batches)
+    def run_iteration(self, batches: Batches, *, step: int | None = None) -> IterationResult:
+        return self.worker.run_iteration(batches, step=step)
 
     def sum_over_replicas(self, stage: int, flat: torch.Tensor) -> None:
         group = self.ctx.stage_groups.get(stage)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from scheduler.constraints import check
 from topology.plan import Plan
-from skippipe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from skippipe.checkpoint import checkpoint_meta, latest_checkpoint, load_checkpoint, save_checkpoint
 from skippipe.config import Config, load_config, save_config
 from skippipe.context import Context, pick_device
 from skippipe.data import TokenStream, load_corpus
@@ -60,14 +61,18 @@ class Trainer:
 
     `resume`: continue from the run dir's newest checkpoint. `on_gradients(step, stages)` sees the final
     gradients of the stages this process holds, before the optimizer step (tests compare them).
+    `replanner`: the re-plan hook (skippipe/replan.py, Note [re-plan while training]); None: made from
+    cfg.schedule.replan when enabled, else the plan stays as it is for the whole run.
     Raises ConfigError for a plan solved for another model or a context longer than the model's.
     """
 
     def __init__(self, cfg: Config, plan: Plan, executor: Executor, *, resume: bool = False,
-                 on_gradients: GradientHook | None = None):
+                 on_gradients: GradientHook | None = None, replanner=None):
         self.cfg, self.plan, self.executor = cfg, plan, executor
         self.resume, self.on_gradients = resume, on_gradients
+        self.replanner = replanner
         self.start_step = 0
+        self.plan_version = 0  # +1 per re-plan while training
 
     def setup(self) -> None:
         """Model, data streams, optimizers and validation batches; the checkpoint when resuming; the run's
@@ -100,6 +105,7 @@ class Trainer:
             self.resumed_from = folder = latest_checkpoint(self.run_dir)
             self.start_step = load_checkpoint(folder, stages=self.stages, optimizers=self.optimizers,
                                               streams=self.streams, rank=executor.rank, device=executor.device)
+            self.plan_version = int(checkpoint_meta(folder).get("plan_version", 0))
             saved = load_config(folder / "config.yaml")
             was, now = saved.optim.decay_steps or saved.train.steps, cfg.optim.decay_steps or cfg.train.steps
             if was != now and executor.rank == 0:
@@ -108,6 +114,10 @@ class Trainer:
         if executor.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
             plan.save(self.run_dir / "plan.json")
+        if self.replanner is None and cfg.schedule.replan.enabled:
+            from skippipe.planning import job_topology
+            from skippipe.replan import Replanner
+            self.replanner = Replanner(cfg, job_topology(cfg), self.run_dir)
 
     def _due(self, step: int, every: int) -> bool:
         return step == self.cfg.train.steps or bool(every and step % every == 0)
@@ -120,7 +130,7 @@ class Trainer:
         for s, module in stages.items():
             set_lr(self.optimizers[s], lr)
             module.zero_grad(set_to_none=True)
-        result = executor.run_iteration(draw_batches(self.plan, self.streams))
+        result = executor.run_iteration(draw_batches(self.plan, self.streams), step=step)
         average_stage_gradients(stages, self.visits, sum_over_replicas=executor.sum_over_replicas)
         grad_norm = clip_gradients(stages, cfg.optim.grad_clip, counted=executor.counted_stages,
                                    sum_over_ranks=executor.sum_over_ranks)
@@ -131,8 +141,9 @@ class Trainer:
         val_loss = executor.evaluate(self.val_batches) if self._due(step, cfg.train.eval_every) else None
         record = self._record(step, lr=lr, grad_norm=grad_norm, result=result,
                               iteration_s=time.perf_counter() - started, wall=wall,
-                              with_timeline=self._due(step, cfg.train.log_every))
+                              with_timeline=self._due(step, cfg.train.log_every) or self.replanner is not None)
         record["val_loss"] = val_loss
+        record["plan_version"] = self.plan_version  # the plan this step ran
         return record
 
     def train(self) -> list[dict]:
@@ -148,16 +159,54 @@ class Trainer:
         for step in range(self.start_step + 1, cfg.train.steps + 1):
             record = self.train_step(step)
             records.append(record)
+            if self.replanner is not None and step < cfg.train.steps:
+                self._maybe_replan(step, record, metrics)
             metrics.log(record, print_line=self._due(step, cfg.train.log_every))
             if self._due(step, cfg.train.checkpoint_every):
                 folder = save_checkpoint(self.run_dir, step=step, stages=self.stages, optimizers=self.optimizers,
                                          streams=self.streams, plan=self.plan, cfg=cfg, rank=executor.rank,
-                                         write_stages=executor.write_stages, barrier=executor.barrier)
+                                         write_stages=executor.write_stages, barrier=executor.barrier,
+                                         plan_version=self.plan_version)
                 metrics.info(f"saved checkpoint {folder}")
         plot = metrics.close()
         if plot is not None:
             metrics.info(f"loss plot: {plot}")
         return records
+
+    def _maybe_replan(self, step: int, record: dict, metrics: Metrics) -> None:
+        """Between step and step + 1, on every process alike: ask the re-plan hook; when it says so, rank 0
+        proposes a plan and shares it as JSON, and every process switches to it (Note [re-plan while
+        training] in replan.py). The outcome goes into the step's record (metrics.jsonl) and the log."""
+        reason = self.replanner.observe(record)
+        if reason is None:
+            return
+        def make() -> dict:
+            try:
+                plan, info = self.replanner.propose(self.plan, reason=reason, step=step)
+            except (ValueError, OSError) as exc:  # a failed re-plan keeps the plan; it does not end the run
+                return {"plan": None, "info": {"error": f"{type(exc).__name__}: {exc}"}}
+            return {"plan": None if plan is None else plan.to_dict(), "info": info}
+
+        payload = self.executor.share_json(make, "sharing the re-plan from rank 0")
+        new = Plan.from_dict(payload["plan"], where="the re-plan from rank 0") if payload.get("plan") else None
+        if new is not None:
+            check(new, world_size=len(self.plan.nodes))
+            self.executor.switch(new)
+            self.plan, self.visits = new, stage_visits(new)
+            self.plan_version += 1
+            if self.executor.rank == 0:
+                new.save(self.run_dir / f"plan.v{self.plan_version}.json")
+        self.replanner.took_force(new is not None)
+        info = payload.get("info", {})
+        record["replan"] = {"reason": reason, "switched": new is not None, "plan_version": self.plan_version,
+                            "from_step": step + 1, **info}
+        if new is not None:
+            metrics.info(f"re-planned after step {step}: plan v{self.plan_version} from step {step + 1} "
+                         f"(predicted {info.get('new_plan_predicted_s', float('nan')):.3f} s, the old plan "
+                         f"{info.get('current_plan_predicted_s', float('nan')):.3f} s on the new estimate); reason: {reason}")
+        else:
+            metrics.info(f"re-plan check after step {step} kept plan v{self.plan_version} "
+                         f"({info.get('error') or 'no faster plan for the estimated network'}); reason: {reason}")
 
     def _report_parameters(self, metrics: Metrics) -> None:
         """Each process holds only its stages' parameters and optimizer state: show it."""
@@ -190,8 +239,8 @@ class Trainer:
 
 
 def train(cfg: Config, plan: Plan, ctx: Context | None = None, *, resume: bool = False,
-          on_gradients: GradientHook | None = None) -> list[dict]:
+          on_gradients: GradientHook | None = None, replanner=None) -> list[dict]:
     """Trainer(...).train() on this rank's stage when `ctx` is given, else path-faithful on cfg.train.device.
     The one place the executor is chosen; returns the per-step records."""
     executor = DistributedExecutor(ctx) if ctx is not None else LocalExecutor(pick_device(cfg.train.device))
-    return Trainer(cfg, plan, executor, resume=resume, on_gradients=on_gradients).train()
+    return Trainer(cfg, plan, executor, resume=resume, on_gradients=on_gradients, replanner=replanner).train()

@@ -42,9 +42,13 @@ class Worker:
         # Per-action timestamps need the device idle at each boundary; on CPU that is free.
         self._sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
 
-    def run_iteration(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> IterationResult:
-        """Run this node's actions for one iteration; gradients accumulate unscaled (Note [gradient scaling])."""
+    def run_iteration(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], *, step: int | None = None
+                      ) -> IterationResult:
+        """Run this node's actions for one iteration (1-based `step`, for ctx.slowdown); gradients accumulate
+        unscaled (Note [gradient scaling])."""
         result = IterationResult(losses={})
+        slow = self.ctx.slowdown
+        stretch = slow[1] - 1.0 if slow is not None and step is not None and step >= slow[0] else 0.0
         saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # microbatch -> (stage input, output)
         messenger, device = self.messenger, self.ctx.device
         messenger.start_iteration()
@@ -76,6 +80,9 @@ class Worker:
                 outgoing = inputs.grad if inputs is not None else None
             self._sync()
             end = time.time()
+            if stretch > 0:  # a straggler: the action takes `factor` times as long
+                time.sleep(stretch * (end - start))
+                end = time.time()
             result.compute_s += end - start
             result.timeline.append((str(action), start, end))
             if outgoing is not None:
