@@ -4,8 +4,8 @@ Note [re-plan while training]: the decisions, in order.
 - Notice (every rank): the trainer feeds every step's record (gathered, hence the same on every rank) to
   `observe`; the drift detector (skippipe/drift.py) says when the iteration ran `threshold` over its
   reference for `patience` steps. Every rank decides alike, so no extra collective runs on a quiet step.
-- Re-estimate (rank 0): the links and node speeds are re-estimated from the last `window` steps'
-  action timelines (skippipe/estimate.py), starting from the estimate in force (first: the job's
+- Re-estimate (rank 0): the links and node speeds are re-estimated from the action timelines of the
+  steps that drifted (the streak, at most `window`) (skippipe/estimate.py), starting from the estimate in force (first: the job's
   topology), and written to run_dir/topology.estimated.yaml (loads back with --topology).
 - Re-solve (rank 0): the same strategy, shape and seed, on the estimate, with the node-to-stage
   placement fixed (scheduler Problem.fixed_placement): no weights or optimizer state move, so the switch
@@ -65,7 +65,9 @@ class Replanner:
     def propose(self, plan: Plan, *, reason: str, step: int) -> tuple[Plan | None, dict]:
         """Rank 0: the plan to switch to (None: keep `plan`) and what was found, for the log."""
         cost = CostModel(self.topology, self.model, plan.microbatch_size, plan.num_stages)
-        estimate, changes = estimate_topology(plan, list(self.history), prior=self.topology, cost=cost,
+        # Only the steps that drifted: older ones describe the network before the change.
+        recent = list(self.history)[-max(1, self.detector.streak):]
+        estimate, changes = estimate_topology(plan, recent, prior=self.topology, cost=cost,
                                               name=f"{self.topology.name.split('@')[0]}@step{step}")
         path = save_topology(estimate, self.run_dir / "topology.estimated.yaml")
         self.topology = estimate

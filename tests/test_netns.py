@@ -141,3 +141,15 @@ def test_bad_rates_are_refused():
         EmulatedNetwork(np.ones((2, 3)))
     with pytest.raises(ValueError, match="positive"):
         EmulatedNetwork(np.array([[np.inf, 0.0], [1.0, np.inf]]))
+
+
+def test_set_rate_reshapes_a_link_while_up():
+    """A scheduled link event (skippipe/emulation/events.py): `tc class change` to a quarter of the rate."""
+    rates = np.array([[np.inf, 20.0], [20.0, np.inf]])
+    with EmulatedNetwork(rates) as net:
+        net.set_rate(0, 1, 5.0)
+        got = _transfer_s(net, 0, 1, 250_000)
+        assert got == pytest.approx(250_000 * 8 / 5e6, rel=0.10)
+        assert _transfer_s(net, 1, 0, 250_000) == pytest.approx(250_000 * 8 / 20e6, rel=0.15)  # the other way: as was
+        with pytest.raises(ValueError):
+            net.set_rate(0, 0, 1.0)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from skippipe.emulation.events import LinkEvents, node_env
 from skippipe.emulation.latency import ENV as LATENCY_ENV, NODE_ENV, write_latency_file
 from skippipe.emulation.netns import EmulatedNetwork, netns_unavailable_reason, remove_stale
 from topology.model_spec import ModelSpec
@@ -91,6 +92,7 @@ class EmulatedCluster:
         self.latency_file = self.work_dir / "link_latency.json"
         self._old_handlers: dict = {}
         self._jobs = 0
+        self.last_events: list[dict] = []  # the link events the last job applied (events.LinkEvents)
 
     def __enter__(self) -> "EmulatedCluster":
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: it may be ignored in a background job
@@ -127,7 +129,7 @@ class EmulatedCluster:
                 "--local-addr", self.net.address(index), "--max-restarts", "0", "--monitor-interval", "0.5",
                 str(REPO / "scripts" / "train.py"), *script_args]
 
-    def agent_env(self, index: int) -> dict[str, str]:
+    def agent_env(self, index: int, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
             "GLOO_SOCKET_IFNAME": "eth0",  # the namespace's only interface besides lo
@@ -137,10 +139,15 @@ class EmulatedCluster:
             "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             "PYTHONUNBUFFERED": "1",
         })
+        env.update(extra or {})
         return env
 
-    def train(self, run_dir: str | Path, script_args: list[str], timeout_s: float = 1800) -> float:
+    def train(self, run_dir: str | Path, script_args: list[str], timeout_s: float = 1800, *,
+              events: list | None = None) -> float:
         """Run scripts/train.py on every node with `script_args` (+ --run-dir); return the wall seconds.
+
+        `events`: scheduled link and node events (skippipe/emulation/events.py); the links they changed
+        are shaped back to the topology's figures when the job ends.
 
         Each agent's output goes to run_dir/logs/<node>.log. A failing node ends the whole job; the error
         names it and shows the end of its log.
@@ -153,14 +160,17 @@ class EmulatedCluster:
         run_id = f"emu-{self.net.tag}-{self._jobs}"
         args = [*script_args, "--run-dir", str(run_dir)]
         procs, files = [], []
+        extra_env = node_env(events or [])
+        scheduled = LinkEvents(events or [], self.net, run_dir)
         started = time.monotonic()
         try:
             for i in range(self.topology.num_nodes):
                 out = open(logs / f"{self.topology.nodes[i].name}.log", "w")
                 files.append(out)
-                procs.append(self.net.popen(i, self.agent_command(i, args, run_id), env=self.agent_env(i),
+                procs.append(self.net.popen(i, self.agent_command(i, args, run_id), env=self.agent_env(i, extra_env.get(i)),
                                             stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO)))
             while True:
+                scheduled.poll(time.monotonic() - started)
                 codes = [p.poll() for p in procs]
                 failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
@@ -183,6 +193,11 @@ class EmulatedCluster:
             self.net.processes = [p for p in self.net.processes if p not in procs]
             for f in files:
                 f.close()
+            self.last_events = scheduled.applied
+            shaped = self.topology.bandwidth_gbit_s * 1e3
+            for record in scheduled.applied_links():  # the next job starts on the topology's links
+                for i, j in record:
+                    self.net.set_rate(i, j, shaped[i, j])
 
     def _failure(self, index: int, code: int, logs: Path) -> str:
         """The failing node, every distinct `error:` line of any node (the cause is often on another node),

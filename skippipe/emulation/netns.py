@@ -83,7 +83,7 @@ class EmulatedNetwork:
     """Namespaces, veths, a bridge and tc shaping for n nodes; `down` removes all of it (idempotent)."""
 
     def __init__(self, bandwidth_mbit: np.ndarray, tag: str | None = None):
-        rates = np.asarray(bandwidth_mbit, dtype=float)
+        rates = np.array(bandwidth_mbit, dtype=float)  # a copy: set_rate changes it
         n = rates.shape[0]
         if rates.shape != (n, n) or n < 1:
             raise ValueError(f"bandwidth_mbit must be a square n x n matrix, got shape {rates.shape}")
@@ -150,13 +150,25 @@ class EmulatedNetwork:
         for j in range(self.num_nodes):
             if j == i or not math.isfinite(self.rates[i, j]):
                 continue
-            rate_kbit = max(8.0, self.rates[i, j] * 1e3 * WIRE_OVERHEAD)
-            minor = f"{16 + j:x}"
-            lines.append(f"class add dev {INTERFACE} parent 1: classid 1:{minor} htb rate {rate_kbit:.0f}kbit "
-                         f"burst 1514 cburst 1514 quantum 1514")
+            lines.append(self._class_line("add", i, j))
             lines.append(f"filter add dev {INTERFACE} parent 1: protocol ip prio 2 u32 "
-                         f"match ip dst {self.address(j)}/32 flowid 1:{minor}")
+                         f"match ip dst {self.address(j)}/32 flowid 1:{16 + j:x}")
         _run(["ip", "netns", "exec", self.namespace(i), "tc", "-batch", "-"], stdin="\n".join(lines) + "\n")
+
+    def _class_line(self, verb: str, i: int, j: int) -> str:
+        """The tc line that adds or changes the htb class shaping i -> j to self.rates[i, j]."""
+        rate_kbit = max(8.0, self.rates[i, j] * 1e3 * WIRE_OVERHEAD)
+        return (f"class {verb} dev {INTERFACE} parent 1: classid 1:{16 + j:x} htb rate {rate_kbit:.0f}kbit "
+                f"burst 1514 cburst 1514 quantum 1514")
+
+    def set_rate(self, i: int, j: int, mbit: float) -> None:
+        """Re-shape the link i -> j to `mbit` while it carries traffic (`tc class change` on its htb class;
+        queued packets stay queued). ValueError for an unshaped link or a rate that is not positive."""
+        if i == j or not math.isfinite(self.rates[i, j]) or not mbit > 0:
+            raise ValueError(f"link {i}->{j}: only a shaped link can be re-shaped, to a positive rate (got {mbit})")
+        self.rates[i, j] = mbit
+        line = self._class_line("change", i, j)
+        _run(["ip", "netns", "exec", self.namespace(i), "tc", *line.split()])
 
     def _wait_for_links(self, timeout_s: float = 10.0) -> None:
         """veths come up asynchronously; wait until every host end reports carrier before anyone connects."""
