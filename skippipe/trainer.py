@@ -180,6 +180,7 @@ class Trainer:
         reason = self.replanner.observe(record)
         if reason is None:
             return
+
         def make() -> dict:
             try:
                 plan, info = self.replanner.propose(self.plan, reason=reason, step=step)
