@@ -35,6 +35,14 @@ class ScheduleConfig:
     memory: int = 3  # TC1: microbatches' activations a node may hold at once
     max_swaps: int = 2  # CC3
     plan: str | None = None  # use this plan.json instead of solving
+    # Full-depth work mixed into a skipping plan (scheduler/depth.py; README, "Inference with stages
+    # omitted"): this fraction of each iteration's microbatches visits every stage, in order.
+    full_fraction: float = 0.0
+    # One iteration in full_every runs every microbatch at full depth (0: never); single-process only.
+    full_every: int = 0
+    # LayerDrop instead of the plan's paths (single-process only): each microbatch keeps stage 0 and each
+    # other stage with the probability that gives the expected depth of this skip ratio, natural order.
+    layerdrop: float = 0.0
 
 
 @dataclass
@@ -105,6 +113,15 @@ class Config:
                 raise ConfigError(f"{key} must not be negative, got {value}")
         if not 0 <= s.skip_ratio < 1:
             raise ConfigError(f"schedule.skip_ratio must be in [0, 1), got {s.skip_ratio}; e.g. --skip-ratio 0.25")
+        if not 0 <= s.full_fraction <= 1:
+            raise ConfigError(f"schedule.full_fraction must be in [0, 1], got {s.full_fraction}; e.g. 0.125")
+        if s.full_every < 0:
+            raise ConfigError(f"schedule.full_every must not be negative, got {s.full_every}; 0 turns it off")
+        if not 0 <= s.layerdrop < 1:
+            raise ConfigError(f"schedule.layerdrop must be in [0, 1), got {s.layerdrop}; e.g. 0.33 (a skip ratio)")
+        if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every):
+            raise ConfigError("schedule.layerdrop replaces the plan's paths: train it on a full pipeline "
+                              "(skip_ratio 0, full_fraction 0, full_every 0)")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
         if o.decay_steps is not None and o.decay_steps <= 0:

@@ -5,7 +5,7 @@ between one process and a distributed run is here, behind the same methods:
 
     build(plan, spec, seed=, context=)   the stages this process holds (stage index -> module)
     data_nodes(plan)                      the plan nodes whose data streams this process draws
-    run_iteration(batches)                forward and backward of every microbatch this process runs
+    run_iteration(batches, plan)          forward and backward of every microbatch this process runs
     sum_over_replicas(stage, flat)        a stage's flat gradient summed over its replicas, in place
     sum_over_ranks(tensor)                a value summed over the processes, in place
     counted_stages                        the stages whose gradient norm this process counts
@@ -56,10 +56,12 @@ class LocalExecutor:
     def data_nodes(self, plan: Plan) -> list[int]:
         return [n.id for n in plan.nodes]
 
-    def run_iteration(self, batches: Batches) -> IterationResult:
-        """Forward and backward of every microbatch through the stages of its path, in microbatch order."""
+    def run_iteration(self, batches: Batches, plan: Plan | None = None) -> IterationResult:
+        """Forward and backward of every microbatch through the stages of its path in `plan` (None: the
+        built one; another plan of the same model may differ step by step: skippipe/path_schedule.py), in
+        microbatch order."""
         result = IterationResult(losses={})
-        for path in sorted(self.plan.paths, key=lambda p: p.microbatch):
+        for path in sorted((plan or self.plan).paths, key=lambda p: p.microbatch):
             inputs, targets = batches[path.microbatch]
             start = time.time()
             loss = FullModel.loss(self.model.forward_path(inputs.to(self.device), path.stages), targets.to(self.device))
@@ -124,7 +126,8 @@ class DistributedExecutor:
     def data_nodes(self, plan: Plan) -> list[int]:
         return [self.ctx.node.id]
 
-    def run_iteration(self, batches: Batches) -> IterationResult:
+    def run_iteration(self, batches: Batches, plan: Plan | None = None) -> IterationResult:
+        """The built plan's actions of this rank's node; the trainer refuses schedules that switch plans here."""
         return self.worker.run_iteration(batches)
 
     def sum_over_replicas(self, stage: int, flat: torch.Tensor) -> None:

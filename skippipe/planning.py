@@ -36,11 +36,12 @@ def build_problem(cfg: Config, topology: Topology, **changes) -> Problem:
 
 
 def make_plan(cfg: Config) -> Plan:
-    """The plan file named by the config, or one solved for the configured topology and training shape."""
+    """The plan file named by the config, or one solved for the configured topology and training shape,
+    with schedule.full_fraction of its microbatches on full-depth routes."""
     if cfg.schedule.plan:
         return Plan.load(cfg.schedule.plan)
-    from scheduler.solve import solve
-    return solve(build_problem(cfg, job_topology(cfg)), cfg.schedule.strategy)
+    from scheduler.depth import mix_full_depth  # full_fraction 0: the strategy's plan as it is
+    return mix_full_depth(build_problem(cfg, job_topology(cfg)), cfg.schedule.strategy, cfg.schedule.full_fraction)
 
 
 def plan_for_run(cfg: Config, resume: bool) -> Plan:

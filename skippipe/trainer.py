@@ -26,6 +26,7 @@ from skippipe.data import TokenStream, load_corpus
 from skippipe.executors import DistributedExecutor, LocalExecutor
 from skippipe.metrics import Metrics
 from skippipe.optim import build_optimizer, lr_at, set_lr
+from skippipe.path_schedule import plan_schedule
 from skippipe.sync import average_stage_gradients, clip_gradients, stage_visits
 from skippipe.worker import IterationResult
 from topology.errors import ConfigError
@@ -90,7 +91,10 @@ class Trainer:
         self.stages = executor.build(plan, spec, seed=seed, context=self.context)
         self.streams = data_streams(plan, corpus, executor.data_nodes(plan), seed)
         self.optimizers = {s: build_optimizer(m, cfg.optim) for s, m in self.stages.items()}
-        self.visits = stage_visits(plan)
+        self.schedule = plan_schedule(cfg, plan)
+        if self.schedule.varies and not isinstance(executor, LocalExecutor):
+            raise ConfigError("schedule.full_every and schedule.layerdrop switch plans between steps, which only "
+                              "the single-process mode supports; pass --single-process or use schedule.full_fraction")
         self.val_batches = [b for b in corpus.val_batches(plan.microbatch_size, cfg.train.eval_batches)
                             if len(b[0]) == plan.microbatch_size]  # full batches only: message shapes are fixed
         # The plan's microbatch size, not the config's: the plan is the contract (it may come from --plan).
@@ -120,8 +124,9 @@ class Trainer:
         for s, module in stages.items():
             set_lr(self.optimizers[s], lr)
             module.zero_grad(set_to_none=True)
-        result = executor.run_iteration(draw_batches(self.plan, self.streams))
-        average_stage_gradients(stages, self.visits, sum_over_replicas=executor.sum_over_replicas)
+        plan = self.schedule.plan_at(step)  # the run's plan unless a schedule (path_schedule.py) says otherwise
+        result = executor.run_iteration(draw_batches(plan, self.streams), plan)
+        average_stage_gradients(stages, stage_visits(plan), sum_over_replicas=executor.sum_over_replicas)
         grad_norm = clip_gradients(stages, cfg.optim.grad_clip, counted=executor.counted_stages,
                                    sum_over_ranks=executor.sum_over_ranks)
         if self.on_gradients is not None:
