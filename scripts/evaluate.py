@@ -53,7 +53,12 @@ def main() -> None:
             spread = f" ± {r['ppl_std']:.3f}" if r["seeds"] > 1 else ""
             print(f"{r['keep']:.2f} | {r['placement']} | {r['num_kept']}/{r['num_stages']} | {r['ppl']:.3f}{spread} | "
                   f"{r['ratio_to_full']:.3f} | {r['tokens_per_s']:,.0f}")
-        meta = {**omission.checkpoint_summary(folder), "model": cfg.model, "num_stages": model.num_stages,
+        depth = omission.depth_summary(model, batches, trained=omission.trained_depth(cfg, model.num_stages), rows=rows)
+        best, at = depth["best"], depth["at_trained_depth"]
+        print(f"all {model.num_stages} stages: ppl {depth['full']['ppl']:.3f} | trained depth {depth['trained_depth']} "
+              f"{at['stages']}: ppl {at['ppl']:.3f} (all / trained {depth['full_over_trained_depth']:.3f}) | "
+              f"best kept set {best['stages']} (depth {best['depth']}): ppl {best['ppl']:.3f}")
+        meta = {**omission.checkpoint_summary(folder), "depth": depth, "model": cfg.model, "num_stages": model.num_stages,
                 "skip_ratio": cfg.schedule.skip_ratio, "held_out_tokens": rows[0]["tokens"] // rows[0]["seeds"]}
         if args.json:
             omission.write_json(rows, args.json, **meta)

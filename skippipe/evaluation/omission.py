@@ -161,6 +161,38 @@ def omission_table(model: FullModel, batches: Batches, *, keeps: Sequence[float]
     return rows
 
 
+def trained_depth(cfg: Config, num_stages: int) -> int:
+    """Stages a training path visited (stage 0 included): the path length of the run's skip ratio, or of
+    its LayerDrop ratio (the expected depth); full-depth microbatches mixed in do not change it."""
+    from scheduler.constraints import path_length
+    return path_length(num_stages, cfg.schedule.layerdrop or cfg.schedule.skip_ratio)
+
+
+def depth_summary(model: FullModel, batches: Batches, *, trained: int, rows: Sequence[dict] = ()) -> dict:
+    """Per model: perplexity with every stage, at its trained depth (`trained` stages, even placement),
+    and the best kept set among the even set of every depth 1..S and every set `rows` evaluated.
+
+    Returns {"full": {...}, "trained_depth", "at_trained_depth": {...}, "full_over_trained_depth" (perplexity
+    ratio), "best": {...}, "by_set": [...]}, each {...} = {"stages", "depth", "loss", "ppl"}; `by_set` lists
+    every set evaluated, shallowest first. All on the same `batches` (Note [same held-out tokens]).
+    """
+    num_stages = model.num_stages
+    sets = {tuple(kept_stages(num_stages, k / num_stages, "even")) for k in range(1, num_stages + 1)}
+    for row in rows:
+        stages = row["stages"]
+        sets |= {tuple(x) for x in stages} if stages and isinstance(stages[0], list) else {tuple(stages)}
+    by_set = []
+    for stages in sorted(sets, key=lambda x: (len(x), x)):
+        loss = evaluate_stages(model, batches, stages)["loss"]
+        by_set.append({"stages": list(stages), "depth": len(stages), "loss": loss, "ppl": math.exp(loss)})
+    find = {tuple(r["stages"]): r for r in by_set}
+    full = find[tuple(range(num_stages))]
+    at_trained = find[tuple(kept_stages(num_stages, trained / num_stages, "even"))]
+    return {"full": full, "trained_depth": trained, "at_trained_depth": at_trained,
+            "full_over_trained_depth": full["ppl"] / at_trained["ppl"],
+            "best": min(by_set, key=lambda r: r["loss"]), "by_set": by_set}
+
+
 # --- output ----------------------------------------------------------------------------------------
 
 CSV_FIELDS = ("keep", "placement", "num_kept", "num_stages", "ppl", "ppl_std", "ppl_min", "ppl_max", "ratio_to_full",
