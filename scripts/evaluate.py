@@ -7,7 +7,8 @@
 
 Stage 0 (embedding, final norm, LM head) is always kept and the kept stages run in natural order.
 Placements: even (spread over the depth), first, last, random (averaged over --seeds draws, with the
-spread). Every row is measured on the same held-out windows of the run's corpus (skippipe/evaluation/omission.py).
+spread). Also per model: perplexity with every stage and at its trained depth (the run's path length),
+and the best kept set among the even set of every depth and the sets the table tried. Every row is measured on the same held-out windows of the run's corpus (skippipe/evaluation/omission.py).
 """
 import sys
 from pathlib import Path

@@ -131,9 +131,31 @@ def test_evaluator_writes_json_csv_and_png_for_a_runtime_checkpoint(run_dir, tmp
         (k, p) for k in (1.0, 0.75, 0.5) for p in ("even", "random")]
     assert all(r["ppl"] > 1 and r["tokens_per_s"] > 0 for r in results)
     assert results[0]["ppl"] == pytest.approx(results[1]["ppl"])  # keep 1.0: the same model whatever the placement
+    depth = json.loads((tmp_path / "r.json").read_text())["depth"]
+    # Per model: the trained depth (debug config: 4 stages at skip 0 -> 4), the best kept set, all sets tried.
+    assert depth["trained_depth"] == 4 and depth["at_trained_depth"]["stages"] == [0, 1, 2, 3]
+    assert depth["best"]["loss"] == min(r["loss"] for r in depth["by_set"])
+    assert {r["depth"] for r in depth["by_set"]} == {1, 2, 3, 4}
+    assert depth["full"]["ppl"] == pytest.approx(results[0]["ppl"], rel=1e-6)
     with open(tmp_path / "r.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_depth_summary_finds_the_best_set_and_the_trained_depth():
+    torch.manual_seed(0)
+    model = FullModel(SPEC, 4, seed=1).eval()
+    tokens = torch.randint(0, 256, (2, 4, SPEC.context + 1))
+    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    summary = omission.depth_summary(model, batches, trained=3)
+    sets = [r["stages"] for r in summary["by_set"]]
+    assert sets == [[0], [0, 2], [0, 1, 2], [0, 1, 2, 3]]  # the even set of every depth
+    direct = {tuple(s): omission.evaluate_stages(model, batches, s)["loss"] for s in sets}
+    assert summary["at_trained_depth"]["stages"] == [0, 1, 2] and summary["trained_depth"] == 3
+    assert summary["full_over_trained_depth"] == pytest.approx(math.exp(direct[(0, 1, 2, 3)] - direct[(0, 1, 2)]))
+    assert summary["best"]["stages"] == list(min(direct, key=direct.get))
+    rows = [{"stages": [[0, 3], [0, 1]]}]  # a random row's draws join the candidates
+    assert [0, 3] in [r["stages"] for r in omission.depth_summary(model, batches, trained=3, rows=rows)["by_set"]]
 
 
 def test_loaded_model_is_the_trained_one(run_dir):
