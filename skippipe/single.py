@@ -12,17 +12,22 @@ import torch
 
 from scheduler.plan import Plan
 from skippipe.model import FullModel
+from skippipe.precision import Precision
 from skippipe.worker import IterationResult
 
 
 def run_iteration(model: FullModel, plan: Plan, batches: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                  device: torch.device) -> IterationResult:
-    """Forward and backward of every microbatch through the stages of its path, in path order."""
+                  device: torch.device, precision: Precision) -> IterationResult:
+    """Forward and backward of every microbatch through the stages of its path, in path order.
+
+    Hidden states are rounded between stages as the wire rounds them (Note [mixed precision])."""
     result = IterationResult(losses={})
     for path in sorted(plan.paths, key=lambda p: p.microbatch):
         inputs, targets = batches[path.microbatch]
         start = time.time()
-        loss = FullModel.loss(model.forward_path(inputs.to(device), path.stages), targets.to(device))
+        with precision.autocast():
+            logits = model.forward_path(inputs.to(device), path.stages, boundary=precision.boundary)
+        loss = FullModel.loss(logits, targets.to(device))
         loss.backward()  # unscaled: each stage divides by its own visit count afterwards
         result.losses[path.microbatch] = loss.detach()
         end = time.time()
@@ -32,11 +37,14 @@ def run_iteration(model: FullModel, plan: Plan, batches: dict[int, tuple[torch.T
 
 
 @torch.no_grad()
-def evaluate(model: FullModel, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+def evaluate(model: FullModel, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             precision: Precision) -> float:
     """Mean token loss of the full model (every stage, in order), as Worker.evaluate computes it."""
     total, count = 0.0, 0
     for inputs, targets in batches:
-        loss = FullModel.loss(model(inputs.to(device)), targets.to(device))
+        with precision.autocast():
+            logits = model.forward_path(inputs.to(device), range(model.num_stages), boundary=precision.boundary)
+        loss = FullModel.loss(logits, targets.to(device))
         total += float(loss) * targets.numel()
         count += targets.numel()
     return total / max(count, 1)

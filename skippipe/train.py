@@ -27,6 +27,7 @@ from skippipe.data import TokenStream, load_corpus
 from skippipe.metrics import Metrics
 from skippipe.model import FullModel, Stage
 from skippipe.optim import build_optimizer, lr_at, set_lr
+from skippipe.precision import resolve_precision
 from skippipe.sync import average_stage_gradients, clip_gradients, stage_visits
 from skippipe.worker import IterationResult, Worker
 from topology.errors import ConfigError
@@ -125,12 +126,13 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
     seed, timeout = cfg.train.seed, (ctx.timeout if distributed else None)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    precision = resolve_precision(cfg.train.precision, device)
 
     corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
     if distributed:
         stages = {ctx.stage: Stage(spec, ctx.stage, plan.num_stages, seed, device)}
         streams = data_streams(plan, corpus, [ctx.node.id], seed)
-        worker = Worker(plan, ctx, stages[ctx.stage], (plan.microbatch_size, context, spec.dim))
+        worker = Worker(plan, ctx, stages[ctx.stage], (plan.microbatch_size, context, spec.dim), precision)
         pairs = {(ctx.node_rank[a], ctx.node_rank[b]) for p in plan.paths for a, b in zip(p.nodes, p.nodes[1:] + p.nodes[:1])}
         leaders = [ctx.stage_ranks[s][0] for s in range(plan.num_stages)]
         connect_peers(pairs | set(zip(leaders, leaders[1:] + leaders[:1])), rank, device, ctx.timeout)
@@ -138,6 +140,8 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
         model = FullModel(spec, plan.num_stages, seed, device)
         stages = dict(enumerate(model.stages))
         streams = data_streams(plan, corpus, [n.id for n in plan.nodes], seed)
+    for module in stages.values():
+        module.checkpoint_layers = cfg.train.activation_checkpointing == "layer"
     optimizers = {s: build_optimizer(m, cfg.optim) for s, m in stages.items()}
     visits = stage_visits(plan)
     val_batches = [b for b in corpus.val_batches(plan.microbatch_size, cfg.train.eval_batches)
@@ -157,6 +161,13 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
         save_config(cfg, run_dir / "config.yaml")
         plan.save(run_dir / "plan.json")
     _report_parameters(metrics, plan, stages, ctx)
+    metrics.info(f"precision {precision.name} (stage boundaries carry {precision.wire_bytes}-byte elements) | "
+                 f"activation checkpointing {cfg.train.activation_checkpointing}")
+    if spec.dtype_bytes != precision.wire_bytes:
+        metrics.info(f"note: the model spec counts {spec.dtype_bytes}-byte activations (dtype_bytes) but this "
+                     f"{precision.name} run sends {precision.wire_bytes}-byte ones, so the plan's predicted times "
+                     f"count other bytes than the wire carries; set dtype_bytes: {precision.wire_bytes} in the model "
+                     f"YAML (as llama-tiny-fp32 does) or train.precision to match")
     if resume:
         metrics.info(f"resumed from {folder} after step {start_step}")
 
@@ -170,7 +181,7 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
             set_lr(optimizers[s], lr)
             module.zero_grad(set_to_none=True)
         batches = draw_batches(plan, streams)
-        result = worker.run_iteration(batches) if distributed else single.run_iteration(model, plan, batches, device)
+        result = worker.run_iteration(batches) if distributed else single.run_iteration(model, plan, batches, device, precision)
         average_stage_gradients(stages, visits, ctx.stage_groups if distributed else None, timeout)
         counted = ({ctx.stage} if ctx.is_stage_leader else set()) if distributed else set(stages)
         grad_norm = clip_gradients(stages, cfg.optim.grad_clip, counted, distributed, timeout)
@@ -182,7 +193,7 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
         val_loss = None
         if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             val_loss = (_shared_value(worker.evaluate(val_batches), device, timeout) if distributed
-                        else single.evaluate(model, val_batches, device))
+                        else single.evaluate(model, val_batches, device, precision))
         logged = last or step % cfg.train.log_every == 0
         record = _record(step, lr, grad_norm, result, time.perf_counter() - started, wall, ctx, device,
                          tokens_per_step, plan.num_microbatches, with_timeline=logged)
