@@ -37,7 +37,12 @@ def add_problem_args(p) -> None:
     p.add_argument("--model", default="llama-500m", help="model YAML or a name in configs/models (default llama-500m)")
     p.add_argument("--microbatch-size", type=str, default="1", help="samples per microbatch (default 1)")
     p.add_argument("--microbatches", type=str, help="microbatches per iteration (default: memory x data nodes)")
-    p.add_argument("--memory", type=str, default="3", help="microbatches' activations a node may hold (default 3)")
+    p.add_argument("--memory", type=str, default="3", help="microbatches' activations a node may hold (default 3), "
+                   "or auto: from each node's memory_gb, the stage's parameters and AdamW state (topology/memory.py)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="for --memory auto: the training precision (default bf16)")
+    p.add_argument("--activation-checkpointing", default="none", choices=["none", "layer"],
+                   help="for --memory auto: none or layer (default none)")
     p.add_argument("--skip-ratio", type=float, default=0.0, help="fraction of stages each microbatch skips")
     p.add_argument("--max-swaps", type=int, default=2, help="CC3: neighbouring swaps allowed per path (default 2)")
     p.add_argument("--seed", type=int, default=0)
@@ -47,13 +52,26 @@ def add_problem_args(p) -> None:
 def problem_from_args(args) -> Problem:
     num_nodes = positive_int(args.nodes, "--nodes") if args.nodes is not None else None
     topology = load_topology(args.topology, num_nodes, args.seed)
+    model = load_model_spec(args.model)
+    memory, explanation = positive_int(args.memory, "--memory") if args.memory != "auto" else "auto", None
+    if memory == "auto":
+        from topology.memory import describe, resolve_memory
+        stages = (len(int_list(args.stage_sizes)) if args.stage_sizes is not None
+                  else positive_int(args.stages, "--stages") if args.stages is not None else None)
+        if stages is None:
+            raise ConfigError("pass --stages S or --stage-sizes a,b,...")
+        memory, explanation = resolve_memory(
+            "auto", topology=topology, spec=model, num_stages=stages,
+            microbatch_size=positive_int(args.microbatch_size, "--microbatch-size"), precision=args.precision,
+            checkpointing=args.activation_checkpointing)
+        print(describe(explanation))
     return Problem(
-        topology=topology, model=load_model_spec(args.model),
+        topology=topology, model=model, memory_explanation=explanation,
         microbatch_size=positive_int(args.microbatch_size, "--microbatch-size"),
         num_stages=positive_int(args.stages, "--stages") if args.stages is not None else None,
         stage_sizes=int_list(args.stage_sizes) if args.stage_sizes is not None else None,
         num_microbatches=positive_int(args.microbatches, "--microbatches") if args.microbatches is not None else None,
-        memory=positive_int(args.memory, "--memory"), skip_ratio=args.skip_ratio, max_swaps=args.max_swaps,
+        memory=memory, skip_ratio=args.skip_ratio, max_swaps=args.max_swaps,
         seed=args.seed, time_limit=args.time_limit,
         topology_source={"spec": args.topology, "seed": args.seed},
     )
