@@ -150,7 +150,7 @@ class Shape:
     stage_sizes: list[int]
     microbatch_size: int
     num_microbatches: int
-    memory: int
+    memory: int | str
     max_swaps: int
 
     @classmethod
@@ -164,6 +164,7 @@ class Shape:
         base, extra = divmod(s.num_nodes, s.num_stages)
         sizes = s.stage_sizes or [base + (1 if i < extra else 0) for i in range(s.num_stages)]
         return cls(s.skip_ratio, s.num_stages, list(sizes), s.microbatch_size, s.num_microbatches, s.memory, s.max_swaps)
+    # memory may be "auto" here (from a config): replan() works it out for the live nodes.
 
 
 def replan(topology: Topology, live_names: list[str], shape: Shape, cfg: Config) -> Plan:
@@ -174,10 +175,13 @@ def replan(topology: Topology, live_names: list[str], shape: Shape, cfg: Config)
     index = {n.name: n.id for n in topology.nodes}
     ids = sorted(index[name] for name in live_names)  # topology order: the same plan whatever the rank order
     sub = topology.subset(ids, name=f"{topology.name}[{len(ids)} of {topology.num_nodes}]")
+    from skippipe.train import schedule_memory
+    memory, explanation = (schedule_memory(cfg, sub, load_model_spec(cfg.model), shape.num_stages)
+                           if shape.memory == "auto" else (shape.memory, None))
     problem = Problem(topology=sub, model=load_model_spec(cfg.model), microbatch_size=shape.microbatch_size,
                       num_stages=shape.num_stages, stage_sizes=survivor_stage_sizes(shape.stage_sizes, len(ids)),
-                      num_microbatches=shape.num_microbatches, memory=shape.memory, skip_ratio=shape.skip_ratio,
-                      max_swaps=shape.max_swaps, seed=cfg.train.seed,
+                      num_microbatches=shape.num_microbatches, memory=memory, skip_ratio=shape.skip_ratio,
+                      max_swaps=shape.max_swaps, seed=cfg.train.seed, memory_explanation=explanation,
                       topology_source={"spec": cfg.schedule.topology, "seed": cfg.train.seed,
                                        "nodes": [topology.nodes[i].name for i in ids]})
     return assign_ranks(solve(problem, cfg.schedule.strategy), live_names)

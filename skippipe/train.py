@@ -24,6 +24,7 @@ from skippipe.comm import all_gather_json, broadcast_json, connect_peers, peer_e
 from skippipe.config import Config, load_config, save_config
 from skippipe.context import Context, pick_device
 from skippipe.data import TokenStream, load_corpus
+from skippipe.flops import device_memory_gb, mfu, model_flops_per_token, node_flops, peak_tflops
 from skippipe.metrics import Metrics
 from skippipe.model import FullModel, Stage
 from skippipe.optim import build_optimizer, lr_at, set_lr
@@ -42,12 +43,29 @@ def make_plan(cfg: Config) -> Plan:
     from scheduler.solve import solve
     from topology.load import load_topology
     s = cfg.schedule
-    problem = Problem(topology=load_topology(s.topology, s.num_nodes, cfg.train.seed), model=load_model_spec(cfg.model),
+    topology, spec = load_topology(s.topology, s.num_nodes, cfg.train.seed), load_model_spec(cfg.model)
+    memory, explanation = schedule_memory(cfg, topology, spec, s.num_stages)
+    problem = Problem(topology=topology, model=spec,
                       microbatch_size=s.microbatch_size, num_stages=s.num_stages, stage_sizes=s.stage_sizes,
-                      num_microbatches=s.num_microbatches, memory=s.memory, skip_ratio=s.skip_ratio,
-                      max_swaps=s.max_swaps, seed=cfg.train.seed,
+                      num_microbatches=s.num_microbatches, memory=memory, skip_ratio=s.skip_ratio,
+                      max_swaps=s.max_swaps, seed=cfg.train.seed, memory_explanation=explanation,
                       topology_source={"spec": s.topology, "seed": cfg.train.seed})
     return solve(problem, s.strategy)
+
+
+def schedule_memory(cfg: Config, topology, spec, num_stages: int) -> tuple[int, dict | None]:
+    """schedule.memory as TC1's cap: a fixed number, or `auto` from each node's memory_gb, else this
+    process's device memory as measured now (topology/memory.py, Note [memory arithmetic])."""
+    from topology.memory import describe, resolve_memory
+    if cfg.schedule.memory != "auto":
+        return int(cfg.schedule.memory), None
+    device = pick_device(cfg.train.device)
+    cap, explanation = resolve_memory(
+        "auto", topology=topology, spec=spec, num_stages=num_stages, microbatch_size=cfg.schedule.microbatch_size,
+        precision=resolve_precision(cfg.train.precision, device).name, checkpointing=cfg.train.activation_checkpointing,
+        measured_gb=device_memory_gb(device))
+    print(describe(explanation), flush=True)
+    return cap, explanation
 
 
 def plan_for_run(cfg: Config, resume: bool) -> Plan:
@@ -171,6 +189,17 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
     if resume:
         metrics.info(f"resumed from {folder} after step {start_step}")
 
+    # Throughput (Note [model FLOPs] in flops.py): what this process's share of an iteration is worth.
+    per_node = node_flops(plan, spec, context)
+    throughput = {
+        "flops": per_node[ctx.node.id] if distributed else sum(per_node.values()),
+        # tokens through this rank's stage; the single process runs every microbatch once (end to end)
+        "tokens": (sum(p.nodes.count(ctx.node.id) for p in plan.paths) * plan.microbatch_size * context
+                   if distributed else plan.num_microbatches * plan.microbatch_size * context),
+        "flops_per_token": model_flops_per_token(spec, context),
+        "peak": peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, precision.name,
+                            cfg.train.peak_tflops),
+    }
     records = []
     # The plan's microbatch size, not the config's: the plan is the contract (it may come from --plan).
     tokens_per_step = plan.num_microbatches * plan.microbatch_size * context
@@ -196,7 +225,7 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
                         else single.evaluate(model, val_batches, device, precision))
         logged = last or step % cfg.train.log_every == 0
         record = _record(step, lr, grad_norm, result, time.perf_counter() - started, wall, ctx, device,
-                         tokens_per_step, plan.num_microbatches, with_timeline=logged)
+                         tokens_per_step, plan.num_microbatches, with_timeline=logged, throughput=throughput)
         record["val_loss"] = val_loss
         records.append(record)
         metrics.log(record, print_line=logged)
@@ -237,12 +266,16 @@ def _shared_value(value: float | None, device: torch.device, timeout) -> float:
 
 def _record(step: int, lr: float, grad_norm: float, result: IterationResult, iteration_s: float, wall: float,
             ctx: Context | None, device: torch.device, tokens_per_step: int, num_microbatches: int,
-            with_timeline: bool = True) -> dict:
+            with_timeline: bool = True, throughput: dict | None = None) -> dict:
     """The step's metrics, gathered from every rank: one small collective, plus the action timelines
-    on logged steps (a JSON gather is two more collectives, which cost latency on a slow network)."""
+    on logged steps (a JSON gather is two more collectives, which cost latency on a slow network).
+
+    `throughput`: this process's model FLOPs and tokens per iteration, the model's FLOPs per token and the
+    device's peak TFLOP/s (None: MFU is null)."""
     loss_sum = sum(float(v) for v in result.losses.values())
-    mine = torch.tensor([loss_sum, result.compute_s, result.wait_s, iteration_s, wall], dtype=torch.float64,
-                        device=device)
+    throughput = throughput or {"flops": 0.0, "tokens": 0, "flops_per_token": None, "peak": None}
+    mine = torch.tensor([loss_sum, result.compute_s, result.wait_s, iteration_s, wall, throughput["flops"],
+                         throughput["tokens"]], dtype=torch.float64, device=device)
     if ctx is not None:
         rows = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
         wait_for(dist.all_gather(rows, mine, async_op=True), ctx.timeout, "gathering the step's metrics")
@@ -257,10 +290,15 @@ def _record(step: int, lr: float, grad_norm: float, result: IterationResult, ite
     origin = rows[0][4]
     iteration = max(r[3] for r in rows)
     idle = [max(0.0, r[3] - r[1]) for r in rows]
+    peak = throughput["peak"]
     return {
         "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "iteration_s": iteration,
         "tokens_per_s": tokens_per_step / iteration,
         "idle_share": sum(i / r[3] for i, r in zip(idle, rows)) / len(rows),
+        "model_flops_per_token": throughput["flops_per_token"], "peak_tflops": peak,
+        "mfu": mfu(sum(r[5] for r in rows), iteration, peak, len(rows)),
+        "tokens_per_s_per_rank": [r[6] / iteration for r in rows],
+        "mfu_per_rank": [mfu(r[5], iteration, peak) for r in rows] if peak is not None else None,
         "compute_s": [r[1] for r in rows], "wait_s": [r[2] for r in rows], "idle_s": idle,
         "timeline": [[[name, round(a - origin, 6), round(b - origin, 6)] for name, a, b in tl] for tl in timelines]
         if with_timeline else None,
