@@ -11,8 +11,9 @@ transient working memory of a forward or backward (under checkpointing: the one 
     kernel's high-water mark VmHWM from /proc/self/status, reset at the baseline by writing 5 to
     /proc/self/clear_refs (Linux >= 4.0). glibc serves large blocks with mmap and returns them on free,
     so resident memory follows the live tensors; the caller runs the probe in a fresh process with
-    MALLOC_MMAP_THRESHOLD_ fixed (scripts/memory_check.py does), because glibc otherwise raises the
-    threshold after the first free and later blocks stay in its heap. Resolution: pages (4 KiB).
+    MALLOC_MMAP_THRESHOLD_ fixed (scripts/memory_check.py does; the meter also sets it with mallopt),
+    because glibc otherwise raises the threshold after the first free and later blocks stay in its heap.
+    Resolution: pages (4 KiB); tensors under 64 KiB come from the heap and may be missed.
 Python's tracemalloc does not see torch's allocations and is not used.
 """
 from __future__ import annotations
@@ -37,11 +38,24 @@ def _status_kib(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}; the CPU probe needs Linux")
 
 
+def _fix_mmap_threshold() -> None:
+    """glibc's mallopt(M_MMAP_THRESHOLD, 64 KiB): large blocks are mmapped and returned on free from now on
+    (the same as MALLOC_MMAP_THRESHOLD_ at start-up; Note [measuring activation memory])."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 64 * 1024)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: the fresh process's environment variable still applies
+        pass
+
+
 class MemoryMeter:
     """Bytes in use and their peak since `reset()`, on CUDA (allocator) or CPU (resident set)."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        if device.type == "cpu":
+            _fix_mmap_threshold()
 
     def reset(self) -> int:
         """Start a new peak; returns the bytes in use now (the baseline)."""
@@ -106,5 +120,5 @@ def probe_stage(spec: ModelSpec, *, stage_index: int, num_stages: int, batch: in
         del outputs
         best = min(best, elapsed / in_flight)
         activation = max(activation, peak - baseline)
-    return {"activation_bytes": activation, "parameters": sum(p.numel() for p in stage.parameters()),
+    return {"activation_bytes": activation, "baseline_bytes": baseline, "parameters": sum(p.numel() for p in stage.parameters()),
             "seconds_per_microbatch": best, "method": meter.method, "pid": os.getpid()}
