@@ -62,3 +62,22 @@ def test_a_node_too_small_for_one_microbatch_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match="cannot hold one microbatch of stage 0.*activation_checkpointing"):
         auto_memory(load_model_spec("llama-8b"), node_memory_gb=[24.0], node_names=["tiny-gpu"], num_stages=1,
                     microbatch_size=8, precision="bf16", checkpointing="none")
+
+
+def test_the_runtime_plan_records_the_auto_cap_and_its_arithmetic():
+    from skippipe.config import load_config
+    from skippipe.train import make_plan
+    root = "configs/topologies/mixed-memory-6.yaml"
+    cfg = load_config(None, ["model=llama-500m", f"schedule.topology={root}", "schedule.num_nodes=6",
+                             "schedule.num_stages=6", "schedule.strategy=full", "schedule.microbatch_size=8",
+                             "schedule.num_microbatches=6", "schedule.memory=auto", "train.precision=bf16"])
+    plan = make_plan(cfg)
+    expected, _ = auto_memory(load_model_spec("llama-500m"), node_memory_gb=[24.0] * 3 + [80.0] * 3,
+                              node_names=["eu0", "eu1", "eu2", "us0", "us1", "us2"], num_stages=6,
+                              microbatch_size=8, precision="bf16", checkpointing="none")
+    assert plan.constraints["memory"] == expected
+    why = plan.constraints["memory_auto"]
+    assert why["binding"]["node"] == "eu0" and why["binding"]["cap"] == expected and why["precision"] == "bf16"
+    fixed = make_plan(load_config(None, ["model=llama-500m", f"schedule.topology={root}", "schedule.num_nodes=6",
+                                         "schedule.num_stages=6", "schedule.strategy=full", "schedule.memory=2"]))
+    assert fixed.constraints["memory"] == 2 and "memory_auto" not in fixed.constraints
