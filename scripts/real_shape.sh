@@ -14,7 +14,7 @@ PEAKS="$RUN_DIR/peak_rss_kib.txt"
 : > "$PEAKS.tmp"
 while kill -0 "$LAUNCHER" 2>/dev/null; do
   for pid in $(pgrep -P "$LAUNCHER" || true); do
-    rank=$(tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | sed -n 's/^RANK=//p')
+    rank=$( (tr '\0' '\n' < "/proc/$pid/environ" | sed -n 's/^RANK=//p') 2>/dev/null || true)
     hwm=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$pid/status" 2>/dev/null || true)
     [ -n "$rank" ] && [ -n "$hwm" ] && echo "$rank $hwm" >> "$PEAKS.tmp"
   done
