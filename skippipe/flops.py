@@ -16,7 +16,7 @@ float32 matmuls do not use TF32 unless asked. A CPU has no entry: its MFU is nul
 """
 from __future__ import annotations
 
-from scheduler.plan import Plan
+from topology.plan import Plan
 from topology.model_spec import ModelSpec, split_layers
 
 # (substring of torch.cuda.get_device_name(), bf16 dense TFLOP/s, fp32 TFLOP/s); the first match wins,

@@ -56,7 +56,8 @@ def stage_throughput(model: str, *, device: torch.device, batch: int, seq_len: i
 def debug_losses(device: str, steps: int, run_dir: Path) -> list[float]:
     """Path-faithful training of the debug config (skip ratio 0.25), fp32, on `device`."""
     from skippipe.config import load_config
-    from skippipe.train import make_plan, train
+    from skippipe.planning import make_plan
+    from skippipe.trainer import train
     cfg = load_config(REPO / "configs/train/debug.yaml", [
         "schedule.skip_ratio=0.25", f"train.steps={steps}", "train.eval_batches=1", f"train.run_dir={run_dir}",
         "train.single_process=true", f"train.device={device}", "train.precision=fp32", "train.log_every=10"])

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scheduler.plan import Plan
+from topology.plan import Action, Plan
 from skippipe.comm import Messenger, exchange
 from skippipe.context import Context
 from skippipe.model import FullModel, Stage
 from skippipe.precision import Precision, resolve_precision
-from topology.workload import Action
 
 
 @dataclass
@@ -31,6 +30,9 @@ class IterationResult:
 
 
 class Worker:
+    """Executes one node's plan order (ctx.node) on its stage; messages of `message_shape` (microbatch size,
+    context, model dim)."""
+
     def __init__(self, plan: Plan, ctx: Context, stage: Stage, message_shape: tuple[int, ...],
                  precision: Precision | None = None):
         self.ctx, self.stage, self.plan = ctx, stage, plan
@@ -39,8 +41,7 @@ class Worker:
         self.paths = {p.microbatch: p for p in plan.paths}
         # Messages cross stage boundaries in the wire dtype (Note [mixed precision] in precision.py).
         self.precision = precision or resolve_precision("fp32", ctx.device)
-        self.messenger = Messenger(plan, self.node_id, ctx.node_rank, message_shape, self.precision.wire_dtype,
-                                   ctx.device, ctx.timeout)
+        self.messenger = Messenger(plan, ctx, shape=message_shape, dtype=self.precision.wire_dtype)
         # Per-action timestamps need the device idle at each boundary; on CPU that is free.
         self._sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
 
@@ -102,29 +103,30 @@ class Worker:
         leaders = [self.ctx.stage_ranks[s][0] for s in range(self.plan.num_stages)]
         if self.ctx.rank not in leaders:
             return None
-        rank, stage_index = self.ctx.rank, self.ctx.stage
+        ctx = self.ctx
+        rank, stage_index = ctx.rank, ctx.stage
         precision, dtype = self.precision, self.precision.wire_dtype
         total, count = 0.0, 0
         for inputs, targets in batches:
             shape = (*inputs.shape, self.stage.spec.dim)
             if stage_index == 0:
                 with precision.autocast():
-                    hidden = precision.to_wire(self.stage(self.stage.embed(inputs.to(self.ctx.device))))
+                    hidden = precision.to_wire(self.stage(self.stage.embed(inputs.to(ctx.device))))
             else:
-                hidden = exchange(None, leaders[stage_index - 1], rank, rank, self.ctx.timeout, shape, dtype,
-                                  self.ctx.device, f"evaluation, stage {stage_index}")
+                hidden = exchange(ctx, None, src=leaders[stage_index - 1], dst=rank, shape=shape, dtype=dtype,
+                                  what=f"evaluation, stage {stage_index}")
                 with precision.autocast():
                     hidden = precision.to_wire(self.stage(precision.from_wire(hidden)))
             after = leaders[(stage_index + 1) % len(leaders)]
             if after != rank:
-                exchange(hidden, rank, after, rank, self.ctx.timeout, shape, dtype, self.ctx.device, "evaluation")
+                exchange(ctx, hidden, src=rank, dst=after, shape=shape, dtype=dtype, what="evaluation")
             if stage_index == 0:
                 if leaders[-1] != rank:
-                    hidden = exchange(None, leaders[-1], rank, rank, self.ctx.timeout, shape, dtype,
-                                      self.ctx.device, "evaluation, loss")
+                    hidden = exchange(ctx, None, src=leaders[-1], dst=rank, shape=shape, dtype=dtype,
+                                      what="evaluation, loss")
                 with precision.autocast():
                     logits = self.stage.head(precision.from_wire(hidden))
-                loss = FullModel.loss(logits, targets.to(self.ctx.device))
+                loss = FullModel.loss(logits, targets.to(ctx.device))
                 total += float(loss) * targets.numel()
                 count += targets.numel()
         return total / max(count, 1) if stage_index == 0 else None

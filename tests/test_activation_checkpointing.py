@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from skippipe.config import Config
-from skippipe.train import train
+from skippipe.trainer import train
 from tests.handplan import hand_plan
 
 REPO = Path(__file__).resolve().parent.parent

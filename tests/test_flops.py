@@ -8,7 +8,7 @@ import pytest
 from skippipe.config import Config
 from skippipe.flops import mfu, model_flops_per_token, node_flops, peak_tflops
 from skippipe.metrics import format_line
-from skippipe.train import train
+from skippipe.trainer import train
 from tests.handplan import hand_plan
 from topology.model_spec import ModelSpec, load_model_spec
 

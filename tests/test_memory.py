@@ -66,7 +66,7 @@ def test_a_node_too_small_for_one_microbatch_is_refused_with_the_fix():
 
 def test_the_runtime_plan_records_the_auto_cap_and_its_arithmetic():
     from skippipe.config import load_config
-    from skippipe.train import make_plan
+    from skippipe.planning import make_plan
     root = "configs/topologies/mixed-memory-6.yaml"
     cfg = load_config(None, ["model=llama-500m", f"schedule.topology={root}", "schedule.num_nodes=6",
                              "schedule.num_stages=6", "schedule.strategy=full", "schedule.microbatch_size=8",

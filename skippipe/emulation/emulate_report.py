@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from scheduler.plan import Plan
 from skippipe.metrics import read_metrics
 from skippipe.precision import GRAD_BYTES
 from topology.cost import CostModel, layer_forward_flops
 from topology.load import load_topology
 from topology.model_spec import ModelSpec, split_layers
 from topology.network import Node, Topology
+from topology.plan import Action, Plan
 from topology.simulator import Event, SimResult, simulate
-from topology.workload import Action, Workload
 
 def run_wire_bytes(run_dir: Path) -> int:
     """Bytes per message element of an emulated (CPU) run, from the config saved beside it."""
@@ -77,7 +76,7 @@ def compute_from_timeline(records: list[dict], plan: Plan, model: ModelSpec) -> 
             statistics.median(ratios) if ratios else 2.0)
 
 
-def predict(plan: Plan, shaped: Topology, model: ModelSpec, flops: list[float], backward_factor: float,
+def predict(plan: Plan, *, shaped: Topology, model: ModelSpec, flops: list[float], backward_factor: float,
             share_uplink: bool = False, wire_bytes: int = 4) -> SimResult:
     """Note [prediction]: the plan replayed on the shaped topology with the measured compute speed."""
     nodes = [Node(n.id, n.name, n.region, float(f), n.memory_gb) for n, f in zip(shaped.nodes, flops)]
@@ -85,7 +84,7 @@ def predict(plan: Plan, shaped: Topology, model: ModelSpec, flops: list[float], 
     wire = dataclasses.replace(model, dtype_bytes=wire_bytes)  # what the runtime really sends
     cost = CostModel(topo, wire, plan.microbatch_size, plan.num_stages, backward_factor=backward_factor,
                      grad_bytes_per_param=GRAD_BYTES)
-    return simulate(Workload.from_plan_dict(plan.to_dict()), cost, share_uplink=share_uplink, share_link=True)
+    return simulate(plan.workload(), cost=cost, share_uplink=share_uplink, share_link=True)
 
 
 def summarise_run(run_dir: str | Path, shaped: Topology, model: ModelSpec) -> dict:
@@ -100,8 +99,9 @@ def summarise_run(run_dir: str | Path, shaped: Topology, model: ModelSpec) -> di
     profiled = compute_from_profile(run_dir)
     flops, backward = profiled or timeline_compute
     wire = run_wire_bytes(run_dir)
-    predicted = predict(plan, shaped, model, flops, backward, wire_bytes=wire)
-    alternative = predict(plan, shaped, model, *timeline_compute, wire_bytes=wire)
+    predicted = predict(plan, shaped=shaped, model=model, flops=flops, backward_factor=backward, wire_bytes=wire)
+    alternative = predict(plan, shaped=shaped, model=model, flops=timeline_compute[0],
+                          backward_factor=timeline_compute[1], wire_bytes=wire)
     measured = median_after_first(iterations)
     out = {
         "skip_ratio": plan.skip_ratio, "measured_iteration_s": measured,
@@ -110,8 +110,8 @@ def summarise_run(run_dir: str | Path, shaped: Topology, model: ModelSpec) -> di
         "compute_source": "profile" if profiled else "timeline",
         "predicted_iteration_s_timeline_compute": alternative.iteration_s,
         # The same with one uplink per node (the simulator's default), which the emulation does not shape.
-        "predicted_iteration_s_shared_uplink": predict(plan, shaped, model, flops, backward, True,
-                                                              wire_bytes=wire).iteration_s,
+        "predicted_iteration_s_shared_uplink": predict(plan, shaped=shaped, model=model, flops=flops, backward_factor=backward,
+                                                       share_uplink=True, wire_bytes=wire).iteration_s,
         "wire_bytes": wire,
         "iteration_s": iterations, "loss": [r["loss"] for r in records],
         "compute_s_median_per_rank": [float(np.median([r["compute_s"][k] for r in records[1:] or records]))
@@ -142,7 +142,7 @@ def measured_events(record: dict) -> list[Event]:
     return events
 
 
-def plot_measured_vs_simulated(path: str | Path, record: dict, simulated: SimResult, plan: Plan, labels: list[str],
+def plot_measured_vs_simulated(path: str | Path, *, record: dict, simulated: SimResult, plan: Plan, labels: list[str],
                                title: str) -> Path:
     """One measured iteration above the simulated one, on the same time axis, one row per node."""
     import matplotlib
@@ -182,15 +182,15 @@ def plot_measured_vs_simulated(path: str | Path, record: dict, simulated: SimRes
     return Path(path)
 
 
-def gantt_for_run(run_dir: str | Path, shaped: Topology, model: ModelSpec, out: str | Path, summary: dict) -> Path:
+def gantt_for_run(run_dir: str | Path, *, shaped: Topology, model: ModelSpec, out: str | Path, summary: dict) -> Path:
     """Gantt of the run's median step (among those after the first) beside its simulation."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     plan = Plan.load(run_dir / "plan.json")
     candidates = records[1:-1] or records[1:] or records  # the last step also evaluates; leave it out
     record = sorted(candidates, key=lambda r: r["iteration_s"])[len(candidates) // 2]
-    simulated = predict(plan, shaped, model, summary["node_flops"], summary["backward_factor"],
-                        wire_bytes=summary.get("wire_bytes", 4))
+    simulated = predict(plan, shaped=shaped, model=model, flops=summary["node_flops"],
+                        backward_factor=summary["backward_factor"], wire_bytes=summary.get("wire_bytes", 4))
     labels = [f"{n.name} (stage {plan.nodes[n.id].stage})" for n in shaped.nodes]
-    return plot_measured_vs_simulated(out, record, simulated, plan, labels,
-                                      f"skip ratio {plan.skip_ratio}: one iteration on the emulated cluster")
+    return plot_measured_vs_simulated(out, record=record, simulated=simulated, plan=plan, labels=labels,
+                                      title=f"skip ratio {plan.skip_ratio}: one iteration on the emulated cluster")
