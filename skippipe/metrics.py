@@ -21,7 +21,7 @@ def format_line(record: dict, total_steps: int) -> str:
               f"{record['tokens_per_s']:,.0f} tok/s", f"iter {record['iteration_s']:.3f} s",
               f"idle {record['idle_share']:.0%}"]
     if record.get("mfu") is not None:  # null without a known peak (a CPU): never a made-up figure
-        parts.append(f"MFU {record['mfu']:.1%}")
+        parts.append(f"MFU {format_share(record['mfu'])}")
     return " | ".join(parts)
 
 
@@ -110,3 +110,9 @@ def plot_losses(metrics_path: str | Path, out: str | Path) -> Path | None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return Path(out)
+
+
+def format_share(share: float) -> str:
+    """A measured fraction as a percentage with two significant digits: 0.4912 -> '49%', 0.00052 ->
+    '0.052%'. A fixed '.1%' printed a tiny model's real MFU as '0.0%', which reads as 'not measured'."""
+    return f"{share * 100:.2g}%"
