@@ -166,9 +166,13 @@ def omission_table(model: FullModel, batches: Batches, keeps: Sequence[float],
                     f"{cache[key]['tokens_per_s']:,.0f} tok/s")
         return cache[key]
 
-    if batches:  # warm-up: the first forward pays for lazy initialisation, which is no row's speed
+    if batches:
+        # Warm-up on a whole batch of the measured shape: the first forwards pay for lazy initialisation
+        # and for the allocator and kernels of that shape (one sequence was not enough: the first row
+        # then read 702 tok/s against 44,940 for the next), which is no row's speed.
         with torch.no_grad():
-            model.forward_path(batches[0][0][:1].to(next(model.parameters()).device), range(num_stages))
+            for _ in range(2):
+                model.forward_path(batches[0][0].to(next(model.parameters()).device), range(num_stages))
     full_ppl = math.exp(run(list(range(num_stages)))["loss"])
     rows = []
     for keep in keeps:

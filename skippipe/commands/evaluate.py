@@ -50,10 +50,15 @@ def main() -> None:
                 "skip_ratio": cfg.schedule.skip_ratio, "held_out_tokens": rows[0]["tokens"] // rows[0]["seeds"]}
         if args.json:
             omission.write_json(rows, args.json, **meta)
+            print(f"wrote {args.json}")
         if args.csv:
             omission.write_csv(rows, args.csv)
+            print(f"wrote {args.csv}")
         if args.plot:
             omission.plot_curves({"": rows}, args.plot, f"{cfg.model}, trained with skip ratio {cfg.schedule.skip_ratio}")
+            print(f"wrote {args.plot}")
+        if not (args.json or args.csv or args.plot):
+            print("wrote no file (pass --json, --csv or --plot to keep the table)")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ def main() -> None:
             num_stages = checkpoint_meta(checkpoint_folder(args.checkpoint))["num_stages"]
             stages = kept_stages(num_stages, args.keep, args.placement, args.seed)
         out = export_checkpoint(args.checkpoint, args.out, stages)
-        print(f"wrote {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, skippipe.json)"
-              + (f" with stages {stages}" if stages else ""))
+        files = ", ".join(str(out / name) for name in
+                          ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "skippipe.json"))
+        print(f"wrote {files}" + (f" (stages {stages})" if stages else ""))
 
 
 if __name__ == "__main__":
