@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from topology.errors import ArgumentParser
+
 
 def rank_main(rank: int, world: int, init: str, args: argparse.Namespace, out: str) -> None:
     import torch
@@ -50,19 +52,24 @@ def rank_main(rank: int, world: int, init: str, args: argparse.Namespace, out: s
     dist.destroy_process_group()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/train/debug.yaml", help="training YAML (model, microbatch size)")
+def build_parser() -> ArgumentParser:
+    """The command's flags (README, Command reference)."""
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--config", default="debug", help="training YAML or shipped config name (model, microbatch size)")
     p.add_argument("--ranks", type=int, default=4, help="ranks = pipeline stages")
     p.add_argument("--microbatches", type=int, default=8, help="microbatches per iteration")
     p.add_argument("--steps", type=int, default=60, help="measured iterations of each method (interleaved)")
     p.add_argument("--warmup", type=int, default=4, help="iterations of each left out at the start")
     p.add_argument("--nice", type=int, default=-19 if os.geteuid() == 0 else 0,
-                   help="scheduling priority of the ranks (default -19 as root: other jobs add noise)")
+                   help="scheduling priority of the ranks (default: -19 as root, since other jobs add noise; else 0)")
     p.add_argument("--out", default="reports/overhead.json", help="the report (JSON)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model=llama-tiny")
     p.add_argument("--repeat", type=int, default=3, help="independent runs; the report's ratio is their median")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = []

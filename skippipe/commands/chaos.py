@@ -21,27 +21,34 @@ import shlex
 import sys
 from pathlib import Path
 
-from topology.errors import cli_errors
+from topology.errors import ArgumentParser, cli_errors
 
 
-def main() -> None:
+def build_parser() -> ArgumentParser:
+    """The command's flags (README, Command reference)."""
     from skippipe.chaos import ChaosSettings
     d = ChaosSettings()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--out", default="reports/chaos.json", help="the report (JSON)")
     p.add_argument("--plot", help="loss plot PNG (default: chaos.png beside --out)")
-    p.add_argument("--topology", default=d.topology, help="topology YAML to emulate")
-    p.add_argument("--config", default=d.config, help="training YAML")
-    p.add_argument("--skip-ratio", type=float, default=d.skip_ratio)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--topology", default=d.topology, help="topology YAML (or shipped topology name) to emulate")
+    p.add_argument("--config", default=d.config, help="training YAML or shipped config name")
+    p.add_argument("--skip-ratio", type=float, default=d.skip_ratio, help="skip ratio of the job")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps of the job")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (at most this many are redone)")
     p.add_argument("--kill-after", type=int, default=d.kill_after_step, help="kill a node during the step after this one")
     p.add_argument("--bandwidth-scale", type=float, default=d.bandwidth_scale, help="multiply every bandwidth by this")
     p.add_argument("--work-dir", default="runs/chaos", help="run dir, logs and the shaped topology go here")
     p.add_argument("--localhost", action="store_true", help="plain localhost agents even where namespaces work")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds allowed for the job")
     p.add_argument("overrides", nargs="*", help=f"dotted config overrides (default: {' '.join(d.overrides)})")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    from skippipe.chaos import ChaosSettings
+    d = ChaosSettings()
+    args = build_parser().parse_args()
     with cli_errors():
         if not 0 < args.kill_after < args.steps:
             raise ValueError(f"--kill-after {args.kill_after} must be between 1 and --steps - 1 ({args.steps - 1})")

@@ -16,17 +16,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from topology.errors import cli_errors
+from topology.errors import ArgumentParser, cli_errors
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    """The command's flags (README, Command reference)."""
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--topology", required=True, help="topology YAML (or scenario) to emulate")
     p.add_argument("--skip-ratios", default="0.25,0", help="comma-separated skip ratios, one run each")
     p.add_argument("--steps", type=int, default=6, help="training steps per run")
     p.add_argument("--profile", action="store_true", help="runs start with --topology measure (profile, then solve)")
-    p.add_argument("--config", default="configs/train/emulated.yaml", help="training YAML")
-    p.add_argument("--bandwidth-scale", type=float, help="multiply every bandwidth by this (default: auto)")
+    p.add_argument("--config", default="emulated", help="training YAML or shipped config name")
+    p.add_argument("--bandwidth-scale", type=float, help="multiply every bandwidth by this (default: auto, so that --reference-model's messages take as long as on the real links)")
     p.add_argument("--reference-model", default="llama-500m", help="model whose message time the auto scale matches")
     p.add_argument("--latency-scale", type=float, default=1.0, help="multiply every latency by this")
     p.add_argument("--work-dir", default="runs/emulate", help="run dirs, logs and the shaped topology go here")
@@ -34,7 +35,11 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     p.add_argument("--nice", type=int, default=-19, help="scheduling priority of the emulated nodes (0: as others)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. schedule.num_microbatches=12")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     from skippipe.emulate import Interrupted, JobFailed
     with cli_errors():
         try:

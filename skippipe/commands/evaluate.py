@@ -11,8 +11,9 @@ spread). Every row is measured on the same held-out windows of the run's corpus 
 from topology.errors import ArgumentParser, ConfigError, cli_errors
 
 
-def parse_args():
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    """The command's flags (README, Command reference)."""
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", required=True, help="run dir (its newest checkpoint) or a checkpoints/step_* folder")
     p.add_argument("--keep", default="1.0,0.75,0.5", help="kept fractions of the stages, in (0, 1]")
     p.add_argument("--placement", default="even", help="even|random|first|last, or several comma-separated")
@@ -20,14 +21,14 @@ def parse_args():
     p.add_argument("--batches", type=int, help="held-out batches to use (default: the whole split)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per held-out batch")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--json", help="write {\"results\": [...]} here")
-    p.add_argument("--csv", help="write one row per (keep, placement) here")
-    p.add_argument("--plot", help="write a PNG of perplexity against kept fraction here")
-    return p.parse_args()
+    p.add_argument("--json", help="write {\"results\": [...]} here (default: no JSON)")
+    p.add_argument("--csv", help="write one row per (keep, placement) here (default: no CSV)")
+    p.add_argument("--plot", help="write a PNG of perplexity against kept fraction here (default: no plot)")
+    return p
 
 
 def main() -> None:
-    args = parse_args()
+    args = build_parser().parse_args()
     with cli_errors():
         from skippipe import omission
         from skippipe.context import pick_device

@@ -9,14 +9,19 @@
 from topology.errors import ArgumentParser, cli_errors
 
 
-def main() -> None:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    """The command's flags (README, Command reference)."""
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", required=True, help="run dir (its newest checkpoint) or a checkpoints/step_* folder")
     p.add_argument("--out", required=True, help="directory to write the Hugging Face folder to")
-    p.add_argument("--keep", type=float, help="export only this fraction of the stages (stage 0 always kept)")
+    p.add_argument("--keep", type=float, help="export only this fraction of the stages (stage 0 always kept; default: all stages)")
     p.add_argument("--placement", default="even", help="which stages --keep keeps: even|random|first|last")
     p.add_argument("--seed", type=int, default=0, help="the draw of --placement random")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     with cli_errors():
         from skippipe.checkpoint import checkpoint_meta
         from skippipe.export import export_checkpoint

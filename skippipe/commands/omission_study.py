@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(ROOT))
 
 from skippipe.commands import package_env, train_command
 from topology.errors import ArgumentParser, ConfigError, cli_errors
@@ -25,17 +24,18 @@ from topology.errors import ArgumentParser, ConfigError, cli_errors
 RUNS = {"skip": ("skip ratio 0.25", 0.25), "full": ("full pipeline", 0.0)}
 
 
-def parse_args():
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    """The command's flags (README, Command reference)."""
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="report JSON")
-    p.add_argument("--plot", help="PNG: perplexity against kept fraction, and the training curves")
+    p.add_argument("--plot", help="PNG: perplexity against kept fraction, and the training curves (default: no plot)")
     p.add_argument("--steps", type=int, help="training steps of each run (default: the config's)")
     p.add_argument("--config", default="omission", help="training YAML or shipped config name of both runs (default: omission)")
     p.add_argument("--run-dir", help="where the two runs go (default: runs/omission-study)")
     p.add_argument("--seeds", type=int, default=3, help="draws of the random placement")
     p.add_argument("--sequential", action="store_true", help="train one run after the other, all threads each")
     p.add_argument("overrides", nargs="*", help="dotted overrides for both runs, e.g. optim.lr=1e-3")
-    return p.parse_args()
+    return p
 
 
 def train_both(args, run_root: Path) -> None:
@@ -59,7 +59,7 @@ def train_both(args, run_root: Path) -> None:
 
 
 def main() -> None:
-    args = parse_args()
+    args = build_parser().parse_args()
     with cli_errors():
         if args.steps is not None and args.steps < 1:
             raise ConfigError(f"--steps must be positive, got {args.steps}")

@@ -26,20 +26,21 @@ class Parser(ArgumentParser):
         super().error(message)
 
 
-def parse_args() -> argparse.Namespace:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="training YAML, e.g. configs/train/debug.yaml")
-    p.add_argument("--skip-ratio", type=float, help="fraction of stages each microbatch skips (schedule.skip_ratio)")
+def build_parser() -> Parser:
+    """The command's flags (README, Command reference)."""
+    p = Parser(description=__doc__)
+    p.add_argument("--config", help="training YAML path, or a shipped config by name (debug, emulated, omission); default: none, i.e. the built-in defaults of skippipe/config.py: llama-tiny, 8 nodes of the single-cluster scenario in 4 stages, skip ratio 0, 8 microbatches of 4 x 128 tokens, 100 steps, the built-in corpus, run dir runs/default")
+    p.add_argument("--skip-ratio", type=float, help="fraction of stages each microbatch skips (schedule.skip_ratio; default: the config's, else 0)")
     p.add_argument("--topology", help="scenario name, topology YAML, or 'measure' (profile the ranks at "
-                   "start-up and solve on that) (schedule.topology)")
-    p.add_argument("--plan", help="run this plan.json instead of solving (schedule.plan)")
-    p.add_argument("--steps", type=int, help="train until this step (train.steps)")
-    p.add_argument("--seed", type=int, help="model init, data order and solver seed (train.seed)")
-    p.add_argument("--run-dir", help="metrics, config, plan and checkpoints go here (train.run_dir)")
+                   "start-up and solve on that) (schedule.topology; default: the config's, else single-cluster)")
+    p.add_argument("--plan", help="run this plan.json instead of solving (schedule.plan; default: solve one at start-up)")
+    p.add_argument("--steps", type=int, help="train until this step (train.steps; default: the config's, else 100)")
+    p.add_argument("--seed", type=int, help="model init, data order and solver seed (train.seed; default: the config's, else 0)")
+    p.add_argument("--run-dir", help="metrics, config, plan and checkpoints go here, relative to the current directory (train.run_dir; default: the config's, else runs/default)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
     p.add_argument("--single-process", action="store_true", help="path-faithful mode: whole model, one device")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.log_every=10")
-    return p.parse_args()
+    return p
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -50,7 +51,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def main() -> None:
-    args = parse_args()
+    args = build_parser().parse_args()
     rank = int(os.environ.get("RANK", 0))
     # Bad input: one line on rank 0, a quiet exit 2 elsewhere (every rank sees the same input).
     from skippipe.train import quiet_errors
