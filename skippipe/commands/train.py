@@ -29,7 +29,7 @@ class Parser(ArgumentParser):
 def build_parser() -> Parser:
     """The command's flags (README, Command reference)."""
     p = Parser(description=__doc__)
-    p.add_argument("--config", help="training YAML path, or a shipped config by name (debug, emulated, omission); default: none, i.e. the built-in defaults of skippipe/config.py: llama-tiny, 8 nodes of the single-cluster scenario in 4 stages, skip ratio 0, 8 microbatches of 4 x 128 tokens, 100 steps, the built-in corpus, run dir runs/default")
+    p.add_argument("--config", help="training YAML path, or a shipped config by name (debug, emulated, omission); default: none, i.e. the built-in defaults of skippipe/config.py: llama-tiny, 8 nodes of the single-cluster scenario in 4 stages, skip ratio 0, 8 microbatches of 4 x 64 tokens, 100 steps, the built-in corpus, run dir runs/default")
     p.add_argument("--skip-ratio", type=float, help="fraction of stages each microbatch skips (schedule.skip_ratio; default: the config's, else 0)")
     p.add_argument("--topology", help="scenario name, topology YAML, or 'measure' (profile the ranks at "
                    "start-up and solve on that) (schedule.topology; default: the config's, else single-cluster)")
