@@ -215,8 +215,18 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
             writer.writerow({**row, "stages": json.dumps(row["stages"]).replace(" ", "")})
 
 
+# How each placement chooses the kept stages, for legends (kept_stages has the rule).
+PLACEMENT_LEGEND = {"even": "even (kept stages spread evenly over the depth)", "random": "random (mean, min-max band)",
+                    "first": "first (the shallowest stages)", "last": "last (stage 0 and the deepest)"}
+X_LABEL = "fraction of stages kept at inference (stage 0 always kept); to the right: more of the model left out"
+
+
 def plot_curves(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
-    """Perplexity against kept fraction: one line per (curve, placement); random with its min-max band."""
+    """Perplexity against kept fraction: one line per (curve, placement); random with its min-max band.
+
+    The y axis starts at 1, the least perplexity there is, so that a small change looks small; each
+    point is labelled with its ratio to the same model with every stage.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -226,16 +236,20 @@ def plot_curves(curves: dict[str, list[dict]], path: str | Path, title: str = ""
         for placement in dict.fromkeys(r["placement"] for r in rows):
             mine = sorted((r for r in rows if r["placement"] == placement), key=lambda r: r["keep"])
             x = [r["keep"] for r in mine]
-            name = f"{label} ({placement})" if label else placement
-            line, = ax.plot(x, [r["ppl"] for r in mine], marker="o", label=name)
+            name = PLACEMENT_LEGEND.get(placement, placement)
+            line, = ax.plot(x, [r["ppl"] for r in mine], marker="o", label=f"{label}, {name}" if label else name)
+            for r in mine:
+                ax.annotate(f"x{r['ratio_to_full']:.3f}", (r["keep"], r["ppl"]), textcoords="offset points",
+                            xytext=(0, 6), ha="center", fontsize=7, color=line.get_color())
             if placement == "random":
                 ax.fill_between(x, [r["ppl_min"] for r in mine], [r["ppl_max"] for r in mine],
                                 color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("fraction of stages kept")
-    ax.set_ylabel("held-out perplexity")
+    ax.set_xlabel(X_LABEL, fontsize=8)
+    ax.set_ylabel("held-out perplexity (x: ratio to all stages)")
+    ax.set_ylim(bottom=1.0, top=ax.get_ylim()[1] * 1.05)
     ax.invert_xaxis()  # left to right: more and more of the model omitted
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(title="kept stages chosen", fontsize=8, title_fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -298,7 +312,8 @@ def plot_study(report: dict, path: str | Path, placements: Sequence[str] = ("eve
             mine = sorted((r for r in rows if r["placement"] == placement), key=lambda r: r["keep"])
             x = [r["keep"] for r in mine]
             left.plot(x, [r["ppl"] for r in mine], styles.get(placement, "-"), marker="o", color=colours[name],
-                      label=f"{run['label']}, {placement}", alpha=1.0 if placement == "even" else 0.6)
+                      label=f"{run['label']}, {PLACEMENT_LEGEND.get(placement, placement)}",
+                      alpha=1.0 if placement == "even" else 0.6)
             if placement == "random":
                 left.fill_between(x, [r["ppl_min"] for r in mine], [r["ppl_max"] for r in mine],
                                   color=colours[name], alpha=0.1)
@@ -308,9 +323,10 @@ def plot_study(report: dict, path: str | Path, placements: Sequence[str] = ("eve
         val = [(c["tokens"], c["val_loss"]) for c in curve if c["val_loss"] is not None]
         if val:
             right.plot(*zip(*val), "o-", color=colours[name], label=f"{run['label']}, validation (all stages)")
-    left.set_xlabel("fraction of stages kept at inference")
-    left.set_ylabel("held-out perplexity (log scale)")
+    left.set_xlabel(X_LABEL, fontsize=8)
+    left.set_ylabel("held-out perplexity (log scale, from 1)")
     left.set_yscale("log")
+    left.set_ylim(bottom=1.0)
     left.invert_xaxis()
     left.set_title(f"q2 = {report['q2_skip_half_over_full']:.3f} (skip), q3 = {report['q3_full_half_over_full']:.3f} (full)")
     right.set_xlabel("training tokens")
