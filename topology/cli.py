@@ -28,14 +28,19 @@ def _node_count(text: str | None) -> int | None:
     return value
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 node', '3 nodes'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def cmd_show(args) -> None:
     topo = load_topology(args.topology, _node_count(args.nodes), args.seed)
     n = topo.num_nodes
-    print(f"{topo.name}: {n} nodes in {len(topo.regions)} regions (fingerprint {topo.fingerprint()})")
+    print(f"{topo.name}: {_count(n, 'node')} in {_count(len(topo.regions), 'region')} (fingerprint {topo.fingerprint()})")
     for region in topo.regions:
         members = [node for node in topo.nodes if node.region == region]
         speeds = sorted({f"{node.flops / 1e12:.3g}" for node in members})
-        print(f"  {region:<14} {len(members):>4} nodes  {'/'.join(speeds)} TFLOP/s effective")
+        print(f"  {region:<14} {_count(len(members), 'node'):>10}  {'/'.join(speeds)} TFLOP/s effective")
     if n > 1:
         off = ~np.eye(n, dtype=bool)
         lat, bw = topo.latency_ms[off], topo.bandwidth_gbit_s[off]
