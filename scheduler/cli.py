@@ -32,11 +32,11 @@ def int_list(text: str) -> list[int]:
 def add_problem_args(p) -> None:
     p.add_argument("--topology", required=True, help="scenario name, shipped topology name or topology YAML")
     p.add_argument("--nodes", type=str, help="node count (required for a scenario; default: a YAML's own count)")
-    stages = p.add_mutually_exclusive_group()
-    stages.add_argument("--stages", type=str, help="number of pipeline stages, sizes chosen by the solver; "
-                        "not with --stage-sizes (default: the solver's choice)")
-    stages.add_argument("--stage-sizes", type=str, help="nodes per stage, e.g. 5,3,3,3,3,3 (sums to --nodes); "
-                        "not with --stages (default: chosen by the solver)")
+    # Either one; both only when they agree (the count of --stage-sizes is --stages), else an error.
+    p.add_argument("--stages", type=str, help="number of pipeline stages, their sizes chosen by the solver; "
+                   "with --stage-sizes as well, the two must agree (default: the number --stage-sizes gives)")
+    p.add_argument("--stage-sizes", type=str, help="nodes per stage, e.g. 5,3,3,3,3,3 (sums to --nodes); "
+                   "use it or --stages, or both if they agree (default: equal sizes for --stages)")
     p.add_argument("--model", default="llama-500m", help="model YAML, or a shipped model by name "
                    "(llama-tiny, llama-500m, llama-1.5b, llama-8b, ...)")
     p.add_argument("--microbatch-size", type=str, default="1", help="samples per microbatch")

@@ -77,12 +77,11 @@ def test_every_flag_has_help_with_its_default():
                 assert "default" in shown, f"{name} {action.option_strings}: help does not say the default: {shown}"
 
 
-def test_stages_and_stage_sizes_exclude_each_other():
-    parser = command_parsers()["scheduler solve"]
-    with pytest.raises(SystemExit) as exc:
-        parser.parse_args(["--topology", "gcp-12-regions", "--stages", "6", "--stage-sizes", "5,3,3,3,3,3"])
-    assert exc.value.code == 2
-    assert "not with --stage-sizes" in parser.format_help().replace("\n", " ").replace("  ", " ")
+def test_stages_and_stage_sizes_say_how_they_combine():
+    for name in ("scheduler solve", "scheduler compare"):
+        text = " ".join(command_parsers()[name].format_help().split())
+        assert "with --stage-sizes as well, the two must agree" in text
+        assert "use it or --stages, or both if they agree" in text
 
 
 def test_python_m_skippipe_lists_every_command():
