@@ -36,7 +36,7 @@ def add_problem_args(p) -> None:
     p.add_argument("--stages", type=str, help="number of pipeline stages, their sizes chosen by the solver; "
                    "with --stage-sizes as well, the two must agree (default: the number --stage-sizes gives)")
     p.add_argument("--stage-sizes", type=str, help="nodes per stage, e.g. 5,3,3,3,3,3 (sums to --nodes); "
-                   "use it or --stages, or both if they agree (default: equal sizes for --stages)")
+                   "use it or --stages, or both if they agree (default: sizes chosen by the solver for --stages)")
     p.add_argument("--model", default="llama-500m", help="model YAML, or a shipped model by name "
                    "(llama-tiny, llama-500m, llama-1.5b, llama-8b, ...)")
     p.add_argument("--microbatch-size", type=str, default="1", help="samples per microbatch")
