@@ -30,6 +30,7 @@ def test_names_and_repository_paths_resolve_outside_the_checkout(elsewhere):
     assert load_config("configs/train/debug.yaml").model == "llama-tiny"
     assert load_topology("emulated-8").num_nodes == 8
     assert load_topology("configs/topologies/emulated-8.yaml").num_nodes == 8
+    assert load_model_spec("llama-1.5b").name == "llama-1.5b"  # a dot in the name is no file suffix
     assert {"llama-500m", "llama-tiny"} <= set(resources.names("model"))
     assert resources.names("config") == ["debug", "emulated", "omission"]
 

@@ -52,7 +52,7 @@ def find(kind: str, text: str | Path) -> Path | None:
         return path
     shipped = configs_dir()
     named = shipped / KINDS[kind][0] / f"{text}.yaml"
-    if path.suffix == "" and len(path.parts) == 1 and named.is_file():
+    if len(path.parts) == 1 and named.is_file():  # a name may hold a dot: llama-1.5b
         return named
     if not path.is_absolute() and path.parts[:1] == ("configs",) and len(path.parts) > 1:
         candidate = shipped.joinpath(*path.parts[1:])
