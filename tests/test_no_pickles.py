@@ -48,7 +48,7 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
     from skippipe.comm import all_gather_json, broadcast_json
-    from skippipe.train import share_plan
+    from skippipe.planning import share_plan
     from tests.handplan import hand_plan
     from topology.errors import ConfigError
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)

@@ -26,7 +26,7 @@ from topology.errors import ArgumentParser, cli_errors
 
 def build_parser() -> ArgumentParser:
     """The command's flags (README, Command reference)."""
-    from skippipe.chaos import ChaosSettings
+    from skippipe.emulation.chaos import ChaosSettings
     d = ChaosSettings()
     p = ArgumentParser(description=__doc__)
     p.add_argument("--out", default="reports/chaos.json", help="the report (JSON)")
@@ -46,7 +46,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main() -> None:
-    from skippipe.chaos import ChaosSettings
+    from skippipe.emulation.chaos import ChaosSettings
     d = ChaosSettings()
     args = build_parser().parse_args()
     with cli_errors():
@@ -66,7 +66,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, settings) -> int:
-    from skippipe.chaos import plot, run_chaos
+    from skippipe.emulation.chaos import plot, run_chaos
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = run_chaos(settings, args.work_dir, namespaces=not args.localhost)

@@ -23,9 +23,9 @@ def build_parser() -> ArgumentParser:
 def main() -> None:
     args = build_parser().parse_args()
     with cli_errors():
-        from skippipe.checkpoint import checkpoint_meta
-        from skippipe.export import export_checkpoint
-        from skippipe.omission import check_placement, checkpoint_folder, kept_stages
+        from skippipe.checkpoint import checkpoint_folder, checkpoint_meta
+        from skippipe.evaluation.export import export_checkpoint
+        from skippipe.evaluation.omission import check_placement, kept_stages
 
         stages = None
         if args.keep is not None:
