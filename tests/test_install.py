@@ -68,10 +68,21 @@ def test_installed_package_runs_from_anywhere(installed):
     assert all(path.startswith(str(installed["site"])) for path in located.split()), located
     assert (installed["site"] / "skippipe" / "configs" / "models" / "llama-500m.yaml").is_file()
 
+    # Every module of the checkout's packages is installed (the commands import the emulation and the
+    # experiments only when they run, so --help alone would not notice a package left out).
+    checkout = {p.relative_to(ROOT).as_posix() for name in ("skippipe", "topology", "scheduler")
+                for p in (ROOT / name).rglob("*.py")}
+    shipped = {p.relative_to(installed["site"]).as_posix() for name in ("skippipe", "topology", "scheduler")
+               for p in (installed["site"] / name).rglob("*.py")}
+    assert checkout - shipped == set()
+    run(installed, bin_dir / "python", "-c", "import skippipe.experiments.overhead, skippipe.experiments.omission_study, "
+        "skippipe.emulation.chaos, skippipe.emulation.emulate, skippipe.evaluation.export")
+
     listing = run(installed, bin_dir / "python", "-m", "skippipe", "--help")
-    for command in ("train", "evaluate", "export", "omission-study", "emulate-cluster", "chaos", "topology", "scheduler"):
+    for command in ("train", "evaluate", "export", "omission-study", "emulate-cluster", "bench-overhead", "chaos",
+                    "topology", "scheduler"):
         assert f"\n  {command} " in listing
-        assert (bin_dir / f"skippipe-{command}").is_file()
+        assert "usage:" in run(installed, bin_dir / f"skippipe-{command}", "--help")
 
     # The README's plan, by model name, from a directory that is not the checkout: the baseline plan.
     out = run(installed, bin_dir / "skippipe-scheduler", "solve", "--topology", "gcp-12-regions", "--nodes", "20",
