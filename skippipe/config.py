@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from topology import resources
 from topology.errors import ConfigError
 from topology.yamlio import read_yaml
 
@@ -206,8 +207,14 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults < the YAML at `path` < dotted `overrides`; validated. Raises ConfigError on bad input.
+
+    `path` is a file (relative to the current directory) or the name of a shipped config (``debug``,
+    ``emulated``, ``omission``: topology/resources.py); None: the defaults alone.
+    """
     cfg = Config()
     if path is not None:
+        path = resources.resolve("config", path)
         _merge(cfg, read_yaml(path), str(path))
     for text in overrides:
         _merge(cfg, parse_override(text), f"override {text!r}")

@@ -1,7 +1,7 @@
 """The omission study: does a model trained with skipping keep its quality when stages are omitted?
 
 The report's three answers from the two models' omission tables (skippipe/evaluation/omission.py), and
-its plot; scripts/omission_study.py trains the two models and calls these.
+its plot; skippipe/commands/omission_study.py trains the two models and calls these.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from skippipe.evaluation.omission import PLACEMENT_LEGEND, X_LABEL
 from skippipe.metrics import read_metrics
 
 
@@ -59,7 +60,8 @@ def plot_study(report: dict, path: str | Path, placements: Sequence[str] = ("eve
             mine = sorted((r for r in rows if r["placement"] == placement), key=lambda r: r["keep"])
             x = [r["keep"] for r in mine]
             left.plot(x, [r["ppl"] for r in mine], styles.get(placement, "-"), marker="o", color=colours[name],
-                      label=f"{run['label']}, {placement}", alpha=1.0 if placement == "even" else 0.6)
+                      label=f"{run['label']}, {PLACEMENT_LEGEND.get(placement, placement)}",
+                      alpha=1.0 if placement == "even" else 0.6)
             if placement == "random":
                 left.fill_between(x, [r["ppl_min"] for r in mine], [r["ppl_max"] for r in mine],
                                   color=colours[name], alpha=0.1)
@@ -69,9 +71,10 @@ def plot_study(report: dict, path: str | Path, placements: Sequence[str] = ("eve
         val = [(c["tokens"], c["val_loss"]) for c in curve if c["val_loss"] is not None]
         if val:
             right.plot(*zip(*val), "o-", color=colours[name], label=f"{run['label']}, validation (all stages)")
-    left.set_xlabel("fraction of stages kept at inference")
-    left.set_ylabel("held-out perplexity (log scale)")
+    left.set_xlabel(X_LABEL, fontsize=8)
+    left.set_ylabel("held-out perplexity (log scale, from 1)")
     left.set_yscale("log")
+    left.set_ylim(bottom=1.0)
     left.invert_xaxis()
     left.set_title(f"q2 = {report['q2_skip_half_over_full']:.3f} (skip), q3 = {report['q3_full_half_over_full']:.3f} (full)")
     right.set_xlabel("training tokens")
