@@ -25,6 +25,7 @@ class Problem:
     seed: int = 0
     time_limit: float | None = None
     topology_source: dict = field(default_factory=dict)  # how to rebuild the topology: {"spec", "seed"}
+    memory_explanation: dict | None = None  # how an `auto` memory cap was derived (topology/memory.py)
     cost: CostModel = field(init=False, repr=False)
 
     def __post_init__(self):

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from topology import resources
 from topology.errors import ConfigError
 from topology.yamlio import read_yaml
 
@@ -32,7 +33,9 @@ class ScheduleConfig:
     skip_ratio: float = 0.0
     microbatch_size: int = 4  # sequences per microbatch
     num_microbatches: int = 8  # microbatches per iteration, over all data nodes
-    memory: int = 3  # TC1: microbatches' activations a node may hold at once
+    # TC1: microbatches' activations a node may hold at once, or "auto": derived from each node's memory,
+    # the stage's parameters and optimizer state, precision and checkpointing (topology/memory.py)
+    memory: int | str = 3
     max_swaps: int = 2  # CC3
     plan: str | None = None  # use this plan.json instead of solving
     # Full-depth work mixed into a skipping plan (scheduler/depth.py; README, "Inference with stages
@@ -83,6 +86,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the last step
     eval_batches: int = 4
     checkpoint_every: int = 0  # 0: save only at the last step
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 on CUDA, fp32 on CPU); Note [mixed precision]
+    activation_checkpointing: str = "none"  # none | layer: keep each layer's input, recompute in backward
+    peak_tflops: float | None = None  # the device's peak for MFU; None: known GPUs by name, none on CPU
 
 
 @dataclass
@@ -100,7 +106,7 @@ class Config:
         s, o, t = self.schedule, self.optim, self.train
         positive = {"schedule.num_nodes": s.num_nodes, "schedule.num_stages": s.num_stages,
                     "schedule.microbatch_size": s.microbatch_size, "schedule.num_microbatches": s.num_microbatches,
-                    "schedule.memory": s.memory, "train.steps": t.steps, "train.log_every": t.log_every,
+                    "train.steps": t.steps, "train.log_every": t.log_every,
                     "train.comm_timeout_s": t.comm_timeout_s, "optim.lr": o.lr}
         for key, value in positive.items():
             if value <= 0:
@@ -111,6 +117,14 @@ class Config:
                            "train.checkpoint_every": t.checkpoint_every, "train.num_threads": t.num_threads}.items():
             if value < 0:
                 raise ConfigError(f"{key} must not be negative, got {value}")
+        if s.memory != "auto" and (not isinstance(s.memory, int) or s.memory <= 0):
+            raise ConfigError(f"schedule.memory must be a positive integer or auto, got {s.memory!r}")
+        if t.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+        if t.activation_checkpointing not in ("none", "layer"):
+            raise ConfigError(f"train.activation_checkpointing must be none or layer, got {t.activation_checkpointing!r}")
+        if t.peak_tflops is not None and t.peak_tflops <= 0:
+            raise ConfigError(f"train.peak_tflops must be positive or null, got {t.peak_tflops}")
         if not 0 <= s.skip_ratio < 1:
             raise ConfigError(f"schedule.skip_ratio must be in [0, 1), got {s.skip_ratio}; e.g. --skip-ratio 0.25")
         if not 0 <= s.full_fraction <= 1:
@@ -144,7 +158,13 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             if type(None) in args:
                 return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
+        kinds = [a for a in args if a is not type(None)]
+        for alternative in kinds[:-1]:  # int | str: a number when it reads as one, else the string
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError:
+                pass
+        return _coerce(value, kinds[-1], key)
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
@@ -204,8 +224,14 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults < the YAML at `path` < dotted `overrides`; validated. Raises ConfigError on bad input.
+
+    `path` is a file (relative to the current directory) or the name of a shipped config (``debug``,
+    ``emulated``, ``omission``: topology/resources.py); None: the defaults alone.
+    """
     cfg = Config()
     if path is not None:
+        path = resources.resolve("config", path)
         _merge(cfg, read_yaml(path), str(path))
     for text in overrides:
         _merge(cfg, parse_override(text), f"override {text!r}")

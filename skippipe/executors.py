@@ -3,7 +3,7 @@
 The trainer (trainer.py) runs the same steps whichever executor it has; everything that differs
 between one process and a distributed run is here, behind the same methods:
 
-    build(plan, spec, seed=, context=)   the stages this process holds (stage index -> module)
+    build(plan, spec, seed=, context=, precision=)   the stages this process holds (stage index -> module)
     data_nodes(plan)                      the plan nodes whose data streams this process draws
     run_iteration(batches, plan)          forward and backward of every microbatch this process runs
     sum_over_replicas(stage, flat)        a stage's flat gradient summed over its replicas, in place
@@ -27,6 +27,7 @@ from topology.plan import Plan
 from skippipe.comm import all_gather_json, connect_peers, peer_errors, wait_for
 from skippipe.context import Context
 from skippipe.model import FullModel, Stage
+from skippipe.precision import Precision, resolve_precision
 from skippipe.worker import IterationResult, Worker
 from topology.model_spec import ModelSpec
 
@@ -46,8 +47,10 @@ class LocalExecutor:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def build(self, plan: Plan, spec: ModelSpec, *, seed: int, context: int) -> dict[int, nn.Module]:
+    def build(self, plan: Plan, spec: ModelSpec, *, seed: int, context: int,
+              precision: Precision | None = None) -> dict[int, nn.Module]:
         self.plan = plan
+        self.precision = precision or resolve_precision("fp32", self.device)
         self.model = FullModel(spec, plan.num_stages, seed, self.device)
         self.stages = dict(enumerate(self.model.stages))
         self.counted_stages = set(self.stages)
@@ -59,12 +62,17 @@ class LocalExecutor:
     def run_iteration(self, batches: Batches, plan: Plan | None = None) -> IterationResult:
         """Forward and backward of every microbatch through the stages of its path in `plan` (None: the
         built one; another plan of the same model may differ step by step: skippipe/path_schedule.py), in
-        microbatch order."""
+        microbatch order.
+
+        Hidden states are rounded between stages as the wire rounds them (Note [mixed precision])."""
         result = IterationResult(losses={})
+        precision = self.precision
         for path in sorted((plan or self.plan).paths, key=lambda p: p.microbatch):
             inputs, targets = batches[path.microbatch]
             start = time.time()
-            loss = FullModel.loss(self.model.forward_path(inputs.to(self.device), path.stages), targets.to(self.device))
+            with precision.autocast():
+                logits = self.model.forward_path(inputs.to(self.device), path.stages, boundary=precision.boundary)
+            loss = FullModel.loss(logits, targets.to(self.device))
             loss.backward()  # unscaled: each stage divides by its own visit count afterwards
             result.losses[path.microbatch] = loss.detach()
             end = time.time()
@@ -83,7 +91,10 @@ class LocalExecutor:
         """Mean token loss of the full model (every stage, in order), as Worker.evaluate computes it."""
         total, count = 0.0, 0
         for inputs, targets in batches:
-            loss = FullModel.loss(self.model(inputs.to(self.device)), targets.to(self.device))
+            with self.precision.autocast():
+                logits = self.model.forward_path(inputs.to(self.device), range(self.model.num_stages),
+                                                 boundary=self.precision.boundary)
+            loss = FullModel.loss(logits, targets.to(self.device))
             total += float(loss) * targets.numel()
             count += targets.numel()
         return total / max(count, 1)
@@ -112,10 +123,11 @@ class DistributedExecutor:
         self.counted_stages = {ctx.stage} if ctx.is_stage_leader else set()
         self.write_stages = set(self.counted_stages)
 
-    def build(self, plan: Plan, spec: ModelSpec, *, seed: int, context: int) -> dict[int, nn.Module]:
+    def build(self, plan: Plan, spec: ModelSpec, *, seed: int, context: int,
+              precision: Precision | None = None) -> dict[int, nn.Module]:
         ctx = self.ctx
         self.stages = {ctx.stage: Stage(spec, ctx.stage, plan.num_stages, seed, ctx.device)}
-        self.worker = Worker(plan, ctx, self.stages[ctx.stage], (plan.microbatch_size, context, spec.dim))
+        self.worker = Worker(plan, ctx, self.stages[ctx.stage], (plan.microbatch_size, context, spec.dim), precision)
         # Every pair a path uses (wrapping back to the data node for the loss) and the ring of stage
         # leaders that evaluation walks.
         pairs = {(ctx.node_rank[a], ctx.node_rank[b]) for p in plan.paths for a, b in zip(p.nodes, p.nodes[1:] + p.nodes[:1])}

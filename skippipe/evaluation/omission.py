@@ -136,9 +136,13 @@ def omission_table(model: FullModel, batches: Batches, *, keeps: Sequence[float]
                     f"{cache[key]['tokens_per_s']:,.0f} tok/s")
         return cache[key]
 
-    if batches:  # warm-up: the first forward pays for lazy initialisation, which is no row's speed
+    if batches:
+        # Warm-up on a whole batch of the measured shape: the first forwards pay for lazy initialisation
+        # and for the allocator and kernels of that shape (one sequence was not enough: the first row
+        # then read 702 tok/s against 44,940 for the next), which is no row's speed.
         with torch.no_grad():
-            model.forward_path(batches[0][0][:1].to(next(model.parameters()).device), range(num_stages))
+            for _ in range(2):
+                model.forward_path(batches[0][0].to(next(model.parameters()).device), range(num_stages))
     full_ppl = math.exp(run(list(range(num_stages)))["loss"])
     rows = []
     for keep in keeps:
@@ -213,8 +217,18 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
             writer.writerow({**row, "stages": json.dumps(row["stages"]).replace(" ", "")})
 
 
+# How each placement chooses the kept stages, for legends (kept_stages has the rule).
+PLACEMENT_LEGEND = {"even": "even (kept stages spread evenly over the depth)", "random": "random (mean, min-max band)",
+                    "first": "first (the shallowest stages)", "last": "last (stage 0 and the deepest)"}
+X_LABEL = "fraction of stages kept at inference (stage 0 always kept); to the right: more of the model left out"
+
+
 def plot_curves(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
-    """Perplexity against kept fraction: one line per (curve, placement); random with its min-max band."""
+    """Perplexity against kept fraction: one line per (curve, placement); random with its min-max band.
+
+    The y axis starts at 1, the least perplexity there is, so that a small change looks small; each
+    point is labelled with its ratio to the same model with every stage.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -224,16 +238,20 @@ def plot_curves(curves: dict[str, list[dict]], path: str | Path, title: str = ""
         for placement in dict.fromkeys(r["placement"] for r in rows):
             mine = sorted((r for r in rows if r["placement"] == placement), key=lambda r: r["keep"])
             x = [r["keep"] for r in mine]
-            name = f"{label} ({placement})" if label else placement
-            line, = ax.plot(x, [r["ppl"] for r in mine], marker="o", label=name)
+            name = PLACEMENT_LEGEND.get(placement, placement)
+            line, = ax.plot(x, [r["ppl"] for r in mine], marker="o", label=f"{label}, {name}" if label else name)
+            for r in mine:
+                ax.annotate(f"x{r['ratio_to_full']:.3f}", (r["keep"], r["ppl"]), textcoords="offset points",
+                            xytext=(0, 6), ha="center", fontsize=7, color=line.get_color())
             if placement == "random":
                 ax.fill_between(x, [r["ppl_min"] for r in mine], [r["ppl_max"] for r in mine],
                                 color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("fraction of stages kept")
-    ax.set_ylabel("held-out perplexity")
+    ax.set_xlabel(X_LABEL, fontsize=8)
+    ax.set_ylabel("held-out perplexity (x: ratio to all stages)")
+    ax.set_ylim(bottom=1.0, top=ax.get_ylim()[1] * 1.05)
     ax.invert_xaxis()  # left to right: more and more of the model omitted
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(title="kept stages chosen", fontsize=8, title_fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()

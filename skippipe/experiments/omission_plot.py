@@ -1,6 +1,6 @@
 """The omission study's figure (scripts/omission_study.py --plot): every run's perplexity against the
 kept fraction (left) and its validation loss against predicted wall-clock on the paper's network (right).
-Both panels are drawn from the report's own tables (experiments/omission_study.py)."""
+Both panels are drawn from the report's own tables (skippipe/experiments/omission_study.py)."""
 from __future__ import annotations
 
 from pathlib import Path

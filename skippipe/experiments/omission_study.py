@@ -3,8 +3,8 @@ does it degrade gracefully when stages are omitted? (issue 14; README, "Inferenc
 
 Settings, the runs the study trains, the wall-clock each run is worth on the paper's network (the
 simulator's prediction), and the report's answers from the runs' omission tables and depth summaries
-(skippipe/evaluation/omission.py). scripts/omission_study.py trains and evaluates; the plot is in
-experiments/omission_plot.py.
+(skippipe/evaluation/omission.py). skippipe/commands/omission_study.py trains and evaluates; the plot is in
+skippipe/experiments/omission_plot.py.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SETTINGS = {"mission": {"stages": 8, "skip_ratio": 0.25},   # 8 stages x 3 layer
 # The paper's network for the wall-clock comparison: the simulator's predicted iteration time of each
 # run's plan on gcp-12-regions with 20 nodes and llama-500m (the README's solver baseline: microbatches
 # of 8, 30 per iteration, memory 3; 6 stages as 5,3,3,3,3,3 there, other stage counts even).
-NETWORK = {"topology": "gcp-12-regions", "nodes": 20, "model": "configs/models/llama-500m.yaml",
+NETWORK = {"topology": "gcp-12-regions", "nodes": 20, "model": "llama-500m",
            "microbatch_size": 8, "microbatches": 30, "memory": 3, "stage_sizes": {6: [5, 3, 3, 3, 3, 3]}}
 # Remedies of the skip run: full-depth work mixed in (scheduler/depth.py). The default, one iteration in
 # ten at full depth (the schedule of the paper authors' later training code), costs least on the
