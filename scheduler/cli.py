@@ -30,30 +30,53 @@ def int_list(text: str) -> list[int]:
 
 
 def add_problem_args(p) -> None:
-    p.add_argument("--topology", required=True, help="scenario name or topology YAML")
-    p.add_argument("--nodes", type=str, help="node count (required for a scenario)")
-    p.add_argument("--stages", type=str, help="number of pipeline stages")
-    p.add_argument("--stage-sizes", type=str, help="nodes per stage, e.g. 5,3,3,3,3,3 (sums to --nodes)")
-    p.add_argument("--model", default="llama-500m", help="model YAML or a name in configs/models (default llama-500m)")
-    p.add_argument("--microbatch-size", type=str, default="1", help="samples per microbatch (default 1)")
+    p.add_argument("--topology", required=True, help="scenario name, shipped topology name or topology YAML")
+    p.add_argument("--nodes", type=str, help="node count (required for a scenario; default: a YAML's own count)")
+    # Either one; both only when they agree (the count of --stage-sizes is --stages), else an error.
+    p.add_argument("--stages", type=str, help="number of pipeline stages, their sizes chosen by the solver; "
+                   "with --stage-sizes as well, the two must agree (default: the number --stage-sizes gives)")
+    p.add_argument("--stage-sizes", type=str, help="nodes per stage, e.g. 5,3,3,3,3,3 (sums to --nodes); "
+                   "use it or --stages, or both if they agree (default: sizes chosen by the solver for --stages)")
+    p.add_argument("--model", default="llama-500m", help="model YAML, or a shipped model by name "
+                   "(llama-tiny, llama-500m, llama-1.5b, llama-8b, ...)")
+    p.add_argument("--microbatch-size", type=str, default="1", help="samples per microbatch")
     p.add_argument("--microbatches", type=str, help="microbatches per iteration (default: memory x data nodes)")
-    p.add_argument("--memory", type=str, default="3", help="microbatches' activations a node may hold (default 3)")
-    p.add_argument("--skip-ratio", type=float, default=0.0, help="fraction of stages each microbatch skips")
-    p.add_argument("--max-swaps", type=int, default=2, help="CC3: neighbouring swaps allowed per path (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, help="seconds the solver may search (default: its own budget)")
+    p.add_argument("--memory", type=str, default="3", help="TC1: microbatches' activations a node may hold, "
+                   "or auto: from each node's memory_gb, the stage's parameters and AdamW state (topology/memory.py)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="for --memory auto: the training precision")
+    p.add_argument("--activation-checkpointing", default="none", choices=["none", "layer"],
+                   help="for --memory auto: activation checkpointing per layer, or none")
+    p.add_argument("--skip-ratio", type=float, default=0.0, help="fraction of stages each microbatch skips, in [0, 1)")
+    p.add_argument("--max-swaps", type=int, default=2, help="CC3: neighbouring swaps allowed per path")
+    p.add_argument("--seed", type=int, default=0, help="solver seed (and the seed of seeded scenarios)")
+    p.add_argument("--time-limit", type=float, help="wall-clock seconds the solver may search (default: no limit; "
+                   "its budget is counted in evaluations)")
 
 
 def problem_from_args(args) -> Problem:
     num_nodes = positive_int(args.nodes, "--nodes") if args.nodes is not None else None
     topology = load_topology(args.topology, num_nodes, args.seed)
+    model = load_model_spec(args.model)
+    memory, explanation = positive_int(args.memory, "--memory") if args.memory != "auto" else "auto", None
+    if memory == "auto":
+        from topology.memory import describe, resolve_memory
+        stages = (len(int_list(args.stage_sizes)) if args.stage_sizes is not None
+                  else positive_int(args.stages, "--stages") if args.stages is not None else None)
+        if stages is None:
+            raise ConfigError("pass --stages S or --stage-sizes a,b,...")
+        memory, explanation = resolve_memory(
+            "auto", topology=topology, spec=model, num_stages=stages,
+            microbatch_size=positive_int(args.microbatch_size, "--microbatch-size"), precision=args.precision,
+            checkpointing=args.activation_checkpointing)
+        print(describe(explanation))
     return Problem(
-        topology=topology, model=load_model_spec(args.model),
+        topology=topology, model=model, memory_explanation=explanation,
         microbatch_size=positive_int(args.microbatch_size, "--microbatch-size"),
         num_stages=positive_int(args.stages, "--stages") if args.stages is not None else None,
         stage_sizes=int_list(args.stage_sizes) if args.stage_sizes is not None else None,
         num_microbatches=positive_int(args.microbatches, "--microbatches") if args.microbatches is not None else None,
-        memory=positive_int(args.memory, "--memory"), skip_ratio=args.skip_ratio, max_swaps=args.max_swaps,
+        memory=memory, skip_ratio=args.skip_ratio, max_swaps=args.max_swaps,
         seed=args.seed, time_limit=args.time_limit,
         topology_source={"spec": args.topology, "seed": args.seed},
     )
@@ -109,19 +132,21 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     p = sub.add_parser("solve", help="solve a plan and write plan.json")
     add_problem_args(p)
-    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=sorted(STRATEGIES))
-    p.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=sorted(STRATEGIES),
+                   help="full: the ordinary full pipeline; random-skip: random stage sets; skippipe-no-tc2: cheapest "
+                   "loop per microbatch, blind to the others; skippipe: collision-aware paths and order (README, Strategies)")
+    p.add_argument("--out", default="plan.json", help="where to write the plan")
     p.set_defaults(run=cmd_solve)
     p = sub.add_parser("validate", help="check a plan against every constraint")
-    p.add_argument("plan")
-    p.add_argument("--topology", help="also check the plan was made for this topology")
-    p.add_argument("--nodes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("plan", help="the plan.json to check")
+    p.add_argument("--topology", help="also check the plan was made for this topology (default: rules only)")
+    p.add_argument("--nodes", help="node count of a scenario --topology (default: none, as for a YAML)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a seeded scenario --topology")
     p.set_defaults(run=cmd_validate)
     p = sub.add_parser("compare", help="every strategy on one setting: iteration time, ratio to full, solve time")
     add_problem_args(p)
     p.add_argument("--strategies", help=f"comma-separated subset of {','.join(sorted(STRATEGIES))} (default: all)")
-    p.add_argument("--json", help="also write the comparison as JSON to this file")
+    p.add_argument("--json", help="also write the comparison as JSON to this file (default: table only)")
     p.set_defaults(run=cmd_compare)
     return parser
 

@@ -39,12 +39,13 @@ def compare(problem: Problem, strategies: list[str] | None = None) -> list[dict]
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'strategy':<17} {'iteration (s)':>13} {'x full':>7} {'samples/s':>10} {'bubble':>7} {'solve (s)':>9}"
+    # Two spaces between columns: with one, "bubble solve (s)" read as a single heading.
+    head = f"{'strategy':<17}  {'iteration (s)':>13}  {'x full':>7}  {'samples/s':>10}  {'bubble':>7}  {'solve (s)':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = f"{r['ratio_to_full']:.3f}" if r["ratio_to_full"] is not None else "-"
-        lines.append(f"{r['strategy']:<17} {r['iteration_s']:>13.2f} {ratio:>7} {r['samples_per_s']:>10.2f} "
-                     f"{r['bubble_share']:>7.1%} {r['solve_s']:>9.2f}")
+        lines.append(f"{r['strategy']:<17}  {r['iteration_s']:>13.2f}  {ratio:>7}  {r['samples_per_s']:>10.2f}  "
+                     f"{r['bubble_share']:>7.1%}  {r['solve_s']:>9.2f}")
     return "\n".join(lines)
 
 

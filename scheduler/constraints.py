@@ -130,10 +130,20 @@ def _structure(plan: Plan) -> list[Violation]:
     return out
 
 
+def full_depth_ids(plan: Plan) -> set[int]:
+    """The microbatches the plan declares full depth (constraints["full_depth"], scheduler.depth); a
+    malformed entry is a ConfigError naming the fix."""
+    ids = plan.constraints.get("full_depth", [])
+    if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise ConfigError(f"the plan's constraints.full_depth must be a list of microbatch ids, got {ids!r}")
+    return set(ids)
+
+
 def _paths(plan: Plan) -> list[Violation]:
     out = []
     length = path_length(plan.num_stages, plan.skip_ratio)
     max_swaps = int(plan.constraints.get("max_swaps", 2))
+    full_depth = full_depth_ids(plan)
     for p in plan.paths:
         if not p.stages or p.stages[0] != 0 or p.nodes[0] != p.data_node:
             out.append(Violation("CC1", "a path must start at stage 0 on its data node", microbatch=p.microbatch,
@@ -141,7 +151,11 @@ def _paths(plan: Plan) -> list[Violation]:
         dup = [st for st, c in Counter(p.stages).items() if c > 1]
         if dup:
             out.append(Violation("CC2", "the path visits a stage twice", microbatch=p.microbatch, stage=dup[0]))
-        if len(p.stages) != length:
+        if p.microbatch in full_depth:
+            if tuple(p.stages) != tuple(range(plan.num_stages)):
+                out.append(Violation("CC2", f"a full-depth path must visit every stage in order, not {list(p.stages)}",
+                                     microbatch=p.microbatch))
+        elif len(p.stages) != length:
             out.append(Violation("CC2", f"the path visits {len(p.stages)} stages; skip ratio {plan.skip_ratio} "
                                         f"with {plan.num_stages} stages needs {length}", microbatch=p.microbatch))
         if not dup:

@@ -28,6 +28,7 @@ class Problem:
     # node id -> stage, kept as given (a re-plan while training: no weights move, only paths, replicas
     # and order change); None: the strategy places the nodes.
     fixed_placement: list[int] | None = None
+    memory_explanation: dict | None = None  # how an `auto` memory cap was derived (topology/memory.py)
     cost: CostModel = field(init=False, repr=False)
 
     def __post_init__(self):

@@ -42,8 +42,9 @@ def solve(problem: Problem, strategy_name: str = "full") -> Plan:
     return build_plan(problem, strategy_name, workload)
 
 
-def build_plan(problem: Problem, strategy_name: str, workload: Workload) -> Plan:
-    """Wrap a placement, routes and order as a plan, with the simulator's prediction for it as written."""
+def build_plan(problem: Problem, strategy_name: str, workload: Workload, *, full_depth: list[int] = ()) -> Plan:
+    """Wrap a placement, routes and order as a plan, with the simulator's prediction for it as written.
+    `full_depth`: microbatches whose routes visit every stage (scheduler.depth), recorded in the plan."""
     topo = problem.topology
     result = simulate(workload, cost=problem.cost, memory=problem.memory)
     plan = Plan(
@@ -51,7 +52,9 @@ def build_plan(problem: Problem, strategy_name: str, workload: Workload) -> Plan
         nodes=[PlanNode(n.id, n.name, n.region, workload.node_stage[n.id], n.id) for n in topo.nodes],
         paths=sorted(workload.routes, key=lambda r: r.microbatch),
         order={node: list(workload.order.get(node, [])) for node in range(topo.num_nodes)},
-        constraints={"max_swaps": problem.max_swaps, "memory": problem.memory},
+        constraints={"max_swaps": problem.max_swaps, "memory": problem.memory,
+                     **({"full_depth": sorted(full_depth)} if full_depth else {}),
+                     **({"memory_auto": problem.memory_explanation} if problem.memory_explanation else {})},
         seed=problem.seed, strategy=strategy_name, model=problem.model.name,
         microbatch_size=problem.microbatch_size,
         topology={"name": topo.name, "num_nodes": topo.num_nodes, "fingerprint": topo.fingerprint(),

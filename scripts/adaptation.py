@@ -1,67 +1,15 @@
 #!/usr/bin/env python
-"""Re-planning while training, measured: static, adaptive and oracle runs on the emulated cluster.
+"""`python scripts/adaptation.py ...` from a checkout, the same as the installed `skippipe-adaptation`.
 
-    sudo .venv/bin/python scripts/adaptation.py --out reports/adaptation.json
-
-Needs root. Two events, each in three runs of --steps steps at skip ratio 0.25 (one emulated cluster,
-configs/topologies/emulated-8.yaml): one link's bandwidth cut to a quarter at --event-step, and one
-node's compute slowed 3x at --event-step. static: re-planning off; adaptive: on; oracle: the same
-placement with paths and order solved from the start for the network after the event. The link and the
-node are the ones the simulator says matter most to the static plan (skippipe/emulation/adaptation.py).
-The report (JSON): per event its kind, step, target and the reason it was chosen, and per run the
-iteration seconds of every step, their median from event step + 6 on, the losses, and for the adaptive
-run the step after which it re-planned.
+The command lives in skippipe/commands/adaptation.py; this wrapper only makes the checkout importable
+first, so that the script works without installing the package.
 """
-import argparse
-import json
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from topology.errors import cli_errors  # noqa: E402
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="the report (JSON)")
-    p.add_argument("--topology", default="configs/topologies/emulated-8.yaml", help="topology YAML to emulate")
-    p.add_argument("--config", default="configs/train/emulated.yaml", help="training YAML")
-    p.add_argument("--steps", type=int, default=20, help="training steps per run")
-    p.add_argument("--event-step", type=int, default=6, help="the step at which the events happen")
-    p.add_argument("--events", default="link,node", help="which events to run: link, node or both")
-    p.add_argument("--work-dir", default="runs/adaptation", help="run dirs, plans and logs go here")
-    p.add_argument("--timeout", type=float, default=900, help="seconds allowed per run")
-    p.add_argument("--nice", type=int, default=-19, help="scheduling priority of the emulated nodes")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. schedule.replan.patience=2")
-    args = p.parse_args()
-    from skippipe.emulation.emulate import Interrupted, JobFailed
-    with cli_errors():
-        kinds = tuple(k.strip() for k in args.events.split(",") if k.strip())
-        if not kinds or set(kinds) - {"link", "node"}:
-            raise ValueError(f"--events {args.events!r}: pass link, node or link,node")
-        if not 1 < args.event_step < args.steps:
-            raise ValueError(f"--event-step {args.event_step} must lie inside the run's {args.steps} steps")
-        try:
-            from skippipe.emulation.adaptation import run_adaptation
-            report = run_adaptation(topology_path=args.topology, config=args.config, work_dir=args.work_dir,
-                                    steps=args.steps, event_step=args.event_step, overrides=args.overrides,
-                                    timeout_s=args.timeout, nice=args.nice, kinds=kinds)
-        except JobFailed as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
-        except Interrupted as exc:
-            print(f"error: interrupted by {exc}; the emulated cluster was removed", file=sys.stderr)
-            sys.exit(143)
-    report["command"] = shlex.join(["scripts/adaptation.py", *sys.argv[1:]])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    for entry in report["events"]:
-        print(f"{entry['description']}: {json.dumps(entry['targets'])}")
-    print(f"report: {out}")
-
+from skippipe.commands.adaptation import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

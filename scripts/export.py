@@ -1,42 +1,15 @@
 #!/usr/bin/env python
-"""Export a checkpoint as a Hugging Face LlamaForCausalLM folder (config.json, model.safetensors, tokenizer).
+"""`python scripts/export.py ...` from a checkout, the same as the installed `skippipe-export`.
 
-    python scripts/export.py --checkpoint runs/debug --out hf/debug
-    python scripts/export.py --checkpoint runs/debug --out hf/debug-half --keep 0.5   # half the stages
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer   # offline: nothing is downloaded
-    model = AutoModelForCausalLM.from_pretrained("hf/debug"); tokenizer = AutoTokenizer.from_pretrained("hf/debug")
+The command lives in skippipe/commands/export.py; this wrapper only makes the checkout importable first,
+so that the script works without installing the package.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from topology.errors import ArgumentParser, cli_errors  # noqa: E402
-
-
-def main() -> None:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="run dir (its newest checkpoint) or a checkpoints/step_* folder")
-    p.add_argument("--out", required=True, help="directory to write the Hugging Face folder to")
-    p.add_argument("--keep", type=float, help="export only this fraction of the stages (stage 0 always kept)")
-    p.add_argument("--placement", default="even", help="which stages --keep keeps: even|random|first|last")
-    p.add_argument("--seed", type=int, default=0, help="the draw of --placement random")
-    args = p.parse_args()
-    with cli_errors():
-        from skippipe.checkpoint import checkpoint_folder, checkpoint_meta
-        from skippipe.evaluation.export import export_checkpoint
-        from skippipe.evaluation.omission import check_placement, kept_stages
-
-        stages = None
-        if args.keep is not None:
-            check_placement(args.placement)
-            num_stages = checkpoint_meta(checkpoint_folder(args.checkpoint))["num_stages"]
-            stages = kept_stages(num_stages, args.keep, args.placement, args.seed)
-        out = export_checkpoint(args.checkpoint, args.out, stages)
-        print(f"wrote {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, skippipe.json)"
-              + (f" with stages {stages}" if stages else ""))
-
+from skippipe.commands.export import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

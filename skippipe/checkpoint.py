@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from topology.plan import Plan
 from skippipe.config import Config, load_config, save_config
 from skippipe.model import FullModel
 from topology.errors import ConfigError
@@ -38,9 +37,28 @@ from topology.yamlio import read_json
 LATEST = "latest"
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _umask() -> int:
+    """The process's file-creation mask, read without changing it (Linux: /proc; elsewhere a round trip)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary sibling, then rename it onto `path`: a kill never leaves half a file.
+
+    The file gets the mode of any new file (0644 under the usual umask 022): safetensors creates its
+    files 0600, which would hide checkpoints and exports from the other users of a shared machine.
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())
     tmp.replace(path)
 
 
@@ -61,7 +79,7 @@ def data_file(folder: Path, node_id: int) -> Path:
 
 
 def _point_latest(root: Path, folder: Path) -> None:
-    _atomic(root / LATEST, lambda tmp: tmp.write_text(folder.name + "\n"))
+    atomic_write(root / LATEST, lambda tmp: tmp.write_text(folder.name + "\n"))
 
 
 def save_checkpoint(run_dir: str | Path, *, step: int, stages: dict[int, torch.nn.Module], optimizers: dict,
@@ -82,21 +100,22 @@ def save_checkpoint(run_dir: str | Path, *, step: int, stages: dict[int, torch.n
     for stage in sorted(stages if write_stages is None else write_stages):
         # Clone: safetensors refuses tensors that share memory (a tied LM head and embedding).
         weights = {k: v.detach().cpu().clone().contiguous() for k, v in stages[stage].state_dict().items()}
-        _atomic(stage_weights_file(folder, stage),
+        atomic_write(stage_weights_file(folder, stage),
                 lambda tmp: save_file(weights, str(tmp), metadata={"stage": str(stage), "step": str(step)}))
-        _atomic(stage_optimizer_file(folder, stage), lambda tmp: torch.save(optimizers[stage].state_dict(), tmp))
+        atomic_write(stage_optimizer_file(folder, stage), lambda tmp: torch.save(optimizers[stage].state_dict(), tmp))
     for node_id, stream in streams.items():
-        _atomic(data_file(folder, node_id), lambda tmp: torch.save(stream.state_dict(), tmp))
+        atomic_write(data_file(folder, node_id), lambda tmp: torch.save(stream.state_dict(), tmp))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    _atomic(folder / f"rng{rank}.pt", lambda tmp: torch.save(rng, tmp))
+    atomic_write(folder / f"rng{rank}.pt", lambda tmp: torch.save(rng, tmp))
     barrier()  # every rank's files are in place before the checkpoint is declared complete
     if rank == 0:
         plan.save(folder / "plan.json")
         save_config(cfg, folder / "config.yaml")
-        meta = {"step": step, "num_stages": plan.num_stages, "num_nodes": len(plan.nodes), "plan_version": plan_version}
-        _atomic(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
+        meta = {"step": step, "num_stages": plan.num_stages, "num_nodes": len(plan.nodes),
+                "plan_version": plan_version}
+        atomic_write(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
         _point_latest(root, folder)
     barrier()
     return folder

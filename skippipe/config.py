@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from topology import resources
 from topology.errors import ConfigError
 from topology.yamlio import read_yaml
 
@@ -47,10 +48,20 @@ class ScheduleConfig:
     skip_ratio: float = 0.0
     microbatch_size: int = 4  # sequences per microbatch
     num_microbatches: int = 8  # microbatches per iteration, over all data nodes
-    memory: int = 3  # TC1: microbatches' activations a node may hold at once
+    # TC1: microbatches' activations a node may hold at once, or "auto": derived from each node's memory,
+    # the stage's parameters and optimizer state, precision and checkpointing (topology/memory.py)
+    memory: int | str = 3
     max_swaps: int = 2  # CC3
     plan: str | None = None  # use this plan.json instead of solving
     replan: ReplanConfig = field(default_factory=ReplanConfig)
+    # Full-depth work mixed into a skipping plan (scheduler/depth.py; README, "Inference with stages
+    # omitted"): this fraction of each iteration's microbatches visits every stage, in order.
+    full_fraction: float = 0.0
+    # One iteration in full_every runs every microbatch at full depth (0: never); single-process only.
+    full_every: int = 0
+    # LayerDrop instead of the plan's paths (single-process only): each microbatch keeps stage 0 and each
+    # other stage with the probability that gives the expected depth of this skip ratio, natural order.
+    layerdrop: float = 0.0
 
 
 @dataclass
@@ -91,6 +102,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the last step
     eval_batches: int = 4
     checkpoint_every: int = 0  # 0: save only at the last step
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 on CUDA, fp32 on CPU); Note [mixed precision]
+    activation_checkpointing: str = "none"  # none | layer: keep each layer's input, recompute in backward
+    peak_tflops: float | None = None  # the device's peak for MFU; None: known GPUs by name, none on CPU
 
 
 @dataclass
@@ -108,7 +122,7 @@ class Config:
         s, o, t = self.schedule, self.optim, self.train
         positive = {"schedule.num_nodes": s.num_nodes, "schedule.num_stages": s.num_stages,
                     "schedule.microbatch_size": s.microbatch_size, "schedule.num_microbatches": s.num_microbatches,
-                    "schedule.memory": s.memory, "train.steps": t.steps, "train.log_every": t.log_every,
+                    "train.steps": t.steps, "train.log_every": t.log_every,
                     "train.comm_timeout_s": t.comm_timeout_s, "optim.lr": o.lr}
         for key, value in positive.items():
             if value <= 0:
@@ -123,8 +137,25 @@ class Config:
         if not r.threshold > 0 or r.patience < 1 or r.warmup < 1 or r.window < 1 or r.max_replans < 0:
             raise ConfigError(f"schedule.replan needs threshold > 0, patience, warmup and window >= 1 and "
                               f"max_replans >= 0; got {r}")
+        if s.memory != "auto" and (not isinstance(s.memory, int) or s.memory <= 0):
+            raise ConfigError(f"schedule.memory must be a positive integer or auto, got {s.memory!r}")
+        if t.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+        if t.activation_checkpointing not in ("none", "layer"):
+            raise ConfigError(f"train.activation_checkpointing must be none or layer, got {t.activation_checkpointing!r}")
+        if t.peak_tflops is not None and t.peak_tflops <= 0:
+            raise ConfigError(f"train.peak_tflops must be positive or null, got {t.peak_tflops}")
         if not 0 <= s.skip_ratio < 1:
             raise ConfigError(f"schedule.skip_ratio must be in [0, 1), got {s.skip_ratio}; e.g. --skip-ratio 0.25")
+        if not 0 <= s.full_fraction <= 1:
+            raise ConfigError(f"schedule.full_fraction must be in [0, 1], got {s.full_fraction}; e.g. 0.125")
+        if s.full_every < 0:
+            raise ConfigError(f"schedule.full_every must not be negative, got {s.full_every}; 0 turns it off")
+        if not 0 <= s.layerdrop < 1:
+            raise ConfigError(f"schedule.layerdrop must be in [0, 1), got {s.layerdrop}; e.g. 0.33 (a skip ratio)")
+        if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every):
+            raise ConfigError("schedule.layerdrop replaces the plan's paths: train it on a full pipeline "
+                              "(skip_ratio 0, full_fraction 0, full_every 0)")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
         if o.decay_steps is not None and o.decay_steps <= 0:
@@ -147,7 +178,13 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             if type(None) in args:
                 return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
+        kinds = [a for a in args if a is not type(None)]
+        for alternative in kinds[:-1]:  # int | str: a number when it reads as one, else the string
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError:
+                pass
+        return _coerce(value, kinds[-1], key)
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
@@ -207,8 +244,14 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults < the YAML at `path` < dotted `overrides`; validated. Raises ConfigError on bad input.
+
+    `path` is a file (relative to the current directory) or the name of a shipped config (``debug``,
+    ``emulated``, ``omission``: topology/resources.py); None: the defaults alone.
+    """
     cfg = Config()
     if path is not None:
+        path = resources.resolve("config", path)
         _merge(cfg, read_yaml(path), str(path))
     for text in overrides:
         _merge(cfg, parse_override(text), f"override {text!r}")

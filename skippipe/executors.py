@@ -3,9 +3,9 @@
 The trainer (trainer.py) runs the same steps whichever executor it has; everything that differs
 between one process and a distributed run is here, behind the same methods:
 
-    build(plan, spec, seed=, context=)   the stages this process holds (stage index -> module)
+    build(plan, spec, seed=, context=, precision=)   the stages this process holds (stage index -> module)
     data_nodes(plan)                      the plan nodes whose data streams this process draws
-    run_iteration(batches, step=)         forward and backward of every microbatch this process runs
+    run_iteration(batches, plan, step=)   forward and backward of every microbatch this process runs
     switch(plan)                          run `plan` from the next iteration (same placement; a re-plan)
     share_json(make, what)                rank 0's make() on every process, as JSON
     sum_over_replicas(stage, flat)        a stage's flat gradient summed over its replicas, in place
@@ -29,6 +29,7 @@ from topology.plan import Plan
 from skippipe.comm import all_gather_json, broadcast_json, connect_peers, peer_errors, wait_for
 from skippipe.context import Context
 from skippipe.model import FullModel, Stage
+from skippipe.precision import Precision, resolve_precision
 from skippipe.worker import IterationResult, Worker
 from topology.model_spec import ModelSpec
 
@@ -48,8 +49,10 @@ class LocalExecutor:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def build(self, plan: Plan, spec: ModelSpec, *, seed: int, context: int) -> dict[int, nn.Module]:
+    def build(self, plan: Plan, spec: ModelSpec, *, seed: int, context: int,
+              precision: Precision | None = None) -> dict[int, nn.Module]:
         self.plan = plan
+        self.precision = precision or resolve_precision("fp32", self.device)
         self.model = FullModel(spec, plan.num_stages, seed, self.device)
         self.stages = dict(enumerate(self.model.stages))
         self.counted_stages = set(self.stages)
@@ -66,13 +69,20 @@ class LocalExecutor:
         """One process: make() is the value."""
         return make()
 
-    def run_iteration(self, batches: Batches, *, step: int | None = None) -> IterationResult:
-        """Forward and backward of every microbatch through the stages of its path, in microbatch order."""
+    def run_iteration(self, batches: Batches, plan: Plan | None = None, *, step: int | None = None) -> IterationResult:
+        """Forward and backward of every microbatch through the stages of its path in `plan` (None: the
+        built one; another plan of the same model may differ step by step: skippipe/path_schedule.py), in
+        microbatch order.
+
+        Hidden states are rounded between stages as the wire rounds them (Note [mixed precision])."""
         result = IterationResult(losses={})
-        for path in sorted(self.plan.paths, key=lambda p: p.microbatch):
+        precision = self.precision
+        for path in sorted((plan or self.plan).paths, key=lambda p: p.microbatch):
             inputs, targets = batches[path.microbatch]
             start = time.time()
-            loss = FullModel.loss(self.model.forward_path(inputs.to(self.device), path.stages), targets.to(self.device))
+            with precision.autocast():
+                logits = self.model.forward_path(inputs.to(self.device), path.stages, boundary=precision.boundary)
+            loss = FullModel.loss(logits, targets.to(self.device))
             loss.backward()  # unscaled: each stage divides by its own visit count afterwards
             result.losses[path.microbatch] = loss.detach()
             end = time.time()
@@ -91,7 +101,10 @@ class LocalExecutor:
         """Mean token loss of the full model (every stage, in order), as Worker.evaluate computes it."""
         total, count = 0.0, 0
         for inputs, targets in batches:
-            loss = FullModel.loss(self.model(inputs.to(self.device)), targets.to(self.device))
+            with self.precision.autocast():
+                logits = self.model.forward_path(inputs.to(self.device), range(self.model.num_stages),
+                                                 boundary=self.precision.boundary)
+            loss = FullModel.loss(logits, targets.to(self.device))
             total += float(loss) * targets.numel()
             count += targets.numel()
         return total / max(count, 1)
@@ -120,11 +133,12 @@ class DistributedExecutor:
         self.counted_stages = {ctx.stage} if ctx.is_stage_leader else set()
         self.write_stages = set(self.counted_stages)
 
-    def build(self, plan: Plan, spec: ModelSpec, *, seed: int, context: int) -> dict[int, nn.Module]:
+    def build(self, plan: Plan, spec: ModelSpec, *, seed: int, context: int,
+              precision: Precision | None = None) -> dict[int, nn.Module]:
         ctx = self.ctx
         self.stages = {ctx.stage: Stage(spec, ctx.stage, plan.num_stages, seed, ctx.device)}
-        self.message_shape = (plan.microbatch_size, context, spec.dim)
-        self.worker = Worker(plan, ctx, self.stages[ctx.stage], self.message_shape)
+        self.message_shape, self.precision = (plan.microbatch_size, context, spec.dim), precision
+        self.worker = Worker(plan, ctx, self.stages[ctx.stage], self.message_shape, precision)
         # The ring of stage leaders that evaluation walks, and every pair a path uses (below).
         leaders = [ctx.stage_ranks[s][0] for s in range(plan.num_stages)]
         self.connected: set[tuple[int, int]] = set()
@@ -147,7 +161,7 @@ class DistributedExecutor:
         if plan.node_of_rank(self.rank).stage != self.ctx.stage:
             raise ValueError(f"rank {self.rank}: the new plan moves it from stage {self.ctx.stage} to "
                              f"{plan.node_of_rank(self.rank).stage}; moving stages needs the elastic restart")
-        self.worker = Worker(plan, self.ctx, self.stages[self.ctx.stage], self.message_shape)
+        self.worker = Worker(plan, self.ctx, self.stages[self.ctx.stage], self.message_shape, self.precision)
         self._connect(plan)
 
     def share_json(self, make, what: str):
@@ -158,7 +172,9 @@ class DistributedExecutor:
     def data_nodes(self, plan: Plan) -> list[int]:
         return [self.ctx.node.id]
 
-    def run_iteration(self, batches: Batches, *, step: int | None = None) -> IterationResult:
+    def run_iteration(self, batches: Batches, plan: Plan | None = None, *, step: int | None = None) -> IterationResult:
+        """The built (or switched-to) plan's actions of this rank's node; the trainer refuses schedules that
+        switch plans here. `step` (1-based) for ctx.slowdown."""
         return self.worker.run_iteration(batches, step=step)
 
     def sum_over_replicas(self, stage: int, flat: torch.Tensor) -> None:

@@ -1,7 +1,8 @@
 """What a run reports, on rank 0: a `|`-separated line per step, metrics.jsonl, TensorBoard, tqdm, a plot.
 
 metrics.jsonl holds one object per step: step, loss, lr, grad_norm, iteration_s, tokens_per_s,
-idle_share, per-rank compute / wait / idle seconds, val_loss when evaluated, and the per-rank timeline
+idle_share, per-rank compute / wait / idle seconds, model_flops_per_token, peak_tflops, mfu (null without
+a known peak), per-rank tokens_per_s_per_rank and mfu_per_rank (skippipe/flops.py), val_loss when evaluated, and the per-rank timeline
 of the step's actions (seconds from rank 0's iteration start; exact on one machine, shifted by clock
 skew across machines).
 """
@@ -19,6 +20,8 @@ def format_line(record: dict, total_steps: int) -> str:
     parts += [f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",
               f"{record['tokens_per_s']:,.0f} tok/s", f"iter {record['iteration_s']:.3f} s",
               f"idle {record['idle_share']:.0%}"]
+    if record.get("mfu") is not None:  # null without a known peak (a CPU): never a made-up figure
+        parts.append(f"MFU {format_share(record['mfu'])}")
     return " | ".join(parts)
 
 
@@ -60,7 +63,7 @@ class Metrics:
         with self.path.open("a") as out:
             out.write(json.dumps(record) + "\n")
         if self._tb is not None:
-            for key in ("loss", "val_loss", "lr", "grad_norm", "iteration_s", "tokens_per_s", "idle_share"):
+            for key in ("loss", "val_loss", "lr", "grad_norm", "iteration_s", "tokens_per_s", "idle_share", "mfu"):
                 if record.get(key) is not None:
                     self._tb.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", record[key], record["step"])
         if self._bar is not None:
@@ -107,3 +110,9 @@ def plot_losses(metrics_path: str | Path, out: str | Path) -> Path | None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return Path(out)
+
+
+def format_share(share: float) -> str:
+    """A measured fraction as a percentage with two significant digits: 0.4912 -> '49%', 0.00052 ->
+    '0.052%'. A fixed '.1%' printed a tiny model's real MFU as '0.0%', which reads as 'not measured'."""
+    return f"{share * 100:.2g}%"

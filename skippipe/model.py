@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from topology.model_spec import ModelSpec, split_layers
 
@@ -145,6 +146,10 @@ class Stage(nn.Module):
             raise ValueError(f"stage_index {stage_index} is out of range for {num_stages} stages; "
                              f"use 0..{num_stages - 1}")
         self.spec, self.stage_index, self.num_stages = spec, stage_index, num_stages
+        # Activation checkpointing (train.activation_checkpointing=layer): a layer keeps only its input
+        # for backward and recomputes the rest there (torch.utils.checkpoint, non-reentrant, so autocast
+        # and the autograd graph around it behave as without).
+        self.checkpoint_layers = False
         self.layer_indices = list(ranges[stage_index])
         layers = {}
         for layer_index in self.layer_indices:
@@ -180,7 +185,10 @@ class Stage(nn.Module):
         cos, sin = rotary_cos_sin(hidden.shape[1], head_dim=self.spec.head_dim, theta=self.spec.rope_theta,
                                   device=hidden.device, dtype=hidden.dtype)
         for layer in self.layers.values():
-            hidden = layer(hidden, cos, sin)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, cos, sin, use_reentrant=False)
+            else:
+                hidden = layer(hidden, cos, sin)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -208,17 +216,22 @@ class FullModel(nn.Module):
         self.spec, self.num_stages = spec, num_stages
         self.stages = nn.ModuleList(Stage(spec, s, num_stages, seed, device) for s in range(num_stages))
 
-    def forward_path(self, tokens: torch.Tensor, stage_sequence: Sequence[int]) -> torch.Tensor:
+    def forward_path(self, tokens: torch.Tensor, stage_sequence: Sequence[int],
+                     boundary: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Logits after the layers of the stages in ``stage_sequence``, in that order.
 
         A microbatch's path (which may skip and reorder stages) in training; the kept stages in natural
-        order when evaluating with omitted layers.
+        order when evaluating with omitted layers. `boundary`, if given, is applied to the hidden states
+        after every stage (also the last, before the head): where the distributed run sends them
+        (Note [mixed precision] in precision.py).
         """
         sequence = check_stage_sequence(stage_sequence, self.num_stages)
         first = self.stages[0]
         hidden = first.embed(tokens)
         for stage_index in sequence:
             hidden = self.stages[stage_index](hidden)
+            if boundary is not None:
+                hidden = boundary(hidden)
         return first.head(hidden)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -32,15 +32,35 @@ def build_problem(cfg: Config, topology: Topology, **changes) -> Problem:
                   max_swaps=s.max_swaps, seed=cfg.train.seed,
                   topology_source={"spec": s.topology, "seed": cfg.train.seed})
     fields.update(changes)
-    return Problem(topology=topology, model=load_model_spec(cfg.model), **fields)
+    spec = load_model_spec(cfg.model)
+    if fields["memory"] == "auto":
+        fields["memory"], fields["memory_explanation"] = schedule_memory(cfg, topology, spec, fields["num_stages"])
+    return Problem(topology=topology, model=spec, **fields)
+
+
+def schedule_memory(cfg: Config, topology: Topology, spec, num_stages: int) -> tuple[int, dict]:
+    """`schedule.memory: auto` as TC1's cap, from each node's memory_gb, else this process's device memory
+    as measured now (topology/memory.py, Note [memory arithmetic]); prints the arithmetic's one line."""
+    from skippipe.context import pick_device
+    from skippipe.flops import device_memory_gb
+    from skippipe.precision import resolve_precision
+    from topology.memory import describe, resolve_memory
+    device = pick_device(cfg.train.device)
+    cap, explanation = resolve_memory(
+        "auto", topology=topology, spec=spec, num_stages=num_stages, microbatch_size=cfg.schedule.microbatch_size,
+        precision=resolve_precision(cfg.train.precision, device).name, checkpointing=cfg.train.activation_checkpointing,
+        measured_gb=device_memory_gb(device))
+    print(describe(explanation), flush=True)
+    return cap, explanation
 
 
 def make_plan(cfg: Config) -> Plan:
-    """The plan file named by the config, or one solved for the configured topology and training shape."""
+    """The plan file named by the config, or one solved for the configured topology and training shape,
+    with schedule.full_fraction of its microbatches on full-depth routes."""
     if cfg.schedule.plan:
         return Plan.load(cfg.schedule.plan)
-    from scheduler.solve import solve
-    return solve(build_problem(cfg, job_topology(cfg)), cfg.schedule.strategy)
+    from scheduler.depth import mix_full_depth  # full_fraction 0: the strategy's plan as it is
+    return mix_full_depth(build_problem(cfg, job_topology(cfg)), cfg.schedule.strategy, cfg.schedule.full_fraction)
 
 
 def plan_for_run(cfg: Config, resume: bool) -> Plan:

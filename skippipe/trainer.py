@@ -25,8 +25,11 @@ from skippipe.config import Config, load_config, save_config
 from skippipe.context import Context, pick_device
 from skippipe.data import TokenStream, load_corpus
 from skippipe.executors import DistributedExecutor, LocalExecutor
+from skippipe.flops import mfu, model_flops_per_token, node_flops, peak_tflops
 from skippipe.metrics import Metrics
 from skippipe.optim import build_optimizer, lr_at, set_lr
+from skippipe.path_schedule import plan_schedule
+from skippipe.precision import resolve_precision
 from skippipe.sync import average_stage_gradients, clip_gradients, stage_visits
 from skippipe.worker import IterationResult
 from topology.errors import ConfigError
@@ -92,14 +95,22 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         corpus = load_corpus(cfg.data.corpus, context=self.context, tokenizer=cfg.data.tokenizer,
                              val_fraction=cfg.data.val_fraction, vocab_size=spec.vocab_size)
-        self.stages = executor.build(plan, spec, seed=seed, context=self.context)
+        self.spec = spec
+        self.precision = resolve_precision(cfg.train.precision, executor.device)
+        self.stages = executor.build(plan, spec, seed=seed, context=self.context, precision=self.precision)
+        for module in self.stages.values():
+            module.checkpoint_layers = cfg.train.activation_checkpointing == "layer"
         self.streams = data_streams(plan, corpus, executor.data_nodes(plan), seed)
         self.optimizers = {s: build_optimizer(m, cfg.optim) for s, m in self.stages.items()}
-        self.visits = stage_visits(plan)
+        self.schedule = plan_schedule(cfg, plan)
+        if self.schedule.varies and not isinstance(executor, LocalExecutor):
+            raise ConfigError("schedule.full_every and schedule.layerdrop switch plans between steps, which only "
+                              "the single-process mode supports; pass --single-process or use schedule.full_fraction")
         self.val_batches = [b for b in corpus.val_batches(plan.microbatch_size, cfg.train.eval_batches)
                             if len(b[0]) == plan.microbatch_size]  # full batches only: message shapes are fixed
         # The plan's microbatch size, not the config's: the plan is the contract (it may come from --plan).
         self.tokens_per_step = plan.num_microbatches * plan.microbatch_size * self.context
+        self.throughput = self._throughput()
         self.resumed_from = None
         if self.resume:
             self.resumed_from = folder = latest_checkpoint(self.run_dir)
@@ -130,8 +141,9 @@ class Trainer:
         for s, module in stages.items():
             set_lr(self.optimizers[s], lr)
             module.zero_grad(set_to_none=True)
-        result = executor.run_iteration(draw_batches(self.plan, self.streams), step=step)
-        average_stage_gradients(stages, self.visits, sum_over_replicas=executor.sum_over_replicas)
+        plan = self.schedule.plan_at(step)  # the run's plan unless a schedule (path_schedule.py) says otherwise
+        result = executor.run_iteration(draw_batches(plan, self.streams), plan, step=step)
+        average_stage_gradients(stages, stage_visits(plan), sum_over_replicas=executor.sum_over_replicas)
         grad_norm = clip_gradients(stages, cfg.optim.grad_clip, counted=executor.counted_stages,
                                    sum_over_ranks=executor.sum_over_ranks)
         if self.on_gradients is not None:
@@ -153,6 +165,14 @@ class Trainer:
         cfg, executor = self.cfg, self.executor
         metrics = Metrics(self.run_dir, executor.rank == 0, cfg.train.steps, self.start_step)
         self._report_parameters(metrics)
+        precision = self.precision
+        metrics.info(f"precision {precision.name} (stage boundaries carry {precision.wire_bytes}-byte elements) | "
+                     f"activation checkpointing {cfg.train.activation_checkpointing}")
+        if self.spec.dtype_bytes != precision.wire_bytes:
+            metrics.info(f"note: the model spec counts {self.spec.dtype_bytes}-byte activations (dtype_bytes) but this "
+                         f"{precision.name} run sends {precision.wire_bytes}-byte ones, so the plan's predicted times "
+                         f"count other bytes than the wire carries; set dtype_bytes: {precision.wire_bytes} in the "
+                         f"model YAML (as llama-tiny-fp32 does) or train.precision to match")
         if self.resumed_from is not None:
             metrics.info(f"resumed from {self.resumed_from} after step {self.start_step}")
         records = []
@@ -193,7 +213,7 @@ class Trainer:
         if new is not None:
             check(new, world_size=len(self.plan.nodes))
             self.executor.switch(new)
-            self.plan, self.visits = new, stage_visits(new)
+            self.plan, self.schedule = new, plan_schedule(self.cfg, new)
             self.plan_version += 1
             if self.executor.rank == 0:
                 new.save(self.run_dir / f"plan.v{self.plan_version}.json")
@@ -216,23 +236,44 @@ class Trainer:
             for where, stage, count in part:
                 metrics.info(f"{where}stage {stage} | {count:,} parameters (and their AdamW state)")
 
+    def _throughput(self) -> dict:
+        """This process's share of an iteration (Note [model FLOPs] in flops.py): model FLOPs, tokens through
+        its stages, the model's FLOPs per token and the device's peak TFLOP/s (None: MFU is null)."""
+        plan, device, context = self.plan, self.executor.device, self.context
+        nodes = set(self.executor.data_nodes(plan)) if isinstance(self.executor, DistributedExecutor) else None
+        per_node = node_flops(plan, self.spec, context)
+        flops = sum(v for n, v in per_node.items() if nodes is None or n in nodes)
+        # tokens through this rank's stage; the single process runs every microbatch once, end to end
+        visits = (sum(n in nodes for p in plan.paths for n in p.nodes) if nodes is not None
+                  else plan.num_microbatches)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        return {"flops": flops, "tokens": visits * plan.microbatch_size * context,
+                "flops_per_token": model_flops_per_token(self.spec, context),
+                "peak": peak_tflops(name, self.precision.name, self.cfg.train.peak_tflops)}
+
     def _record(self, step: int, *, lr: float, grad_norm: float, result: IterationResult, iteration_s: float,
                 wall: float, with_timeline: bool) -> dict:
         """The step's metrics, gathered from every process: one small collective, plus the action timelines
         on logged steps (a JSON gather is two more collectives, which cost latency on a slow network)."""
         loss_sum = sum(float(v) for v in result.losses.values())
-        mine = torch.tensor([loss_sum, result.compute_s, result.wait_s, iteration_s, wall], dtype=torch.float64,
-                            device=self.executor.device)
+        throughput = self.throughput
+        mine = torch.tensor([loss_sum, result.compute_s, result.wait_s, iteration_s, wall, throughput["flops"],
+                             throughput["tokens"]], dtype=torch.float64, device=self.executor.device)
         rows = [row.tolist() for row in self.executor.gather_rows(mine, "gathering the step's metrics")]
         timelines = self.executor.gather_json(result.timeline, "gathering the step's timelines") if with_timeline else None
         loss = sum(r[0] for r in rows) / self.plan.num_microbatches
         origin = rows[0][4]
         iteration = max(r[3] for r in rows)
         idle = [max(0.0, r[3] - r[1]) for r in rows]
+        peak = throughput["peak"]
         return {
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "iteration_s": iteration,
             "tokens_per_s": self.tokens_per_step / iteration,
             "idle_share": sum(i / r[3] for i, r in zip(idle, rows)) / len(rows),
+            "model_flops_per_token": throughput["flops_per_token"], "peak_tflops": peak,
+            "mfu": mfu(sum(r[5] for r in rows), iteration, peak, len(rows)),
+            "tokens_per_s_per_rank": [r[6] / iteration for r in rows],
+            "mfu_per_rank": [mfu(r[5], iteration, peak) for r in rows] if peak is not None else None,
             "compute_s": [r[1] for r in rows], "wait_s": [r[2] for r in rows], "idle_s": idle,
             "timeline": [[[name, round(a - origin, 6), round(b - origin, 6)] for name, a, b in tl] for tl in timelines]
             if with_timeline else None,

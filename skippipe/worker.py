@@ -18,6 +18,7 @@ from topology.plan import Action, Plan
 from skippipe.comm import Messenger, exchange
 from skippipe.context import Context
 from skippipe.model import FullModel, Stage
+from skippipe.precision import Precision, resolve_precision
 
 
 @dataclass
@@ -32,13 +33,15 @@ class Worker:
     """Executes one node's plan order (ctx.node) on its stage; messages of `message_shape` (microbatch size,
     context, model dim)."""
 
-    def __init__(self, plan: Plan, ctx: Context, stage: Stage, message_shape: tuple[int, ...]):
+    def __init__(self, plan: Plan, ctx: Context, stage: Stage, message_shape: tuple[int, ...],
+                 precision: Precision | None = None):
         self.ctx, self.stage, self.plan = ctx, stage, plan
         self.node_id = ctx.node.id
         self.actions = list(plan.order.get(self.node_id, []))
         self.paths = {p.microbatch: p for p in plan.paths}
-        dtype = next(stage.parameters()).dtype
-        self.messenger = Messenger(plan, ctx, shape=message_shape, dtype=dtype)
+        # Messages cross stage boundaries in the wire dtype (Note [mixed precision] in precision.py).
+        self.precision = precision or resolve_precision("fp32", ctx.device)
+        self.messenger = Messenger(plan, ctx, shape=message_shape, dtype=self.precision.wire_dtype)
         # Per-action timestamps need the device idle at each boundary; on CPU that is free.
         self._sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
 
@@ -60,17 +63,22 @@ class Worker:
             else:
                 received = messenger.recv(action)
             start = time.time()
+            precision = self.precision
             if action.kind == "F":
-                if action.stage == 0:
-                    inputs, hidden = None, self.stage.embed(received)
-                else:
-                    inputs = hidden = received.requires_grad_()
-                output = self.stage(hidden)
+                with precision.autocast():
+                    if action.stage == 0:
+                        inputs, hidden = None, self.stage.embed(received)
+                    else:
+                        inputs = received.requires_grad_()
+                        hidden = precision.from_wire(inputs)
+                    output = precision.to_wire(self.stage(hidden))
                 saved[mb] = (inputs, output)
                 outgoing = output
             elif action.kind == "L":
                 hidden = received.requires_grad_()
-                loss = FullModel.loss(self.stage.head(hidden), batches[mb][1].to(device, non_blocking=True))
+                with precision.autocast():
+                    logits = self.stage.head(precision.from_wire(hidden))
+                loss = FullModel.loss(logits, batches[mb][1].to(device, non_blocking=True))
                 loss.backward()
                 result.losses[mb] = loss.detach()
                 outgoing = hidden.grad
@@ -104,16 +112,18 @@ class Worker:
             return None
         ctx = self.ctx
         rank, stage_index = ctx.rank, ctx.stage
-        dtype = next(self.stage.parameters()).dtype
+        precision, dtype = self.precision, self.precision.wire_dtype
         total, count = 0.0, 0
         for inputs, targets in batches:
             shape = (*inputs.shape, self.stage.spec.dim)
             if stage_index == 0:
-                hidden = self.stage(self.stage.embed(inputs.to(ctx.device)))
+                with precision.autocast():
+                    hidden = precision.to_wire(self.stage(self.stage.embed(inputs.to(ctx.device))))
             else:
                 hidden = exchange(ctx, None, src=leaders[stage_index - 1], dst=rank, shape=shape, dtype=dtype,
                                   what=f"evaluation, stage {stage_index}")
-                hidden = self.stage(hidden)
+                with precision.autocast():
+                    hidden = precision.to_wire(self.stage(precision.from_wire(hidden)))
             after = leaders[(stage_index + 1) % len(leaders)]
             if after != rank:
                 exchange(ctx, hidden, src=rank, dst=after, shape=shape, dtype=dtype, what="evaluation")
@@ -121,7 +131,9 @@ class Worker:
                 if leaders[-1] != rank:
                     hidden = exchange(ctx, None, src=leaders[-1], dst=rank, shape=shape, dtype=dtype,
                                       what="evaluation, loss")
-                loss = FullModel.loss(self.stage.head(hidden), targets.to(ctx.device))
+                with precision.autocast():
+                    logits = self.stage.head(precision.from_wire(hidden))
+                loss = FullModel.loss(logits, targets.to(ctx.device))
                 total += float(loss) * targets.numel()
                 count += targets.numel()
         return total / max(count, 1) if stage_index == 0 else None

@@ -206,5 +206,5 @@ def test_must_show_commands(tmp_path):
 
 def test_show_plots_a_one_node_topology(tmp_path, capsys):
     topology_main(["show", "--topology", "single-cluster", "--nodes", "1", "--plot", str(tmp_path / "one.png")])
-    assert "single-cluster: 1 nodes in 1 regions" in capsys.readouterr().out
+    assert "single-cluster: 1 node in 1 region " in capsys.readouterr().out
     assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"

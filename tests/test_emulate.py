@@ -90,7 +90,7 @@ def test_prediction_grows_with_the_link_latency():
 
 
 def test_gpipe_stages_compute_skippipes_model():
-    from experiments.overhead import GPipeStage
+    from skippipe.experiments.overhead import GPipeStage
     from skippipe.model import FullModel
     spec = load_model_spec("llama-tiny")
     stages = [GPipeStage(spec, i, 4, seed=0) for i in range(4)]

@@ -15,7 +15,7 @@ import pytest
 from tests.spawn import spawn_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted(p for folder in ("skippipe", "scripts", "experiments", "scheduler", "topology") for p in (ROOT / folder).rglob("*.py"))
+SOURCES = sorted(p for folder in ("skippipe", "scripts", "scheduler", "topology") for p in (ROOT / folder).rglob("*.py"))
 UNPICKLING_COLLECTIVES = ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
                           "recv_object_list", "send_object_list")
 

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,9 +131,31 @@ def test_evaluator_writes_json_csv_and_png_for_a_runtime_checkpoint(run_dir, tmp
         (k, p) for k in (1.0, 0.75, 0.5) for p in ("even", "random")]
     assert all(r["ppl"] > 1 and r["tokens_per_s"] > 0 for r in results)
     assert results[0]["ppl"] == pytest.approx(results[1]["ppl"])  # keep 1.0: the same model whatever the placement
+    depth = json.loads((tmp_path / "r.json").read_text())["depth"]
+    # Per model: the trained depth (debug config: 4 stages at skip 0 -> 4), the best kept set, all sets tried.
+    assert depth["trained_depth"] == 4 and depth["at_trained_depth"]["stages"] == [0, 1, 2, 3]
+    assert depth["best"]["loss"] == min(r["loss"] for r in depth["by_set"])
+    assert {r["depth"] for r in depth["by_set"]} == {1, 2, 3, 4}
+    assert depth["full"]["ppl"] == pytest.approx(results[0]["ppl"], rel=1e-6)
     with open(tmp_path / "r.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_depth_summary_finds_the_best_set_and_the_trained_depth():
+    torch.manual_seed(0)
+    model = FullModel(SPEC, 4, seed=1).eval()
+    tokens = torch.randint(0, 256, (2, 4, SPEC.context + 1))
+    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    summary = omission.depth_summary(model, batches, trained=3)
+    sets = [r["stages"] for r in summary["by_set"]]
+    assert sets == [[0], [0, 2], [0, 1, 2], [0, 1, 2, 3]]  # the even set of every depth
+    direct = {tuple(s): omission.evaluate_stages(model, batches, s)["loss"] for s in sets}
+    assert summary["at_trained_depth"]["stages"] == [0, 1, 2] and summary["trained_depth"] == 3
+    assert summary["full_over_trained_depth"] == pytest.approx(math.exp(direct[(0, 1, 2, 3)] - direct[(0, 1, 2)]))
+    assert summary["best"]["stages"] == list(min(direct, key=direct.get))
+    rows = [{"stages": [[0, 3], [0, 1]]}]  # a random row's draws join the candidates
+    assert [0, 3] in [r["stages"] for r in omission.depth_summary(model, batches, trained=3, rows=rows)["by_set"]]
 
 
 def test_loaded_model_is_the_trained_one(run_dir):
@@ -161,26 +184,57 @@ def test_a_run_dir_without_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
     assert code == 2 and "holds no checkpoint" in err
 
 
-def test_omission_study_trains_both_runs_and_reports_the_three_answers(tmp_path):
-    """The study script end to end on a tiny model: both runs trained for the same tokens, skipping and
-    full paths, the report's answers computed from its own omission tables, the plot written."""
+def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tables(tmp_path):
+    """The study script end to end on a tiny model at the paper's setting: the skip, full, equal-time and
+    LayerDrop runs with their tokens, paths and predicted times; every answer recomputed from the
+    report's own tables; the plot written."""
     tiny = tmp_path / "tiny.yaml"
-    tiny.write_text("name: tiny\ndim: 32\nnum_layers: 8\nnum_heads: 4\nnum_kv_heads: 2\nffn_dim: 64\n"
+    tiny.write_text("name: tiny\ndim: 32\nnum_layers: 12\nnum_heads: 4\nnum_kv_heads: 2\nffn_dim: 64\n"
                     "context: 32\nvocab_size: 256\n")
     report_path = tmp_path / "study.json"
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/omission_study.py"), "--out", str(report_path),
-                          "--plot", str(tmp_path / "study.png"), "--steps", "3", "--seeds", "1",
-                          "--run-dir", str(tmp_path / "runs"), f"model={tiny}", "train.eval_every=0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/omission_study.py"), "--setting", "paper",
+                          "--out", str(report_path), "--plot", str(tmp_path / "study.png"), "--steps", "4", "--seeds", "1",
+                          "--run-dir", str(tmp_path / "runs"), f"model={tiny}", "train.eval_every=2",
+                          "train.eval_batches=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     report = json.loads(report_path.read_text())
-    skip, full = report["runs"]["skip"], report["runs"]["full"]
-    assert skip["tokens"] == full["tokens"] == 3 * 16 * 2 * 32 and skip["steps"] == full["steps"] == 3
-    assert full["paths"] == [list(range(8))] and all(len(p) == 6 and p[0] == 0 for p in skip["paths"])
+    runs, a, net = report["runs"], report["answers"], report["network"]
+    assert report["setting"] == {"name": "paper", "stages": 6, "skip_ratio": 0.33}
+    assert set(runs) == {"skip", "full", "full_equal_time", "layerdrop"}
+    skip, full, equal, drop = runs["skip"], runs["full"], runs["full_equal_time"], runs["layerdrop"]
+    assert skip["tokens"] == full["tokens"] == drop["tokens"] == 4 * 16 * 2 * 32
+    assert full["paths"] == drop["paths"] == [list(range(6))]
+    assert all(len(p) == 4 and p[0] == 0 for p in skip["paths"])  # the plan's paths (step 10 would be full depth)
+    # Equal wall-clock: the full run's steps are the skip run's predicted time over the full pipeline's.
+    ratio = net["remedies"]["every10"]["iteration_s"] / net["full_iteration_s"]
+    assert a["time_ratio"] == pytest.approx(ratio) and 0 < ratio < 1 and equal["steps"] == max(1, round(4 * ratio))
+    assert net["remedies"]["every10"]["iteration_s"] == pytest.approx(
+        (9 * net["skip_iteration_s"] + net["skip_placement_full_depth_iteration_s"]) / 10)
+    assert all(r["cost_over_plain"] > 0 for r in net["remedies"].values())
 
     def ppl(rows, keep):
         return next(r["ppl"] for r in rows if r["keep"] == keep and r["placement"] == "even")
 
-    assert report["q2_skip_half_over_full"] == pytest.approx(ppl(skip["omission"], 0.5) / ppl(skip["omission"], 1.0))
-    assert report["q3_full_half_over_full"] == pytest.approx(ppl(full["omission"], 0.5) / ppl(full["omission"], 1.0))
-    assert report["q1_val_loss_ratio"] > 0 and (tmp_path / "study.png").stat().st_size > 0
+    def full_loss(run):
+        return next(r["loss"] for r in run["depth"]["by_set"] if r["stages"] == list(range(6)))
+
+    best = min(r["loss"] for r in skip["depth"]["by_set"])
+    assert a["q1_equal_time"] == pytest.approx(best / full_loss(equal))
+    assert a["q1_equal_tokens"] == pytest.approx(best / full_loss(full))
+    assert a["q1_full_depth"] == pytest.approx(full_loss(skip) / full_loss(full))
+    at_trained = next(r["ppl"] for r in skip["depth"]["by_set"] if r["stages"] == [0, 1, 3, 4])  # 4 of 6, even
+    assert skip["depth"]["trained_depth"] == drop["depth"]["trained_depth"] == 4
+    assert a["full_over_trained_depth"] == pytest.approx(math.exp(full_loss(skip)) / at_trained)
+    assert a["q2_skip_half_over_full"] == pytest.approx(ppl(skip["omission"], 0.5) / ppl(skip["omission"], 1.0))
+    assert a["q3_full_half_over_full"] == pytest.approx(ppl(full["omission"], 0.5) / ppl(full["omission"], 1.0))
+    assert a["layerdrop_q2"] == pytest.approx(ppl(drop["omission"], 0.5) / ppl(drop["omission"], 1.0))
+    assert a["targets_met"]["q2_no_worse_than_layerdrop"] == (a["q2_skip_half_over_full"] <= a["layerdrop_q2"])
+    assert skip["curve"][-1]["network_s"] == pytest.approx(4 * skip["predicted_iteration_s"])
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_omission_study_refuses_an_unknown_setting_before_training(tmp_path, monkeypatch, capsys):
+    code, err = run_main("omission_study", ["--setting", "huge", "--out", str(tmp_path / "r.json"),
+                                            "--run-dir", str(tmp_path / "runs")], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: unknown --setting 'huge'") and not (tmp_path / "runs").exists()

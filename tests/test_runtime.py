@@ -156,6 +156,7 @@ def distributed_runs(tmp_path_factory):
     for name, plan in plans.items():
         assert violations(plan) == [], name
     jobs = [(name, plan.to_dict(), make_config(tmp, f"dist_{name}")) for name, plan in plans.items()]
+    jobs.append(("skip-bf16", skip.to_dict(), make_config(tmp, "dist_skip-bf16", precision="bf16")))
     codes = run_ranks(tmp, WORLD, jobs)
     assert codes == [0] * WORLD, f"exit codes {codes}"
     return tmp, plans
@@ -174,6 +175,29 @@ def test_distributed_equals_path_faithful_single_process(distributed_runs, name)
         assert_same(result["grads"], single_grads, rank)
         # Each rank holds exactly one stage: its gradients name only that stage's parameters.
         assert len({key.split(".")[1] for _, key in result["grads"]}) == 1
+
+
+def test_bf16_distributed_equals_path_faithful_bf16(distributed_runs):
+    """bf16 messages on the wire; the single-process mode rounds at stage boundaries the same way.
+
+    Step 1 runs the same arithmetic in both modes, so its loss and gradients agree to float32 summation order;
+    later steps may differ where a float32 difference in the gradient sum flips a bfloat16 rounding."""
+    tmp, plans = distributed_runs
+    single_grads: dict = {}
+    single = train(make_config(tmp, "single_skip-bf16", precision="bf16"), plans["skip"],
+                   on_gradients=grad_collector(single_grads))
+    fp32 = train(make_config(tmp, "single_skip-fp32", precision="fp32"), plans["skip"])
+    assert single[0]["loss"] != fp32[0]["loss"]  # bf16 really computes in bfloat16
+    assert single[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=1e-2)
+    for rank in range(WORLD):
+        result = torch.load(tmp / "out" / f"skip-bf16_{rank}.pt", weights_only=False)
+        losses = [r["loss"] for r in result["records"]]
+        assert losses[0] == pytest.approx(single[0]["loss"], rel=1e-6)
+        assert losses == pytest.approx([r["loss"] for r in single], rel=1e-5)
+        for key, grad in result["grads"].items():
+            if key[0] == 1:
+                torch.testing.assert_close(grad, single_grads[key], rtol=1e-4, atol=1e-6)
+            assert grad.dtype == torch.float32  # master gradients stay float32
 
 
 def test_skip_ratio_zero_equals_a_plain_model(distributed_runs):

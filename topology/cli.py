@@ -27,14 +27,19 @@ def _node_count(text: str | None) -> int | None:
     return value
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 node', '3 nodes'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def cmd_show(args) -> None:
     topo = load_topology(args.topology, _node_count(args.nodes), args.seed)
     n = topo.num_nodes
-    print(f"{topo.name}: {n} nodes in {len(topo.regions)} regions (fingerprint {topo.fingerprint()})")
+    print(f"{topo.name}: {_count(n, 'node')} in {_count(len(topo.regions), 'region')} (fingerprint {topo.fingerprint()})")
     for region in topo.regions:
         members = [node for node in topo.nodes if node.region == region]
         speeds = sorted({f"{node.flops / 1e12:.3g}" for node in members})
-        print(f"  {region:<14} {len(members):>4} nodes  {'/'.join(speeds)} TFLOP/s effective")
+        print(f"  {region:<14} {_count(len(members), 'node'):>10}  {'/'.join(speeds)} TFLOP/s effective")
     if n > 1:
         off = ~np.eye(n, dtype=bool)
         lat, bw = topo.latency_ms[off], topo.bandwidth_gbit_s[off]
@@ -96,21 +101,21 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m topology", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     p = sub.add_parser("show", help="nodes, regions and a link summary")
-    p.add_argument("--topology", required=True, help="scenario name or topology YAML")
-    p.add_argument("--nodes", help="node count (required for a scenario)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", help="write a bandwidth heatmap PNG")
+    p.add_argument("--topology", required=True, help="scenario name, shipped topology name or topology YAML")
+    p.add_argument("--nodes", help="node count (required for a scenario; default: a YAML's own count)")
+    p.add_argument("--seed", type=int, default=0, help="seed of seeded scenarios (random)")
+    p.add_argument("--plot", help="write a bandwidth heatmap PNG (default: no plot)")
     p.set_defaults(run=cmd_show)
     p = sub.add_parser("simulate", help="replay a plan on a topology: iteration time, idle, trace, Gantt")
-    p.add_argument("--topology", required=True)
-    p.add_argument("--nodes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--topology", required=True, help="the scenario name or topology YAML the plan was solved for")
+    p.add_argument("--nodes", help="node count (required for a scenario; default: a YAML's own count)")
+    p.add_argument("--seed", type=int, default=0, help="seed of seeded scenarios (random); as given to solve")
     p.add_argument("--model", help="model YAML or name (default: the plan's)")
-    p.add_argument("--microbatch-size", type=int, help="default: the plan's")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--json", help="write the report JSON (top-level iteration_s)")
-    p.add_argument("--trace", help="write a Chrome/Perfetto trace JSON")
-    p.add_argument("--plot", help="write a Gantt chart PNG, one row per node")
+    p.add_argument("--microbatch-size", type=int, help="sequences per microbatch (default: the plan's)")
+    p.add_argument("--plan", required=True, help="plan.json from python -m scheduler solve")
+    p.add_argument("--json", help="write the report JSON, top-level iteration_s (default: no JSON)")
+    p.add_argument("--trace", help="write a Chrome/Perfetto trace JSON (default: no trace)")
+    p.add_argument("--plot", help="write a Gantt chart PNG, one row per node, bars labelled by microbatch (default: no plot)")
     p.add_argument("--no-uplink-sharing", action="store_true", help="let a node's sends overlap freely")
     p.set_defaults(run=cmd_simulate)
     return parser

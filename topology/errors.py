@@ -47,8 +47,26 @@ def cli_errors():
         sys.exit(EXIT_USAGE)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default after its help, unless the help already says it or there is none to show.
+
+    A flag whose default is None says in its own help what happens without it.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or any(action.default is x for x in (None, False, argparse.SUPPRESS)) \
+                or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the project's error contract: one line, exit status 2."""
+    """argparse with the project's error contract (one line, exit status 2) and defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr)

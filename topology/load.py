@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from topology import resources
 from topology.errors import ConfigError
 from topology.network import Node, Topology, reference_layer_flops
 from topology.scenarios import SCENARIOS, scenario
@@ -39,9 +40,11 @@ def load_topology(spec: str | Path, num_nodes: int | None = None, seed: int = 0)
         if num_nodes is None:
             raise ConfigError(f"scenario {text!r} needs a node count; pass --nodes N")
         return scenario(text, num_nodes, seed)
-    path = Path(text)
+    # A shipped topology by name (emulated-8) or by its repository path from any directory.
+    path = resources.find("topology", text) or Path(text)
     if not path.suffix in (".yaml", ".yml") and not path.exists():
-        raise ConfigError(f"unknown topology {text!r}; pass a YAML path or one of: {', '.join(SCENARIOS)}")
+        raise ConfigError(f"unknown topology {text!r}; pass a YAML path or one of: "
+                          f"{', '.join([*SCENARIOS, *resources.names('topology')])}")
     topo = topology_from_dict(read_yaml(path), where=str(path), num_nodes=num_nodes, seed=seed)
     if num_nodes is not None and topo.num_nodes != num_nodes:
         raise ConfigError(f"{path} has {topo.num_nodes} nodes but --nodes says {num_nodes}; drop --nodes or fix the file")

@@ -5,11 +5,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from topology import resources
 from topology.errors import ConfigError
 from topology.yamlio import check_keys, read_yaml
-
-MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -74,13 +72,13 @@ class ModelSpec:
 
 
 def load_model_spec(path_or_name: str | Path) -> ModelSpec:
-    """Load a model YAML, by path or by the name of a file in configs/models/."""
-    path = Path(path_or_name)
-    if not path.exists() and (MODELS_DIR / f"{path_or_name}.yaml").is_file():
-        path = MODELS_DIR / f"{path_or_name}.yaml"
+    """Load a model YAML, by path or by name (``llama-500m``: a shipped spec; topology/resources.py).
+
+    Raises ConfigError naming the shipped specs when neither exists.
+    """
+    path = resources.resolve("model", path_or_name)
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in MODELS_DIR.glob("*.yaml")))
-        raise ConfigError(f"model file not found: {path_or_name}; pass a path or one of: {known}")
+        raise ConfigError(f"model file not found: {path_or_name}; pass a path or one of: {', '.join(resources.names('model'))}")
     return model_spec_from_dict(read_yaml(path), where=str(path))
 
 

@@ -113,10 +113,10 @@ class LocalAgents:
                 "--local-addr", "127.0.0.1",
                 "--rdzv-conf", f"is_host={'true' if index == 0 else 'false'},join_timeout=120,{RDZV_CONF}",
                 "--max-restarts", str(settings.max_restarts), "--monitor-interval", "0.5",
-                str(REPO / "scripts" / "train.py"), *script_args]
+                "-m", "skippipe.commands.train", *script_args]
         env = dict(os.environ, **AGENT_ENV, SKIPPIPE_NODE=self.names[index], OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
     def kill(self, index: int, proc: subprocess.Popen) -> None:
@@ -147,7 +147,7 @@ class NamespaceAgents:
         argv = _set_flag(argv, "--max-restarts", str(settings.max_restarts))
         argv = _set_flag(argv, "--rdzv-conf", argv[argv.index("--rdzv-conf") + 1] + "," + RDZV_CONF)
         env = dict(self.cluster.agent_env(index), **AGENT_ENV, SKIPPIPE_NODE=self.names[index])
-        return self.cluster.net.popen(index, argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO))
+        return self.cluster.net.popen(index, argv, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def kill(self, index: int, proc: subprocess.Popen) -> None:
         ns = self.cluster.net.namespace(index)

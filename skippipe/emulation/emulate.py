@@ -127,7 +127,7 @@ class EmulatedCluster:
                 "--rdzv-endpoint", f"{self.net.address(0)}:{RDZV_PORT}", "--rdzv-id", run_id,
                 "--rdzv-conf", f"is_host={'true' if index == 0 else 'false'},join_timeout=120",
                 "--local-addr", self.net.address(index), "--max-restarts", "0", "--monitor-interval", "0.5",
-                str(REPO / "scripts" / "train.py"), *script_args]
+                "-m", "skippipe.commands.train", *script_args]
 
     def agent_env(self, index: int, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -168,7 +168,7 @@ class EmulatedCluster:
                 out = open(logs / f"{self.topology.nodes[i].name}.log", "w")
                 files.append(out)
                 procs.append(self.net.popen(i, self.agent_command(i, args, run_id), env=self.agent_env(i, extra_env.get(i)),
-                                            stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO)))
+                                            stdout=out, stderr=subprocess.STDOUT))
             while True:
                 scheduled.poll(time.monotonic() - started)
                 codes = [p.poll() for p in procs]

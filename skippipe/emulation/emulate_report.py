@@ -3,8 +3,9 @@
 Note [prediction]: the plan a run executed is replayed strictly by the topology simulator on the topology
 that was shaped (bandwidths and latencies as emulated), with each node's compute speed as measured: by the
 start-up profile when the run profiled, else from the run's own per-action timestamps (median forward
-seconds per layer per sample). Messages and gradients are counted in the bytes the CPU runtime moves:
-float32 activations and gradients, whatever the model spec's dtype_bytes says. The emulator shapes every
+seconds per layer per sample). Messages are counted in the bytes the run's precision puts on the wire
+(its saved train.precision resolved for the CPU: fp32 4, bf16 2; Note [mixed precision]) and gradients
+in float32 (the master gradients are all-reduced), whatever the model spec's dtype_bytes says. The emulator shapes every
 pair on its own htb class: one node's sends to different peers do not share an uplink
 (share_uplink=False), but messages on one link queue behind each other (share_link=True: gloo sends a
 pair's messages in order on one socket).
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from skippipe.metrics import read_metrics
+from skippipe.precision import GRAD_BYTES
 from topology.cost import CostModel, layer_forward_flops
 from topology.load import load_topology
 from topology.model_spec import ModelSpec, split_layers
@@ -26,7 +28,12 @@ from topology.network import Node, Topology
 from topology.plan import Action, Plan
 from topology.simulator import Event, SimResult, simulate
 
-CPU_WIRE_BYTES = 4  # the CPU runtime trains, sends and all-reduces in float32
+def run_wire_bytes(run_dir: Path) -> int:
+    """Bytes per message element of an emulated (CPU) run, from the config saved beside it."""
+    from skippipe.config import load_config
+    from skippipe.precision import resolve_precision
+    path = run_dir / "config.yaml"
+    return resolve_precision(load_config(path).train.precision if path.is_file() else "auto", "cpu").wire_bytes
 
 
 def median_after_first(values: list[float]) -> float:
@@ -70,13 +77,13 @@ def compute_from_timeline(records: list[dict], plan: Plan, model: ModelSpec) -> 
 
 
 def predict(plan: Plan, *, shaped: Topology, model: ModelSpec, flops: list[float], backward_factor: float,
-            share_uplink: bool = False) -> SimResult:
+            share_uplink: bool = False, wire_bytes: int = 4) -> SimResult:
     """Note [prediction]: the plan replayed on the shaped topology with the measured compute speed."""
     nodes = [Node(n.id, n.name, n.region, float(f), n.memory_gb) for n, f in zip(shaped.nodes, flops)]
     topo = Topology(shaped.name, nodes, shaped.latency_ms, shaped.bandwidth_gbit_s)
-    wire = dataclasses.replace(model, dtype_bytes=CPU_WIRE_BYTES)  # what the CPU runtime really sends
+    wire = dataclasses.replace(model, dtype_bytes=wire_bytes)  # what the runtime really sends
     cost = CostModel(topo, wire, plan.microbatch_size, plan.num_stages, backward_factor=backward_factor,
-                     grad_bytes_per_param=CPU_WIRE_BYTES)
+                     grad_bytes_per_param=GRAD_BYTES)
     return simulate(plan.workload(), cost=cost, share_uplink=share_uplink, share_link=True)
 
 
@@ -91,9 +98,10 @@ def summarise_run(run_dir: str | Path, shaped: Topology, model: ModelSpec) -> di
     timeline_compute = compute_from_timeline(records, plan, model)
     profiled = compute_from_profile(run_dir)
     flops, backward = profiled or timeline_compute
-    predicted = predict(plan, shaped=shaped, model=model, flops=flops, backward_factor=backward)
+    wire = run_wire_bytes(run_dir)
+    predicted = predict(plan, shaped=shaped, model=model, flops=flops, backward_factor=backward, wire_bytes=wire)
     alternative = predict(plan, shaped=shaped, model=model, flops=timeline_compute[0],
-                          backward_factor=timeline_compute[1])
+                          backward_factor=timeline_compute[1], wire_bytes=wire)
     measured = median_after_first(iterations)
     out = {
         "skip_ratio": plan.skip_ratio, "measured_iteration_s": measured,
@@ -103,7 +111,8 @@ def summarise_run(run_dir: str | Path, shaped: Topology, model: ModelSpec) -> di
         "predicted_iteration_s_timeline_compute": alternative.iteration_s,
         # The same with one uplink per node (the simulator's default), which the emulation does not shape.
         "predicted_iteration_s_shared_uplink": predict(plan, shaped=shaped, model=model, flops=flops, backward_factor=backward,
-                                                       share_uplink=True).iteration_s,
+                                                       share_uplink=True, wire_bytes=wire).iteration_s,
+        "wire_bytes": wire,
         "iteration_s": iterations, "loss": [r["loss"] for r in records],
         "compute_s_median_per_rank": [float(np.median([r["compute_s"][k] for r in records[1:] or records]))
                                       for k in range(len(records[0]["compute_s"]))],
@@ -181,7 +190,7 @@ def gantt_for_run(run_dir: str | Path, *, shaped: Topology, model: ModelSpec, ou
     candidates = records[1:-1] or records[1:] or records  # the last step also evaluates; leave it out
     record = sorted(candidates, key=lambda r: r["iteration_s"])[len(candidates) // 2]
     simulated = predict(plan, shaped=shaped, model=model, flops=summary["node_flops"],
-                        backward_factor=summary["backward_factor"])
+                        backward_factor=summary["backward_factor"], wire_bytes=summary.get("wire_bytes", 4))
     labels = [f"{n.name} (stage {plan.nodes[n.id].stage})" for n in shaped.nodes]
     return plot_measured_vs_simulated(out, record=record, simulated=simulated, plan=plan, labels=labels,
                                       title=f"skip ratio {plan.skip_ratio}: one iteration on the emulated cluster")

@@ -3,7 +3,7 @@
 The emulated cluster (skippipe/emulation/netns.py) shapes bandwidth in the kernel, but netem (kernel delay) is not
 available here, so latency is added where the message is sent. The emulator writes a JSON file with a
 rank x rank matrix of one-way latencies and points SKIPPIPE_LINK_LATENCY at it; the launcher
-(scripts/train.py) then builds this rank's `LinkLatency` (`link_latency_from_env`) and hands its `isend`
+(skippipe/commands/train.py, `transport`) then builds this rank's `LinkLatency` (`link_latency_from_env`) and hands its `isend`
 to the runtime as the context's transport (Note [transport] in skippipe/context.py): it behaves as
 `torch.distributed.isend` on a link with that latency. Nothing here is module state.
 

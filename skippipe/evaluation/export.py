@@ -27,6 +27,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from skippipe.checkpoint import atomic_write
 from skippipe.model import FullModel, hf_state_dict
 from topology.errors import ConfigError
 from topology.model_spec import ModelSpec
@@ -115,7 +116,7 @@ def export_hf(model: FullModel, out_dir: str | Path, *, tokenizer: str = "byte",
     weights, layers = kept_state_dict(model, stages)
     # Own contiguous storage per tensor: safetensors refuses shared or strided views.
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
-    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
     spec = model.spec
     (out_dir / "config.json").write_text(json.dumps(hf_config(spec, len(layers), context), indent=2) + "\n")
     export_tokenizer(tokenizer, out_dir, context or spec.context)

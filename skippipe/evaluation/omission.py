@@ -136,9 +136,13 @@ def omission_table(model: FullModel, batches: Batches, *, keeps: Sequence[float]
                     f"{cache[key]['tokens_per_s']:,.0f} tok/s")
         return cache[key]
 
-    if batches:  # warm-up: the first forward pays for lazy initialisation, which is no row's speed
+    if batches:
+        # Warm-up on a whole batch of the measured shape: the first forwards pay for lazy initialisation
+        # and for the allocator and kernels of that shape (one sequence was not enough: the first row
+        # then read 702 tok/s against 44,940 for the next), which is no row's speed.
         with torch.no_grad():
-            model.forward_path(batches[0][0][:1].to(next(model.parameters()).device), range(num_stages))
+            for _ in range(2):
+                model.forward_path(batches[0][0].to(next(model.parameters()).device), range(num_stages))
     full_ppl = math.exp(run(list(range(num_stages)))["loss"])
     rows = []
     for keep in keeps:
@@ -161,6 +165,38 @@ def omission_table(model: FullModel, batches: Batches, *, keeps: Sequence[float]
     return rows
 
 
+def trained_depth(cfg: Config, num_stages: int) -> int:
+    """Stages a training path visited (stage 0 included): the path length of the run's skip ratio, or of
+    its LayerDrop ratio (the expected depth); full-depth microbatches mixed in do not change it."""
+    from scheduler.constraints import path_length
+    return path_length(num_stages, cfg.schedule.layerdrop or cfg.schedule.skip_ratio)
+
+
+def depth_summary(model: FullModel, batches: Batches, *, trained: int, rows: Sequence[dict] = ()) -> dict:
+    """Per model: perplexity with every stage, at its trained depth (`trained` stages, even placement),
+    and the best kept set among the even set of every depth 1..S and every set `rows` evaluated.
+
+    Returns {"full": {...}, "trained_depth", "at_trained_depth": {...}, "full_over_trained_depth" (perplexity
+    ratio), "best": {...}, "by_set": [...]}, each {...} = {"stages", "depth", "loss", "ppl"}; `by_set` lists
+    every set evaluated, shallowest first. All on the same `batches` (Note [same held-out tokens]).
+    """
+    num_stages = model.num_stages
+    sets = {tuple(kept_stages(num_stages, k / num_stages, "even")) for k in range(1, num_stages + 1)}
+    for row in rows:
+        stages = row["stages"]
+        sets |= {tuple(x) for x in stages} if stages and isinstance(stages[0], list) else {tuple(stages)}
+    by_set = []
+    for stages in sorted(sets, key=lambda x: (len(x), x)):
+        loss = evaluate_stages(model, batches, stages)["loss"]
+        by_set.append({"stages": list(stages), "depth": len(stages), "loss": loss, "ppl": math.exp(loss)})
+    find = {tuple(r["stages"]): r for r in by_set}
+    full = find[tuple(range(num_stages))]
+    at_trained = find[tuple(kept_stages(num_stages, trained / num_stages, "even"))]
+    return {"full": full, "trained_depth": trained, "at_trained_depth": at_trained,
+            "full_over_trained_depth": full["ppl"] / at_trained["ppl"],
+            "best": min(by_set, key=lambda r: r["loss"]), "by_set": by_set}
+
+
 # --- output ----------------------------------------------------------------------------------------
 
 CSV_FIELDS = ("keep", "placement", "num_kept", "num_stages", "ppl", "ppl_std", "ppl_min", "ppl_max", "ratio_to_full",
@@ -181,8 +217,18 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
             writer.writerow({**row, "stages": json.dumps(row["stages"]).replace(" ", "")})
 
 
+# How each placement chooses the kept stages, for legends (kept_stages has the rule).
+PLACEMENT_LEGEND = {"even": "even (kept stages spread evenly over the depth)", "random": "random (mean, min-max band)",
+                    "first": "first (the shallowest stages)", "last": "last (stage 0 and the deepest)"}
+X_LABEL = "fraction of stages kept at inference (stage 0 always kept); to the right: more of the model left out"
+
+
 def plot_curves(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
-    """Perplexity against kept fraction: one line per (curve, placement); random with its min-max band."""
+    """Perplexity against kept fraction: one line per (curve, placement); random with its min-max band.
+
+    The y axis starts at 1, the least perplexity there is, so that a small change looks small; each
+    point is labelled with its ratio to the same model with every stage.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -192,16 +238,20 @@ def plot_curves(curves: dict[str, list[dict]], path: str | Path, title: str = ""
         for placement in dict.fromkeys(r["placement"] for r in rows):
             mine = sorted((r for r in rows if r["placement"] == placement), key=lambda r: r["keep"])
             x = [r["keep"] for r in mine]
-            name = f"{label} ({placement})" if label else placement
-            line, = ax.plot(x, [r["ppl"] for r in mine], marker="o", label=name)
+            name = PLACEMENT_LEGEND.get(placement, placement)
+            line, = ax.plot(x, [r["ppl"] for r in mine], marker="o", label=f"{label}, {name}" if label else name)
+            for r in mine:
+                ax.annotate(f"x{r['ratio_to_full']:.3f}", (r["keep"], r["ppl"]), textcoords="offset points",
+                            xytext=(0, 6), ha="center", fontsize=7, color=line.get_color())
             if placement == "random":
                 ax.fill_between(x, [r["ppl_min"] for r in mine], [r["ppl_max"] for r in mine],
                                 color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("fraction of stages kept")
-    ax.set_ylabel("held-out perplexity")
+    ax.set_xlabel(X_LABEL, fontsize=8)
+    ax.set_ylabel("held-out perplexity (x: ratio to all stages)")
+    ax.set_ylim(bottom=1.0, top=ax.get_ylim()[1] * 1.05)
     ax.invert_xaxis()  # left to right: more and more of the model omitted
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(title="kept stages chosen", fontsize=8, title_fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -10,8 +10,8 @@ skippipe moves one more hop per microbatch.
 Note [interleaved steps]: development machines are shared, and other jobs make step times swing by 2-5x
 over seconds. Whole rounds of one method then the other compare different machine loads. So the two
 alternate step by step (ABBA: skippipe first on even steps, GPipe first on odd ones), a barrier before
-every step, and the first `warmup` steps of each are left out. `SkippipeRunner.step` is the body of
-skippipe.train.train's loop without its metrics and checkpoints: the same functions, in the same order.
+every step, and the first `warmup` steps of each are left out. `SkippipeRunner.step` is skippipe's own
+training step (skippipe.trainer.Trainer.train_step), the one a training run takes between its logs and checkpoints.
 """
 from __future__ import annotations
 

@@ -1,0 +1,94 @@
+"""Full-depth work mixed into a skipping plan: some microbatches visit every stage, in natural order.
+
+A model trained only on paths of L of S stages never trains its full depth, and is then worse with all
+its stages than with L of them (issue 14). Mixing full-depth microbatches into its plan trains that
+depth too, at a cost in iteration time that the simulator predicts:
+
+    plan = mix_full_depth(problem, "skippipe", 0.125)     # 2 of 16 microbatches visit every stage
+    full = all_full_depth(problem, plan)                  # the same placement, every microbatch full
+
+A full route is stage 0 on the microbatch's data node, then stages 1..S-1 in order, each on that stage's
+least-loaded replica (so TC1's even load holds); the simulator's greedy dispatch orders the mixed work. The chosen microbatch ids are
+recorded in the plan's ``constraints["full_depth"]``, where the validator (scheduler.constraints) reads
+them: those paths must have every stage, in order. A whole full-depth iteration (one in K, the schedule
+of the paper authors' later training code) is `all_full_depth`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+
+from scheduler.problem import Problem
+from topology.errors import ConfigError
+from topology.plan import Plan, Route, Workload
+from topology.simulator import simulate
+
+
+def full_depth_count(num_microbatches: int, fraction: float) -> int:
+    """Full-depth microbatches of an iteration: round(fraction * M), halves up. ConfigError for a fraction
+    outside [0, 1]."""
+    if not 0.0 <= fraction <= 1.0 or math.isnan(fraction):
+        raise ConfigError(f"full-depth fraction {fraction} is outside [0, 1]; e.g. schedule.full_fraction=0.125")
+    return math.floor(fraction * num_microbatches + 0.5)
+
+
+def full_route(microbatch: int, data_node: int, node_stage: list[int], load: Counter) -> Route:
+    """A full-depth route from `data_node`: stage 0 there, then every other stage in order on the least
+    loaded of its nodes (ties: the lowest id); `load` (node -> microbatches) is updated."""
+    nodes = [data_node]
+    for stage in range(1, max(node_stage) + 1):
+        node = min((n for n, s in enumerate(node_stage) if s == stage), key=lambda n: (load[n], n))
+        load[node] += 1
+        nodes.append(node)
+    return Route(microbatch, data_node, tuple(nodes), tuple(range(len(nodes))))
+
+
+def _rebuild(problem: Problem, plan: Plan, routes: list[Route], full_ids: list[int]) -> Plan:
+    """The plan's placement with `routes`, ordered by the greedy dispatch and predicted on `problem`."""
+    from scheduler.solve import build_plan  # scheduler.solve is above this module; import late
+
+    workload = Workload(plan.workload().node_stage, routes, None)
+    workload.order = simulate(workload, cost=problem.cost, memory=problem.memory).order
+    return build_plan(problem, plan.strategy, workload, full_depth=full_ids)
+
+
+def mix_full_depth(problem: Problem, strategy: str, fraction: float) -> Plan:
+    """A plan of `problem`'s M microbatches of which round(fraction * M) visit every stage: the strategy's
+    plan for the other microbatches (so its stage visits stay balanced, CC4), then the full-depth ones
+    appended (ids M - n .. M - 1) on the least-loaded stage-0 nodes and replicas. fraction 0 is the
+    strategy's plan. ConfigError for an impossible setting."""
+    from scheduler.solve import solve
+
+    total = solve(problem, strategy) if problem.num_microbatches is None else None
+    num_mb = problem.num_microbatches if total is None else len(total.paths)
+    count = full_depth_count(num_mb, fraction)
+    if count == 0:
+        return total or solve(problem, strategy)
+    if count == num_mb:
+        return all_full_depth(problem, total or solve(problem, strategy))
+    plan = solve(dataclasses.replace(problem, num_microbatches=num_mb - count), strategy)
+    node_stage = plan.workload().node_stage
+    load = Counter(n for p in plan.paths for n in p.nodes)
+    routes = sorted(plan.paths, key=lambda p: p.microbatch)
+    for mb in range(num_mb - count, num_mb):
+        data_node = min((n for n, s in enumerate(node_stage) if s == 0), key=lambda n: (load[n], n))
+        load[data_node] += 1
+        routes.append(full_route(mb, data_node, node_stage, load))
+    return _rebuild(problem, plan, routes, list(range(num_mb - count, num_mb)))
+
+
+def all_full_depth(problem: Problem, plan: Plan) -> Plan:
+    """`plan` with every microbatch on a full-depth route from its own data node (the placement kept):
+    the full-depth iteration of a one-in-K schedule."""
+    node_stage = plan.workload().node_stage
+    load = Counter(p.data_node for p in plan.paths)
+    routes = [full_route(p.microbatch, p.data_node, node_stage, load) for p in sorted(plan.paths, key=lambda p: p.microbatch)]
+    return _rebuild(problem, plan, routes, [p.microbatch for p in routes])
+
+
+def average_iteration_s(skip_s: float, full_s: float, full_every: int) -> float:
+    """Mean iteration time when one iteration in `full_every` runs full depth (0: never)."""
+    if full_every <= 0:
+        return skip_s
+    return ((full_every - 1) * skip_s + full_s) / full_every

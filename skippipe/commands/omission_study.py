@@ -1,0 +1,135 @@
+"""Is a skip-trained model as good as the full pipeline's at equal wall-clock, and does it degrade gracefully?
+
+    python scripts/omission_study.py --setting paper --out reports/omission_paper.json --plot reports/omission_paper.png
+    python scripts/omission_study.py --setting mission --out reports/omission_mission.json
+
+From one initialisation and one data order, trains the model of configs/train/omission.yaml with the
+path-faithful single-process trainer as: `skip` (the setting's skip ratio with the --remedy, by default
+one iteration in ten at full depth), `full` (full pipeline, equal tokens), `full_equal_time` (full
+pipeline stopped at the wall-clock the skip run takes on the paper's network, by the simulator: the
+ratio is recorded) and `layerdrop` (equal tokens, the skip ratio's expected depth), plus a run per
+--variants remedy. Then every model is evaluated at keep 1.0, 0.75, 0.5 and at every depth on the same
+held-out tokens. Settings: --setting mission (8 stages x 3 layers, skip 0.25), paper (6 x 4, 0.33), or
+--stages and --skip-ratio. Extra arguments are dotted overrides for every run (optim.lr=1e-3).
+Answers and targets: skippipe/experiments/omission_study.py, study_answers.
+"""
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from skippipe.commands import package_env, train_command
+from topology.errors import ArgumentParser, ConfigError, cli_errors
+
+
+def build_parser() -> ArgumentParser:
+    """The command's flags (README, Command reference)."""
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--out", required=True, help="report JSON")
+    p.add_argument("--plot", help="PNG: perplexity against kept fraction, and validation loss against wall-clock (default: no plot)")
+    p.add_argument("--setting", help="mission (8 stages, skip 0.25) or paper (6 stages, skip 0.33) (default: none; then --stages and --skip-ratio)")
+    p.add_argument("--stages", type=int, help="stages of the model (default: the setting's)")
+    p.add_argument("--skip-ratio", type=float, help="skip ratio of the skip run (default: the setting's)")
+    p.add_argument("--remedy", default=None, help="remedy of the skip run: plain, every10 (default), every5, mix0.125")
+    p.add_argument("--variants", default="", help="comma-separated remedies trained as extra skip runs, e.g. plain")
+    p.add_argument("--steps", type=int, help="training steps of the equal-token runs (default: the config's)")
+    p.add_argument("--config", default="omission", help="training YAML or shipped config name of every run (default: omission)")
+    p.add_argument("--run-dir", help="where the runs go (default: runs/omission-<setting>)")
+    p.add_argument("--seeds", type=int, default=3, help="draws of the random placement (default: 3)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default: 2)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. optim.lr=1e-3")
+    return p
+
+
+def train_all(runs: dict, args, run_root: Path) -> None:
+    """Train the runs, `args.jobs` at a time (one thread each; longest first); ConfigError naming a failed run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **package_env()}
+    waiting = sorted(runs.items(), key=lambda kv: -kv[1].steps)
+    active: dict = {}
+    while waiting or active:
+        while waiting and len(active) < max(1, args.jobs):
+            name, run = waiting.pop(0)
+            cmd = [*train_command(), "--config", args.config, "--single-process",
+                   "--run-dir", str(run_root / name), "--steps", str(run.steps), *run.overrides, *args.overrides,
+                   "train.num_threads=1"]
+            (run_root / name).mkdir(parents=True, exist_ok=True)
+            log = open(run_root / name / "train.log", "w")
+            print(f"training {name}: {' '.join(cmd[1:])}", flush=True)
+            active[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        time.sleep(1.0)
+        for name, (proc, log) in list(active.items()):
+            if proc.poll() is not None:
+                log.close()
+                del active[name]
+                if proc.returncode != 0:
+                    for other, _ in active.values():
+                        other.terminate()
+                    tail = (run_root / name / "train.log").read_text().strip().splitlines()[-1:]
+                    raise ConfigError(f"the {name} run failed: {tail[0] if tail else 'no output'}")
+                print(f"trained {name}", flush=True)
+
+
+def evaluate_run(name: str, run, run_root: Path, seeds: int) -> dict:
+    from skippipe.experiments.omission_study import training_curve
+    from skippipe.checkpoint import load_full_model
+    from skippipe.evaluation import omission
+
+    model, cfg, folder = load_full_model(run_root / name)
+    batches = omission.held_out_batches(cfg, model.spec)  # the same tokens for every row and every run
+    rows = omission.omission_table(model, batches, keeps=[1.0, 0.75, 0.5], placements=omission.PLACEMENTS, seeds=seeds)
+    depth = omission.depth_summary(model, batches, trained=omission.trained_depth(cfg, model.num_stages), rows=rows)
+    plan = json.loads((folder / "plan.json").read_text())
+    tokens_per_step = len(plan["paths"]) * plan["microbatch_size"] * (cfg.data.context or model.spec.context)
+    return {"label": run.label, "run_dir": str(run_root / name), "overrides": run.overrides, "steps": cfg.train.steps,
+            "tokens": cfg.train.steps * tokens_per_step, "predicted_iteration_s": run.predicted_iteration_s,
+            "predicted_wall_clock_s": cfg.train.steps * run.predicted_iteration_s, **run.extra,
+            "paths": sorted({tuple(p["stages"]) for p in plan["paths"]}), "omission": rows, "depth": depth,
+            "curve": training_curve(run_root / name, tokens_per_step, run.predicted_iteration_s)}
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    with cli_errors():
+        if args.steps is not None and args.steps < 1:
+            raise ConfigError(f"--steps must be positive, got {args.steps}")
+        if args.jobs < 1 or args.seeds < 1:
+            raise ConfigError("--jobs and --seeds must be positive")
+        from skippipe.experiments import omission_study as study
+        from skippipe.experiments.omission_plot import plot_study
+        from skippipe.config import load_config
+
+        setting = study.setting_of(args.setting, args.stages, args.skip_ratio)
+        remedy = args.remedy or study.DEFAULT_REMEDY
+        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        for name in (remedy, *variants):
+            study.remedy_overrides(name)  # an unknown remedy fails here, before any training
+        shape = [f"schedule.num_stages={setting['stages']}", f"schedule.num_nodes={setting['stages']}",
+                 f"schedule.skip_ratio={setting['skip_ratio']}"]
+        cfg = load_config(args.config, shape + args.overrides)  # bad input fails here, before any training
+        steps = args.steps or cfg.train.steps
+        start = time.time()
+        times = study.network_times(setting["stages"], setting["skip_ratio"])
+        runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants)
+        run_root = Path(args.run_dir or f"runs/omission-{setting['name']}")
+        train_all(runs, args, run_root)
+        trained = time.time() - start
+        import torch
+        torch.set_num_threads(1)  # one thread: on a shared or busy CPU more threads slow evaluation manyfold
+        results = {name: evaluate_run(name, run, run_root, args.seeds) for name, run in runs.items()}
+        report = {"setting": setting, "answers": study.study_answers(results), "network": times,
+                  "config": args.config, "overrides": args.overrides, "model": cfg.model,
+                  "train_seconds": trained, "total_seconds": time.time() - start, "runs": results}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        if args.plot:
+            plot_study(report, args.plot)
+        a = report["answers"]
+        print(" | ".join(f"{k} {a[k]:.4f}" for k in ("q1_equal_time", "q1_equal_tokens", "q1_full_depth",
+                                                       "full_over_trained_depth", "q2_skip_half_over_full",
+                                                       "q3_full_half_over_full", "layerdrop_q2", "time_ratio"))
+              + f" | {report['total_seconds'] / 60:.1f} min | {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The omission study: is a skip-trained model as good as the full pipeline's at the same wall-clock, and
+does it degrade gracefully when stages are omitted? (issue 14; README, "Inference with stages omitted")
+
+Settings, the runs the study trains, the wall-clock each run is worth on the paper's network (the
+simulator's prediction), and the report's answers from the runs' omission tables and depth summaries
+(skippipe/evaluation/omission.py). skippipe/commands/omission_study.py trains and evaluates; the plot is in
+skippipe/experiments/omission_plot.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from skippipe.metrics import read_metrics
+from topology.errors import ConfigError
+
+# The study's settings: stages of llama-omission-deep's 24 layers and the skip ratio (issue 14).
+SETTINGS = {"mission": {"stages": 8, "skip_ratio": 0.25},   # 8 stages x 3 layers
+            "paper": {"stages": 6, "skip_ratio": 0.33}}     # 6 x 4, the paper's 0.33
+# The paper's network for the wall-clock comparison: the simulator's predicted iteration time of each
+# run's plan on gcp-12-regions with 20 nodes and llama-500m (the README's solver baseline: microbatches
+# of 8, 30 per iteration, memory 3; 6 stages as 5,3,3,3,3,3 there, other stage counts even).
+NETWORK = {"topology": "gcp-12-regions", "nodes": 20, "model": "llama-500m",
+           "microbatch_size": 8, "microbatches": 30, "memory": 3, "stage_sizes": {6: [5, 3, 3, 3, 3, 3]}}
+# Remedies of the skip run: full-depth work mixed in (scheduler/depth.py). The default, one iteration in
+# ten at full depth (the schedule of the paper authors' later training code), costs least on the
+# paper's network: mixing microbatches into every iteration re-routes slow links (README table).
+REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every": 5}, "mix0.125": {"full_fraction": 0.125}}
+DEFAULT_REMEDY = "every10"
+
+
+@dataclass
+class Run:
+    """One training run of the study: its label, dotted overrides on top of the study's, and its steps."""
+    label: str
+    overrides: list[str]
+    steps: int
+    predicted_iteration_s: float  # on the paper's network (NETWORK), one iteration of this run's schedule
+    extra: dict = field(default_factory=dict)
+
+
+def setting_of(name: str | None, stages: int | None, skip_ratio: float | None) -> dict:
+    """{"name", "stages", "skip_ratio"}: a named setting, or explicit stages and skip ratio (both needed
+    without a name; either overrides the named one). ConfigError for an unknown name or a missing value."""
+    if name is not None and name not in SETTINGS:
+        raise ConfigError(f"unknown --setting {name!r}; choose one of: {', '.join(SETTINGS)}")
+    base = dict(SETTINGS[name]) if name else {}
+    base.update({k: v for k, v in (("stages", stages), ("skip_ratio", skip_ratio)) if v is not None})
+    if "stages" not in base or "skip_ratio" not in base:
+        raise ConfigError("pass --setting mission|paper, or both --stages and --skip-ratio")
+    return {"name": name or f"{base['stages']}x{base['skip_ratio']}", **base}
+
+
+def network_times(stages: int, skip_ratio: float) -> dict:
+    """Predicted iteration seconds on NETWORK: the full pipeline, the skip plan, its placement at full
+    depth, and every remedy (REMEDIES); plus each remedy's cost over the plain skip plan. Deterministic
+    (solver seed 0); about ten seconds."""
+    from scheduler.depth import all_full_depth, average_iteration_s, mix_full_depth
+    from scheduler.problem import Problem
+    from scheduler.solve import solve
+    from topology.load import load_topology
+    from topology.model_spec import load_model_spec
+
+    topo = load_topology(NETWORK["topology"], NETWORK["nodes"], 0)
+    model = load_model_spec(NETWORK["model"])
+
+    def problem(ratio: float) -> Problem:
+        return Problem(topology=topo, model=model, num_stages=stages, stage_sizes=NETWORK["stage_sizes"].get(stages),
+                       microbatch_size=NETWORK["microbatch_size"], num_microbatches=NETWORK["microbatches"],
+                       memory=NETWORK["memory"], skip_ratio=ratio)
+
+    full = solve(problem(0.0), "full").predicted["iteration_s"]
+    skip_plan = solve(problem(skip_ratio), "skippipe")
+    skip = skip_plan.predicted["iteration_s"]
+    skip_full_depth = all_full_depth(problem(skip_ratio), skip_plan).predicted["iteration_s"]
+    remedies = {}
+    for name, remedy in REMEDIES.items():
+        if "full_fraction" in remedy:
+            seconds = mix_full_depth(problem(skip_ratio), "skippipe", remedy["full_fraction"]).predicted["iteration_s"]
+        else:
+            seconds = average_iteration_s(skip, skip_full_depth, remedy.get("full_every", 0))
+        remedies[name] = {"iteration_s": float(seconds), "cost_over_plain": float(seconds / skip), **remedy}
+    return {**{k: v for k, v in NETWORK.items() if k != "stage_sizes"},
+            "stage_sizes": NETWORK["stage_sizes"].get(stages), "full_iteration_s": float(full),
+            "skip_iteration_s": float(skip), "skip_placement_full_depth_iteration_s": float(skip_full_depth),
+            "remedies": remedies}
+
+
+def remedy_overrides(name: str) -> list[str]:
+    if name not in REMEDIES:
+        raise ConfigError(f"unknown remedy {name!r}; choose one of: {', '.join(REMEDIES)}")
+    return [f"schedule.{k}={v}" for k, v in REMEDIES[name].items()]
+
+
+def study_runs(setting: dict, *, steps: int, times: dict, remedy: str = DEFAULT_REMEDY,
+               variants: tuple[str, ...] = ()) -> dict[str, Run]:
+    """The runs: `skip` (the setting's skip ratio with `remedy`), `full` (equal tokens), `full_equal_time`
+    (full pipeline stopped at the skip run's predicted wall-clock: steps x skip / full iteration time,
+    its learning-rate schedule fitted to that length as a user with that budget would), `layerdrop`
+    (same tokens, the skip ratio's expected depth), and a `skip_<variant>` per extra remedy."""
+    shape = [f"schedule.num_stages={setting['stages']}", f"schedule.num_nodes={setting['stages']}"]
+    skip_s = times["remedies"][remedy]["iteration_s"]
+    ratio = skip_s / times["full_iteration_s"]
+    r = setting["skip_ratio"]
+    runs = {
+        "skip": Run(f"skip ratio {r}, {remedy}", shape + [f"schedule.skip_ratio={r}"] + remedy_overrides(remedy),
+                    steps, skip_s, {"remedy": remedy}),
+        "full": Run("full pipeline, equal tokens", shape + ["schedule.skip_ratio=0"], steps, times["full_iteration_s"]),
+        "full_equal_time": Run("full pipeline, equal wall-clock", shape + ["schedule.skip_ratio=0"],
+                               max(1, round(steps * ratio)), times["full_iteration_s"], {"time_ratio": ratio}),
+        "layerdrop": Run(f"LayerDrop at depth of skip {r}", shape + ["schedule.skip_ratio=0", f"schedule.layerdrop={r}"],
+                         steps, times["full_iteration_s"]),
+    }
+    for name in variants:
+        if name != remedy:
+            runs[f"skip_{name}"] = Run(f"skip ratio {r}, {name}", shape + [f"schedule.skip_ratio={r}"] + remedy_overrides(name),
+                                       steps, times["remedies"][name]["iteration_s"], {"remedy": name})
+    return runs
+
+
+def training_curve(run_dir: str | Path, tokens_per_step: int, iteration_s: float) -> list[dict]:
+    """step, tokens seen, predicted wall-clock on the paper's network, training and validation loss."""
+    return [{"step": r["step"], "tokens": r["step"] * tokens_per_step, "network_s": r["step"] * iteration_s,
+             "loss": r["loss"], "val_loss": r.get("val_loss")} for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+
+
+def row_at(rows: list[dict], keep: float, placement: str) -> dict:
+    return next(r for r in rows if r["placement"] == placement and math.isclose(r["keep"], keep))
+
+
+def half_over_full(rows: list[dict], placement: str = "even") -> float:
+    """Perplexity at keep 0.5 over keep 1.0 (q2 for a skip-trained model, q3 for the full pipeline's)."""
+    return row_at(rows, 0.5, placement)["ppl"] / row_at(rows, 1.0, placement)["ppl"]
+
+
+TARGETS = {"q1_equal_time": 1.00, "q1_equal_tokens": 1.05, "full_over_trained_depth": 1.00,
+           "q2_skip_half_over_full": 1.07}
+
+
+def study_answers(runs: dict[str, dict], headline: str = "even") -> dict:
+    """The answers, each from the runs' own tables (held-out loss ratios; perplexity ratios for q2/q3):
+
+    q1_equal_time    skip model at its best kept set / full_equal_time at full depth (loss)
+    q1_equal_tokens  the same against `full` (equal tokens)
+    q1_full_depth    skip at full depth / full at full depth (loss, equal tokens)
+    full_over_trained_depth  skip's perplexity with every stage / at its trained depth (even)
+    q2_skip_half_over_full, q3_full_half_over_full, layerdrop_q2: keep 0.5 / keep 1.0 (`headline`)
+    and each target's verdict ("targets_met"); every run's own q2 and figures under "by_run".
+    """
+    skip, full, equal, drop = (runs[k] for k in ("skip", "full", "full_equal_time", "layerdrop"))
+    answers = {
+        "q1_equal_time": skip["depth"]["best"]["loss"] / equal["depth"]["full"]["loss"],
+        "q1_equal_tokens": skip["depth"]["best"]["loss"] / full["depth"]["full"]["loss"],
+        "q1_full_depth": skip["depth"]["full"]["loss"] / full["depth"]["full"]["loss"],
+        "full_over_trained_depth": skip["depth"]["full_over_trained_depth"],
+        "q2_skip_half_over_full": half_over_full(skip["omission"], headline),
+        "q3_full_half_over_full": half_over_full(full["omission"], headline),
+        "layerdrop_q2": half_over_full(drop["omission"], headline),
+        "time_ratio": equal["time_ratio"], "headline_placement": headline,
+    }
+    met = {k: answers[k] <= v for k, v in TARGETS.items()}
+    met["q3_minus_1_at_least_3x_q2_minus_1"] = answers["q3_full_half_over_full"] - 1 >= 3 * (answers["q2_skip_half_over_full"] - 1)
+    met["q2_no_worse_than_layerdrop"] = answers["q2_skip_half_over_full"] <= answers["layerdrop_q2"]
+    by_run = {name: {"q2": half_over_full(run["omission"], headline),
+                     "best_over_full_equal_tokens": run["depth"]["best"]["loss"] / full["depth"]["full"]["loss"],
+                     "full_depth_over_full": run["depth"]["full"]["loss"] / full["depth"]["full"]["loss"],
+                     "full_over_trained_depth": run["depth"]["full_over_trained_depth"],
+                     "predicted_iteration_s": run["predicted_iteration_s"]} for name, run in runs.items()}
+    return {**answers, "targets": dict(TARGETS), "targets_met": met, "by_run": by_run}

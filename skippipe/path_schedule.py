@@ -1,0 +1,81 @@
+"""Which plan each training step runs: the run's plan, or a schedule of plans around it.
+
+    schedule = plan_schedule(cfg, plan)      # skippipe/trainer.py calls this in setup()
+    step_plan = schedule.plan_at(step)       # 1-based step
+
+Three schedules (README, "Inference with stages omitted"; issue 14):
+
+- the plan itself, every step (the default; `schedule.full_fraction` is already inside the plan:
+  scheduler/depth.py);
+- one iteration in `schedule.full_every` at full depth: the plan with every microbatch on its full
+  route (scheduler.depth.all_full_depth, same placement), the others the plan;
+- LayerDrop (`schedule.layerdrop`, the field's standard way to train for depth robustness; Fan et al.
+  2019, "Reducing Transformer Depth on Demand with Structured Dropout"): every microbatch keeps stage 0
+  and each other stage independently with probability p = (L - 1) / (S - 1), where L is the path length
+  of skip ratio `layerdrop` (scheduler.constraints.path_length), so a path's expected depth is L; kept
+  stages run in natural order. Draws depend only on (train.seed, step), so a resumed run draws the same.
+
+The schedules other than the plan itself switch plans between steps, which only the single-process
+executor supports (the distributed one has connected its peers for one plan).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from scheduler.constraints import path_length
+from skippipe.config import Config
+from topology.plan import Plan, Route
+
+
+class PlanSchedule:
+    """The plan of each step: `base`, or every `full_every`-th step `full`, or LayerDrop draws around
+    `base` with per-stage keep probability `keep_prob` (None: no LayerDrop)."""
+
+    def __init__(self, base: Plan, *, full: Plan | None = None, full_every: int = 0,
+                 keep_prob: float | None = None, seed: int = 0):
+        self.base, self.full, self.full_every = base, full, full_every
+        self.keep_prob, self.seed = keep_prob, seed
+
+    @property
+    def varies(self) -> bool:
+        """Whether some step runs another plan than `base`."""
+        return self.keep_prob is not None or (self.full is not None and self.full_every > 0)
+
+    def plan_at(self, step: int) -> Plan:
+        if self.keep_prob is not None:
+            return self._layerdrop(step)
+        if self.full is not None and self.full_every > 0 and step % self.full_every == 0:
+            return self.full
+        return self.base
+
+    def _layerdrop(self, step: int) -> Plan:
+        rng = random.Random(f"layerdrop/{self.seed}/{step}")  # str seeds are stable across processes
+        first = {n.stage: n.id for n in sorted(self.base.nodes, key=lambda n: -n.id)}  # a stage's lowest node
+        paths = []
+        for path in sorted(self.base.paths, key=lambda p: p.microbatch):
+            stages = [0] + [s for s in range(1, self.base.num_stages) if rng.random() < self.keep_prob]
+            paths.append(Route(path.microbatch, path.data_node, tuple([path.data_node] + [first[s] for s in stages[1:]]),
+                               tuple(stages)))
+        return dataclasses.replace(self.base, paths=paths)
+
+
+def layerdrop_keep_prob(num_stages: int, skip_ratio: float) -> float:
+    """p with 1 + (S - 1) p = path_length(S, skip_ratio): the per-stage keep probability of LayerDrop at
+    the expected depth of that skip ratio (stage 0 always kept)."""
+    if num_stages == 1:
+        return 1.0
+    return (path_length(num_stages, skip_ratio) - 1) / (num_stages - 1)
+
+
+def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
+    """The schedule `cfg` asks for around `plan` (ConfigError from the solver for an impossible setting)."""
+    s = cfg.schedule
+    if s.layerdrop:
+        return PlanSchedule(plan, keep_prob=layerdrop_keep_prob(plan.num_stages, s.layerdrop), seed=cfg.train.seed)
+    if s.full_every:
+        from scheduler.depth import all_full_depth
+        from skippipe.planning import build_problem, job_topology
+        full = all_full_depth(build_problem(cfg, job_topology(cfg)), plan)
+        return PlanSchedule(plan, full=full, full_every=s.full_every)
+    return PlanSchedule(plan)

@@ -1,0 +1,108 @@
+"""Full-depth work in a skipping plan (scheduler/depth.py) and the per-step plan schedules
+(skippipe/path_schedule.py): valid plans, predicted costs, LayerDrop's expected depth."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from pathlib import Path
+
+import pytest
+
+from scheduler.constraints import check
+from scheduler.depth import all_full_depth, average_iteration_s, full_depth_count, mix_full_depth
+from scheduler.problem import Problem
+from scheduler.solve import solve
+from skippipe.config import load_config
+from skippipe.path_schedule import PlanSchedule, layerdrop_keep_prob, plan_schedule
+from topology.errors import ConfigError
+from topology.load import load_topology
+from topology.model_spec import load_model_spec
+from topology.plan import Plan, Route
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def problem() -> Problem:
+    return Problem(topology=load_topology("gcp-12-regions", 8, 0), model=load_model_spec("llama-tiny"),
+                   num_stages=8, num_microbatches=16, memory=16, skip_ratio=0.25, microbatch_size=2)
+
+
+def test_mixed_plan_is_valid_balanced_and_costs_what_the_simulator_says(problem):
+    plain = solve(problem, "skippipe")
+    mixed = mix_full_depth(problem, "skippipe", 0.125)
+    check(mixed)  # CC2 accepts the declared full-depth paths, CC4 and TC1 still hold
+    assert mixed.constraints["full_depth"] == [14, 15] and len(mixed.paths) == 16
+    full = [p for p in mixed.paths if p.microbatch in (14, 15)]
+    assert all(p.stages == tuple(range(8)) for p in full)
+    assert all(len(p.stages) == 6 for p in mixed.paths if p.microbatch < 14)
+    assert mixed.predicted["iteration_s"] > 0 and plain.predicted["iteration_s"] > 0
+    assert mix_full_depth(problem, "skippipe", 0.0).to_dict() == plain.to_dict()
+
+
+def test_a_declared_full_depth_path_must_visit_every_stage(problem):
+    mixed = mix_full_depth(problem, "skippipe", 0.125)
+    bad = dataclasses.replace(mixed, constraints={**mixed.constraints, "full_depth": [0, 14, 15]})
+    with pytest.raises(ConfigError, match="full-depth path must visit every stage"):
+        check(bad)
+    with pytest.raises(ConfigError, match="list of microbatch ids"):
+        check(dataclasses.replace(mixed, constraints={**mixed.constraints, "full_depth": "all"}))
+
+
+def test_all_full_depth_keeps_the_placement(problem):
+    plan = solve(problem, "skippipe")
+    full = all_full_depth(problem, plan)
+    check(full)
+    assert [n.stage for n in full.nodes] == [n.stage for n in plan.nodes]
+    assert all(p.stages == tuple(range(8)) for p in full.paths)
+    assert average_iteration_s(10.0, 20.0, 4) == pytest.approx(12.5) and average_iteration_s(10.0, 20.0, 0) == 10.0
+
+
+@pytest.mark.parametrize("fraction, count", [(0.0, 0), (0.125, 2), (0.1, 2), (1.0, 16), (0.03, 0)])
+def test_full_depth_count(fraction, count):
+    assert full_depth_count(16, fraction) == count
+
+
+def test_full_depth_fraction_outside_the_unit_interval_is_refused():
+    with pytest.raises(ConfigError, match=r"outside \[0, 1\]"):
+        full_depth_count(16, 1.5)
+    with pytest.raises(ConfigError, match="full_fraction"):
+        load_config(ROOT / "configs/train/debug.yaml", ["schedule.full_fraction=2"])
+    with pytest.raises(ConfigError, match="layerdrop replaces"):
+        load_config(ROOT / "configs/train/debug.yaml", ["schedule.layerdrop=0.25", "schedule.skip_ratio=0.25"])
+
+
+def test_layerdrop_keeps_stage_0_natural_order_and_the_expected_depth():
+    assert layerdrop_keep_prob(6, 0.33) == pytest.approx(3 / 5)
+    nodes = [{"id": i, "name": f"n{i}", "region": "r", "stage": i, "rank": i} for i in range(6)]
+    base = Plan.from_dict({"version": 1, "skip_ratio": 0.0, "num_stages": 6, "constraints": {}, "nodes": nodes,
+                           "paths": [{"microbatch": m, "data_node": 0, "nodes": list(range(6)), "stages": list(range(6))}
+                                     for m in range(16)], "order": {}, "predicted": {}})
+    schedule = PlanSchedule(base, keep_prob=layerdrop_keep_prob(6, 0.33), seed=0)
+    draws = [schedule.plan_at(step) for step in range(1, 201)]
+    paths = [p for plan in draws for p in plan.paths]
+    assert all(p.stages[0] == 0 and list(p.stages) == sorted(p.stages) and p.nodes == p.stages for p in paths)
+    assert statistics.fmean(len(p.stages) for p in paths) == pytest.approx(4.0, abs=0.05)  # 3200 draws
+    assert len({p.stages for p in paths}) > 16
+    assert schedule.plan_at(7).paths == PlanSchedule(base, keep_prob=0.6, seed=0).plan_at(7).paths  # resumable
+    assert schedule.plan_at(7).paths != PlanSchedule(base, keep_prob=0.6, seed=1).plan_at(7).paths
+
+
+def test_full_every_runs_the_full_depth_plan_one_step_in_k():
+    cfg = load_config(ROOT / "configs/train/debug.yaml", ["schedule.skip_ratio=0.25", "schedule.full_every=3"])
+    from skippipe.planning import make_plan
+    plan = make_plan(cfg)
+    schedule = plan_schedule(cfg, plan)
+    assert schedule.varies
+    assert [schedule.plan_at(s) is plan for s in range(1, 7)] == [True, True, False, True, True, False]
+    assert all(p.stages == tuple(range(cfg.schedule.num_stages)) for p in schedule.plan_at(3).paths)
+    assert not plan_schedule(load_config(ROOT / "configs/train/debug.yaml"), plan).varies
+
+
+def test_a_route_the_schedule_draws_names_real_nodes():
+    nodes = [{"id": i, "name": f"n{i}", "region": "r", "stage": [0, 1, 1, 2][i], "rank": i} for i in range(4)]
+    base = Plan.from_dict({"version": 1, "skip_ratio": 0.0, "num_stages": 3, "constraints": {}, "nodes": nodes,
+                           "paths": [{"microbatch": 0, "data_node": 0, "nodes": [0, 1, 3], "stages": [0, 1, 2]}],
+                           "order": {}, "predicted": {}})
+    plan = PlanSchedule(base, keep_prob=1.0).plan_at(1)
+    assert plan.paths == [Route(0, 0, (0, 1, 3), (0, 1, 2))]
