@@ -19,7 +19,8 @@ from pathlib import Path
 from topology.errors import ArgumentParser, cli_errors
 
 
-def main() -> None:
+def build_parser() -> ArgumentParser:
+    """The command's flags (README, Command reference)."""
     p = ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="the report (JSON)")
     p.add_argument("--topology", default="configs/topologies/emulated-8.yaml", help="topology YAML to emulate")
@@ -31,7 +32,11 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per run")
     p.add_argument("--nice", type=int, default=-19, help="scheduling priority of the emulated nodes")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. schedule.replan.patience=2")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     from skippipe.emulation.emulate import Interrupted, JobFailed
     with cli_errors():
         kinds = tuple(k.strip() for k in args.events.split(",") if k.strip())
