@@ -43,8 +43,7 @@ def placement_of(plan: Plan) -> list[int]:
 
 class Replanner:
     """The trainer's re-plan hook (Note [re-plan while training]); `topology` is the job's topology the
-    first plan was solved for (or measured on). Raises ConfigError when it does not fit the plan."""
-    wants_timelines = True
+    first plan was solved for (or measured on), one node per plan node (the trainer checks)."""
 
     def __init__(self, cfg: Config, topology: Topology, run_dir: str | Path):
         r = cfg.schedule.replan

@@ -128,7 +128,12 @@ class Trainer:
         if self.replanner is None and cfg.schedule.replan.enabled:
             from skippipe.planning import job_topology
             from skippipe.replan import Replanner
-            self.replanner = Replanner(cfg, job_topology(cfg), self.run_dir)
+            topology = job_topology(cfg)
+            if topology.num_nodes != len(plan.nodes):
+                raise ConfigError(f"schedule.replan re-estimates the job's topology {cfg.schedule.topology!r}, which has "
+                                  f"{topology.num_nodes} nodes, but the plan has {len(plan.nodes)}; pass the topology "
+                                  f"the plan was solved for (--topology) or set schedule.replan.enabled=false")
+            self.replanner = Replanner(cfg, topology, self.run_dir)
 
     def _due(self, step: int, every: int) -> bool:
         return step == self.cfg.train.steps or bool(every and step % every == 0)

@@ -123,3 +123,18 @@ def test_node_speed_recovered_and_noise_rejected():
     estimate, _ = estimate_topology(plan, steps, prior=prior, cost=problem.cost)
     assert estimate.nodes[3].flops == pytest.approx(truth.nodes[3].flops, rel=0.1)
     assert estimate.nodes[0].flops == pytest.approx(prior.nodes[0].flops, rel=0.1)
+
+
+@pytest.mark.parametrize("override", ["schedule.replan.threshold=0", "schedule.replan.patience=0",
+                                      "schedule.replan.warmup=0", "schedule.replan.max_replans=-1",
+                                      "schedule.replan.enabled=maybe"])
+def test_bad_replan_settings_are_config_errors(override):
+    from skippipe.config import load_config
+    from topology.errors import ConfigError
+    with pytest.raises(ConfigError):
+        load_config(None, [override])
+
+
+def test_replan_is_off_by_default():
+    from skippipe.config import load_config
+    assert load_config(None, []).schedule.replan.enabled is False

@@ -30,7 +30,6 @@ SWITCH_AFTER = 1
 
 class Scripted:
     """A re-plan hook that switches to `plan` after step `at` (what the drift detector decides, scripted)."""
-    wants_timelines = False
 
     def __init__(self, at: int, plan: Plan):
         self.at, self.plan, self.steps = at, plan, 0
@@ -157,3 +156,13 @@ def test_replanner_on_synthetic_timelines_switches_to_a_faster_plan_with_the_sam
     assert estimate.bandwidth_gbit_s[a, b] == pytest.approx(truth.bandwidth_gbit_s[a, b], rel=0.1)
     hook.took_force(True)
     assert hook.remaining == cfg.schedule.replan.max_replans - 1
+
+
+def test_replan_on_a_topology_of_another_size_is_refused(tmp_path):
+    from topology.errors import ConfigError
+    cfg = make_config(tmp_path, "wrong", steps=1)
+    first, _ = two_plans(cfg)
+    cfg.schedule.replan.enabled = True
+    cfg.schedule.topology, cfg.schedule.num_nodes = "gcp-12-regions", 8  # the plan has 6 nodes
+    with pytest.raises(ConfigError, match="schedule.replan"):
+        train(cfg, first)
