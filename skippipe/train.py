@@ -127,6 +127,7 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
         torch.set_num_threads(cfg.train.num_threads)
 
     corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
+    cfg.data.tokenizer = corpus.tokenizer.name  # a prepared folder's own tokenizer: evaluation and export use it
     if distributed:
         stages = {ctx.stage: Stage(spec, ctx.stage, plan.num_stages, seed, device)}
         streams = data_streams(plan, corpus, [ctx.node.id], seed)
