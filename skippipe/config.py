@@ -75,6 +75,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the last step
     eval_batches: int = 4
     checkpoint_every: int = 0  # 0: save only at the last step
+    # Start from these weights (a run dir from scripts/import_hf.py or training, or a Hugging Face
+    # LlamaForCausalLM folder) instead of the seeded init; ignored when resuming.
+    init_from: str | None = None
 
 
 @dataclass

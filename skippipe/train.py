@@ -139,6 +139,9 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
         model = FullModel(spec, plan.num_stages, seed, device)
         stages = dict(enumerate(model.stages))
         streams = data_streams(plan, corpus, [n.id for n in plan.nodes], seed)
+    if cfg.train.init_from and not resume:
+        from skippipe.hf_import import load_stage_weights
+        load_stage_weights(cfg.train.init_from, stages, spec)
     optimizers = {s: build_optimizer(m, cfg.optim) for s, m in stages.items()}
     visits = stage_visits(plan)
     val_batches = [b for b in corpus.val_batches(plan.microbatch_size, cfg.train.eval_batches)
