@@ -33,7 +33,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "malformed"
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text())["cases"]
-SCRIPTS = {"train": "scripts/train.py", "evaluate": "scripts/evaluate.py", "export": "scripts/export.py"}
+SCRIPTS = {"train": "scripts/train.py", "evaluate": "scripts/evaluate.py", "export": "scripts/export.py",
+           "prepare_data": "scripts/prepare_data.py", "train_tokenizer": "scripts/train_tokenizer.py",
+           "import_hf": "scripts/import_hf.py"}
 
 
 def checksums(*folders: Path) -> dict[str, str]:
@@ -174,8 +176,9 @@ def test_the_corpus_is_complete():
     files = {p.name for p in CORPUS.iterdir() if p.is_file() and p.name != "cases.yaml"}
     assert files == used, f"unused: {sorted(files - used)}; missing: {sorted(used - files)}"
     kinds = {c["id"].split("-")[0] for c in CASES}
-    assert {"config", "topo", "plan", "model", "ckpt"} <= kinds
-    assert {c["command"].split()[0] for c in CASES} == {"train", "evaluate", "export", "scheduler", "topology"}
+    assert {"config", "topo", "plan", "model", "ckpt", "tok", "data", "hf"} <= kinds
+    assert {c["command"].split()[0] for c in CASES} == {"train", "evaluate", "export", "scheduler", "topology",
+                                                        "prepare_data", "train_tokenizer", "import_hf"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
