@@ -121,3 +121,20 @@ def test_a_saved_hugging_face_dataset_is_a_source(tmp_path):
     train, val, _ = open_prepared(tmp_path / "out", 16)
     assert len(train) + len(val) == len("\n\n".join(texts).encode())
     assert read_meta(tmp_path / "out")["source"] == str(tmp_path / "saved")
+
+
+def test_bpe_prepared_tokens_are_the_tokenizers_ids_of_each_piece(tmp_path):
+    from skippipe.data import HFTokenizer
+    from skippipe.shards import text_pieces
+    from skippipe.tokenizer import train_bpe
+    train_bpe(text_pieces("builtin"), 600).save(str(tmp_path / "tok.json"))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("First document.\nWith lines  and  spaces.\n" * 300)
+    (tmp_path / "docs" / "b.jsonl").write_text("".join(json.dumps({"text": f"doc {i} ünïcode"}) + "\n" for i in range(50)))
+    prepare(tmp_path / "docs", str(tmp_path / "tok.json"), tmp_path / "out", context=8)
+    train, val, tok = open_prepared(tmp_path / "out", 8)
+    expected = [i for piece in text_pieces(tmp_path / "docs") for i in HFTokenizer(str(tmp_path / "tok.json")).encode(piece)]
+    assert read_meta(tmp_path / "out")["num_tokens"]["total"] == len(expected)
+    assert sorted(torch.cat([train, val]).tolist()) == sorted(expected)
+    assert tok.decode(expected) == "\n\n".join(["First document.\nWith lines  and  spaces.\n" * 300]
+                                               + [f"doc {i} ünïcode" for i in range(50)])
