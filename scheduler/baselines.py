@@ -11,12 +11,11 @@ import numpy as np
 
 from scheduler.full import contiguous_placement, region_chain_order
 from scheduler.paths import build_routes
-from scheduler.problem import Problem
-from scheduler.solve import Solution, strategy
+from scheduler.problem import Problem, Solution
 
 
-@strategy("random-skip")
 def random_skip(problem: Problem) -> Solution:
     node_stage = contiguous_placement(region_chain_order(problem.topology), problem.even_stage_sizes())
-    routes, _ = build_routes(problem, node_stage, np.random.default_rng(problem.seed), "random", reorder=False)
+    routes, _ = build_routes(problem, node_stage=node_stage, rng=np.random.default_rng(problem.seed), choose="random",
+                             reorder=False)
     return Solution(node_stage, routes, None)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import time
 
 from scheduler.constraints import check_topology, violations
-from scheduler.plan import Plan
 from scheduler.problem import Problem
-from scheduler.solve import STRATEGIES, _load_strategies, solve
+from scheduler.solve import DEFAULT_STRATEGY, STRATEGIES, solve
 from topology.errors import ArgumentParser, ConfigError, cli_errors
 from topology.load import load_topology
 from topology.model_spec import load_model_spec
+from topology.plan import Plan
 
 
 def positive_int(text: str, flag: str = "a count") -> int:
@@ -105,12 +105,11 @@ def cmd_compare(args) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    _load_strategies()
     parser = ArgumentParser(prog="python -m scheduler", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     p = sub.add_parser("solve", help="solve a plan and write plan.json")
     add_problem_args(p)
-    p.add_argument("--strategy", default="skippipe" if "skippipe" in STRATEGIES else "full", choices=sorted(STRATEGIES))
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=sorted(STRATEGIES))
     p.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
     p.set_defaults(run=cmd_solve)
     p = sub.add_parser("validate", help="check a plan against every constraint")

@@ -1,7 +1,8 @@
 """The convergence (CC1-CC4) and technical (TC1) constraints, checked on a plan.
 
 `violations(plan)` lists every broken rule with the microbatch, node and stage it concerns;
-`check(plan)` raises a one-line ConfigError for the first. The rules are described in DESIGN.md.
+`check(plan)` raises a one-line ConfigError for the first. The rules are described in
+docs/design.md ("Paths and constraints").
 """
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from scheduler.plan import Action, Plan, dependencies, path_actions
 from topology.errors import ConfigError
+from topology.plan import Action, Plan, dependencies, path_actions
 
 
 @dataclass(frozen=True)

@@ -7,29 +7,29 @@ close together as the stage sizes allow.
 """
 from __future__ import annotations
 
+import networkx as nx
 import numpy as np
 
-from scheduler.problem import Problem
-from scheduler.solve import Solution, strategy
+from scheduler.problem import Problem, Solution
 from topology.errors import ConfigError
 from topology.network import Topology
-from topology.workload import Route
+from topology.plan import Route
 
 
 def region_chain_order(topology: Topology) -> list[int]:
-    """Node ids grouped by region, regions ordered by a greedy best-bandwidth chain."""
+    """Node ids grouped by region, regions ordered by a greedy best-bandwidth chain from the first region
+    (networkx's nearest-neighbour tour over the regions, weighted by mean bandwidth between them)."""
     regions = topology.regions
     members = {r: [n.id for n in topology.nodes if n.region == r] for r in regions}
     bw = topology.bandwidth_gbit_s
-
-    def link(a: str, b: str) -> float:
-        return float(np.mean(bw[np.ix_(members[a], members[b])]))
-
-    chain, rest = [regions[0]], regions[1:]
-    while rest:
-        best = max(rest, key=lambda r: link(chain[-1], r))
-        chain.append(best)
-        rest.remove(best)
+    chain = regions
+    if len(regions) > 1:
+        # weight: highest mean bandwidth first; ties to the earlier region (greedy_tsp alone would break
+        # them by set order, which for strings changes from run to run)
+        g = nx.DiGraph()
+        g.add_edges_from((a, b, {"rank": (-float(np.mean(bw[np.ix_(members[a], members[b])])), j)})
+                         for a in regions for j, b in enumerate(regions) if a != b)
+        chain = nx.approximation.greedy_tsp(g, weight="rank", source=regions[0])[:-1]
     return [n for r in chain for n in members[r]]
 
 
@@ -66,7 +66,6 @@ def balanced_routes(problem: Problem, node_stage: list[int], stage_paths: list[l
     return routes
 
 
-@strategy("full")
 def full_pipeline(problem: Problem) -> Solution:
     if problem.path_length != problem.num_stages:
         raise ConfigError(f"the full strategy sends every microbatch through all {problem.num_stages} stages, but skip "

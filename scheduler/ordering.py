@@ -1,8 +1,9 @@
 """Order (TC2): each node's sequence of work, chosen so that microbatches do not queue behind each other.
 
-`Dispatcher` is list scheduling with the simulator's exact time model (one task at a time per node,
-latency + bytes / bandwidth hops queued on the sender's uplink, the memory cap from a forward until its
-backward, all-reduces once a stage's replicas finish) but with a *priority* of our choosing. The order
+`Compiled.dispatch` runs the simulator's list scheduler (topology.dispatch) with the simulator's exact
+time model, read from the cost model's cached matrices (one task at a time per node, latency + bytes /
+bandwidth hops queued on the sender's uplink, the memory cap from a forward until its backward,
+all-reduces once a stage's replicas finish) but with a *priority* of our choosing. The order
 it executes, replayed strictly by topology.simulator, gives the same timings (a node never idles while
 its next action in the order is ready, so strict replay starts every action at the same instant); the
 strategies still score the final plan with the simulator itself.
@@ -14,20 +15,18 @@ the solver tries several and searches over microbatch ranks.
 """
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from scheduler.problem import Problem
-from topology.workload import Action, Route
-
-KINDS = ("F", "L", "B")
+from topology.dispatch import BACKWARD_FIRST, KINDS, list_schedule
+from topology.plan import Action, Route
 
 
 @dataclass(frozen=True)
 class Priority:
-    kind_rank: tuple[float, float, float] = (2.0, 1.0, 0.0)  # F, L, B: backward first (frees memory)
+    kind_rank: tuple[float, float, float] = BACKWARD_FIRST  # F, L, B: backward first (frees memory)
     by_arrival: bool = True  # ties then go to the earliest arrival (the simulator's default)
     mb_rank: tuple[float, ...] | None = None  # per microbatch; None: by id (launch order)
     tail_weight: float = 0.0  # > 0: prefer actions with more work left on their loop (critical path)
@@ -56,10 +55,8 @@ class Context:
         self.fwd = cost.forward_s.tolist()
         self.bwd = (cost.forward_s * cost.backward_factor).tolist()
         self.loss = cost.loss_s.tolist()
-        topo = problem.topology
-        with np.errstate(divide="ignore"):
-            self.serialise = (cost.activation_bytes * 8.0 / (topo.bandwidth_gbit_s * 1e9)).tolist()
-        self.latency = (topo.latency_ms / 1e3).tolist()
+        self.serialise = cost.serialise_matrix_s.tolist()
+        self.latency = cost.latency_matrix_s.tolist()
         self.cache: dict[Route, tuple] = {}
 
     def segment(self, route: Route) -> tuple:
@@ -122,86 +119,44 @@ class Compiled:
             key = key - priority.tail_weight * tail / (tail.max() + 1e-12)
         return (key + priority.rank_weight * rank[self.mb]).tolist()
 
-    def dispatch(self, priority: Priority = Priority(), memory: int | None = None,
+    def dispatch(self, priority: Priority = Priority(), *, memory: int | None = None,
                  record: bool = True) -> Outcome:
-        """Greedy list scheduling under `priority`; see the module docstring."""
+        """Greedy list scheduling (topology.dispatch) under `priority`; see the module docstring."""
         memory = self.problem.memory if memory is None else memory
-        key = self.keys(priority)
         rank = (np.arange(len(self.routes), dtype=float) if priority.mb_rank is None
                 else np.asarray(priority.mb_rank, dtype=float)).tolist()
-        by_arrival = priority.by_arrival
-        node_of, kind, dur, mb_of = self.node, self.kind, self.dur, self.mb
-        serialise, latency, remote, last = self.serialise, self.latency, self.remote, self.is_last
-        n = self.num_nodes
-        # Ready work per node in two heaps, forwards apart: a forward may start only under the memory cap,
-        # so the pick is the better of the two tops, or the other top when the node is full.
-        fready: list[list] = [[] for _ in range(n)]
-        oready: list[list] = [[] for _ in range(n)]
-        held = [0] * n
-        idle = [True] * n
-        uplink = [0.0] * n
-        finish = [0.0] * n
-        order: list[list[int]] = [[] for _ in range(n)]
-        events = []
-        seq = 0
-        for f in self.first_action:
-            events.append((0.0, seq, node_of[f], f))
-            seq += 1
-        heapq.heapify(events)
+        mb_of, dur, last = self.mb, self.dur, self.is_last
+        serialise, latency, remote = self.serialise, self.latency, self.remote
+        uplink = [0.0] * self.num_nodes
+        finish = [0.0] * self.num_nodes
+        order: list[list[int]] = [[] for _ in range(self.num_nodes)]
         done_time = [0.0] * len(self.routes)
         arrived = [0.0] * self.num_actions
         wait = [0.0] * self.num_actions
-        left = self.num_actions
-        push, pop = heapq.heappush, heapq.heappop
-        while events:
-            now = events[0][0]
-            touched = []
-            while events and events[0][0] == now:
-                _, _, node, a = pop(events)
-                if a < 0:
-                    idle[node] = True
-                else:
-                    arrived[a] = now
-                    push(fready[node] if kind[a] == 0 else oready[node],
-                         (key[a], now if by_arrival else 0.0, rank[mb_of[a]], a))
-                touched.append(node)
-            if len(touched) > 1:
-                touched = sorted(set(touched))
-            for node in touched:
-                if not idle[node]:
-                    continue
-                fq, oq = fready[node], oready[node]
-                if fq and held[node] < memory and (not oq or fq[0] < oq[0]):
-                    a = pop(fq)[3]
-                    held[node] += 1
-                elif oq:
-                    a = pop(oq)[3]
-                    if kind[a] == 2:
-                        held[node] -= 1
-                else:
-                    continue
-                idle[node] = False
-                wait[a] = now - arrived[a]
-                end = now + dur[a]
-                finish[node] = end
-                left -= 1
-                if record:
-                    order[node].append(a)
-                push(events, (end, seq, node, -1))
-                seq += 1
-                if last[a]:
-                    done_time[mb_of[a]] = end
-                    continue
-                if remote[a]:
-                    send = end if end > uplink[node] else uplink[node]
-                    uplink[node] = send + serialise[a]
-                    arrive = uplink[node] + latency[a]
-                else:
-                    arrive = end
-                push(events, (arrive, seq, node_of[a + 1], a + 1))
-                seq += 1
+
+        def execute(a: int, node: int, now: float) -> tuple[float, float | None]:
+            # The simulator's time model on the cached flat lists: the sender's uplink queues its messages.
+            wait[a] = now - arrived[a]
+            end = finish[node] = now + dur[a]
+            if record:
+                order[node].append(a)
+            if last[a]:
+                done_time[mb_of[a]] = end
+                return end, None
+            if remote[a]:
+                send = end if end > uplink[node] else uplink[node]
+                uplink[node] = send + serialise[a]
+                arrive = uplink[node] + latency[a]
+            else:
+                arrive = end
+            arrived[a + 1] = arrive
+            return end, arrive
+
+        stuck = list_schedule(num_nodes=self.num_nodes, first=self.first_action, node_of=self.node, kind=self.kind,
+                              key=self.keys(priority), tie=[rank[m] for m in mb_of], by_arrival=priority.by_arrival,
+                              memory=memory, execute=execute)
         fin = np.array(finish)
-        if left:
+        if stuck:
             return Outcome(float("inf"), None, fin, float("inf"))
         makespan = float(fin.max())
         for st, members in enumerate(self.stage_members):

@@ -29,7 +29,7 @@ import numpy as np
 
 from scheduler.problem import Problem
 from scheduler.timeline import Timeline
-from topology.workload import Action, Route
+from topology.plan import Action, Route
 
 ENUMERATE_LIMIT = 64  # stage sets per microbatch beyond which candidates are sampled
 # Work budgets for a whole path build (numpy steps in "cost" mode, reservation look-ups in "timed" mode),
@@ -104,7 +104,7 @@ def swap_variants(stages: tuple[int, ...], max_swaps: int, limit: int = 8) -> li
 class PathBuilder:
     """Builds routes one microbatch at a time under exact CC4 / TC1 bookkeeping."""
 
-    def __init__(self, problem: Problem, node_stage: list[int], num_mb: int, rng: np.random.Generator,
+    def __init__(self, problem: Problem, *, node_stage: list[int], num_mb: int, rng: np.random.Generator,
                  choose: str = "cost", reorder: bool = True):
         self.p, self.rng, self.choose, self.reorder = problem, rng, choose, reorder
         self.S, self.K = problem.num_stages, problem.path_length - 1
@@ -113,9 +113,8 @@ class PathBuilder:
         self.targets = stage_targets(self.S, num_mb, problem.path_length, self.replicas)
         self.remaining = np.array(self.targets[1:] if self.S > 1 else [], dtype=int)
         self.quota = Quota(self.replicas, self.targets, problem.topology.num_nodes)
-        cost, topo = problem.cost, problem.topology
-        hop = topo.latency_ms / 1e3 + cost.activation_bytes * 8.0 / (topo.bandwidth_gbit_s * 1e9)
-        np.fill_diagonal(hop, 0.0)
+        cost = problem.cost
+        hop = cost.hop_matrix_s
         self.hop2 = hop + hop.T
         self.hop = hop
         self.comp = cost.forward_s * (1 + cost.backward_factor)
@@ -267,10 +266,10 @@ class PathBuilder:
         return Route(mb, data, (data, *nodes), (0, *seq))
 
 
-def build_routes(problem: Problem, node_stage: list[int], rng: np.random.Generator, choose: str = "cost",
+def build_routes(problem: Problem, *, node_stage: list[int], rng: np.random.Generator, choose: str = "cost",
                  reorder: bool = True) -> tuple[list[Route], dict[Action, float]]:
     """Every microbatch's route, and (timed mode) the planned start of each action."""
     num_mb = problem.microbatches_for(node_stage.count(0))
-    builder = PathBuilder(problem, node_stage, num_mb, rng, choose, reorder)
+    builder = PathBuilder(problem, node_stage=node_stage, num_mb=num_mb, rng=rng, choose=choose, reorder=reorder)
     routes = [builder.next_route(mb) for mb in range(num_mb)]
     return routes, builder.planned

@@ -23,33 +23,9 @@ from scheduler.problem import Problem
 #  - T_loop: a data node keeps at most `memory` microbatches in flight, so it needs n_d / memory round
 #    trips of its loop: its own work + the visited stages' work + the hops there and back, the hops
 #    taken as their expectation over a uniformly random skip set (P(s first), P(s, t consecutive), ...);
-#  - AR_s: the ring all-reduce of the stage's gradient (the cost model's formula, vectorised); it starts
+#  - AR_s: the ring all-reduce of the stage's gradient (CostModel.allreduce_s); it starts
 #    when the stage's replicas finish, which for stage s > 0 is a few backwards before the iteration ends
 #    (slack_s), so only what sticks out past the end counts.
-
-
-def ring_allreduce_s(problem: Problem, stage: int, nodes) -> float:
-    """CostModel.allreduce_s, vectorised (same greedy ring, same tie-breaks, same formula)."""
-    nodes = np.asarray(nodes, dtype=int)
-    k = len(nodes)
-    if k <= 1:
-        return 0.0
-    topo = problem.topology
-    bw = topo.bandwidth_gbit_s[np.ix_(nodes, nodes)]
-    lat = topo.latency_ms[np.ix_(nodes, nodes)]
-    visited = np.zeros(k, dtype=bool)
-    visited[0] = True
-    cur, min_bw, max_lat = 0, math.inf, 0.0
-    for _ in range(k - 1):
-        row = np.where(visited, -np.inf, bw[cur])
-        best = row.max()
-        nxt = int(np.argmin(np.where(row == best, lat[cur], np.inf)))
-        min_bw, max_lat = min(min_bw, bw[cur, nxt]), max(max_lat, lat[cur, nxt])
-        visited[nxt] = True
-        cur = nxt
-    min_bw, max_lat = min(min_bw, bw[cur, 0]), max(max_lat, lat[cur, 0])
-    grad_bits = problem.cost.grad_bytes(stage) * 8
-    return 2 * (k - 1) / k * grad_bits / (min_bw * 1e9) + 2 * (k - 1) * max_lat / 1e3
 
 
 def visit_share(num_stages: int, path_length: int) -> float:
@@ -122,8 +98,7 @@ class Estimator:
         p, cost = self.problem, self.problem.cost
         self.S, self.K = p.num_stages, p.path_length - 1
         n = p.topology.num_nodes
-        hop = np.array(p.topology.latency_ms / 1e3 + cost.activation_bytes * 8.0 / (p.topology.bandwidth_gbit_s * 1e9))
-        np.fill_diagonal(hop, 0.0)
+        hop = cost.hop_matrix_s
         self.hop2 = hop + hop.T  # a loop is travelled forward and backward: each link both ways
         self.comp = cost.forward_s * (1 + cost.backward_factor)  # [stage, node]
         self.comp[0] += cost.loss_s
@@ -156,7 +131,7 @@ class Estimator:
         self.A = np.zeros((self.n, self.S))
         self.A[np.arange(self.n), self.node_stage] = 1.0
         self.R = self.hop2 @ self.A  # [node, stage]: summed hop cost from the node to the stage's replicas
-        self.ar = np.array([ring_allreduce_s(self.problem, s, self.members(s)) for s in range(self.S)])
+        self.ar = np.array([self.problem.cost.allreduce_s(s, self.members(s)) for s in range(self.S)])
 
     def members(self, stage: int) -> np.ndarray:
         return np.flatnonzero(self.node_stage == stage)
@@ -185,8 +160,8 @@ class Estimator:
         delta = self.hop2[:, v] - self.hop2[:, u]
         self.R[:, a] += delta
         self.R[:, b] -= delta
-        self.ar[a] = ring_allreduce_s(self.problem, a, self.members(a))
-        self.ar[b] = ring_allreduce_s(self.problem, b, self.members(b))
+        self.ar[a] = self.problem.cost.allreduce_s(a, self.members(a))
+        self.ar[b] = self.problem.cost.allreduce_s(b, self.members(b))
 
 
 def grown_groups(problem: Problem, sizes: list[int], stage_order: list[int], seed_rank: int = 0) -> list[int]:
@@ -249,7 +224,7 @@ def chain_stages(problem: Problem, node_stage: list[int]) -> list[int]:
     return [relabel[st] for st in node_stage]
 
 
-def local_search(est: Estimator, node_stage: list[int], rng: np.random.Generator, max_evals: int,
+def local_search(est: Estimator, *, node_stage: list[int], rng: np.random.Generator, max_evals: int,
                  deadline=None) -> tuple[list[int], float]:
     """First-improvement pairwise swaps between stages, scored by the estimate; a fixed evaluation budget
     (not wall time) keeps the result deterministic for a seed."""
@@ -283,7 +258,7 @@ def local_search(est: Estimator, node_stage: list[int], rng: np.random.Generator
     return [int(x) for x in est.node_stage], best
 
 
-def place(problem: Problem, sizes: list[int], rng: np.random.Generator, max_evals: int = 2000,
+def place(problem: Problem, *, sizes: list[int], rng: np.random.Generator, max_evals: int = 2000,
           deadline=None, keep: int = 3, extra_starts: list[list[int]] | None = None) -> list[tuple[float, list[int]]]:
     """The `keep` best distinct placements found, as (estimate, node -> stage), best first."""
     s = problem.num_stages
@@ -302,7 +277,7 @@ def place(problem: Problem, sizes: list[int], rng: np.random.Generator, max_eval
 
     for start in starts:
         add(start)
-        result, _ = local_search(est, start, rng, per_start, deadline)
+        result, _ = local_search(est, node_stage=start, rng=rng, max_evals=per_start, deadline=deadline)
         add(result)
         add(chain_stages(problem, result))
     ranked = sorted(found.items(), key=lambda kv: (kv[1], kv[0]))

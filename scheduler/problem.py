@@ -1,4 +1,4 @@
-"""A solve request, checked at construction with the fix in every message."""
+"""A solve request, checked at construction with the fix in every message, and a strategy's answer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,6 +8,7 @@ from topology.cost import CostModel
 from topology.errors import ConfigError
 from topology.model_spec import ModelSpec
 from topology.network import Topology
+from topology.plan import Action, Route
 
 
 @dataclass
@@ -73,3 +74,12 @@ class Problem:
 
     def microbatches_for(self, num_data_nodes: int) -> int:
         return self.num_microbatches if self.num_microbatches is not None else self.memory * num_data_nodes
+
+
+@dataclass
+class Solution:
+    """What a strategy returns: node id -> stage, every microbatch's route, and each node's order of
+    actions (None: the simulator's default dispatch chooses it)."""
+    node_stage: list[int]
+    routes: list[Route]
+    order: dict[int, list[Action]] | None = None

@@ -21,7 +21,7 @@ import numpy as np
 from scheduler.constraints import count_swaps
 from scheduler.ordering import Compiled, Context, Outcome, Priority
 from scheduler.problem import Problem
-from topology.workload import Route
+from topology.plan import Route
 
 TIE_BREAK = 1e-3
 FOCUS = 0.6
@@ -32,7 +32,7 @@ def score(outcome: Outcome) -> float:
 
 
 class RouteSearch:
-    def __init__(self, problem: Problem, node_stage: list[int], routes: list[Route], priority: Priority,
+    def __init__(self, problem: Problem, *, node_stage: list[int], routes: list[Route], priority: Priority,
                  rng: np.random.Generator, reorder: bool = True):
         self.p, self.node_stage, self.rng, self.reorder = problem, node_stage, rng, reorder
         self.context = Context(problem, node_stage)

@@ -25,10 +25,9 @@ from scheduler.full import contiguous_placement, region_chain_order
 from scheduler.ordering import Compiled, Priority, candidate_priorities
 from scheduler.paths import build_routes
 from scheduler.placement import choose_stage_sizes, place
-from scheduler.problem import Problem
+from scheduler.problem import Problem, Solution
 from scheduler.search import RouteSearch, score
-from scheduler.solve import Solution, strategy
-from topology.workload import Route
+from topology.plan import Route
 
 # Work budget of the route search, in dispatched actions (an evaluation dispatches every action once):
 # about a second for 20 nodes and 30 microbatches, tens of seconds at 1,000 nodes on a 2-core machine.
@@ -80,13 +79,15 @@ def cost_routes(problem: Problem, node_stage: list[int], rng: np.random.Generato
     hold each other's memory slots in a cycle (a at stage 2 waits for room at stage 1 and b the other way
     round); paths in stage order cannot, since every wait then points to a higher stage."""
     seed = int(rng.integers(2**32))
-    routes, _ = build_routes(problem, node_stage, np.random.default_rng(seed), "cost", reorders(problem))
+    routes, _ = build_routes(problem, node_stage=node_stage, rng=np.random.default_rng(seed), choose="cost",
+                             reorder=reorders(problem))
     if reorders(problem) and Compiled(problem, node_stage, routes).dispatch(Priority(), record=False).order is None:
-        routes, _ = build_routes(problem, node_stage, np.random.default_rng(seed), "cost", reorder=False)
+        routes, _ = build_routes(problem, node_stage=node_stage, rng=np.random.default_rng(seed), choose="cost",
+                                 reorder=False)
     return routes
 
 
-def choose_placement(problem: Problem, rng: np.random.Generator, progress: Progress, deadline=None,
+def choose_placement(problem: Problem, *, rng: np.random.Generator, progress: Progress, deadline=None,
                      keep: int = 3) -> tuple[list[int], list[Route]]:
     """Best of the placement search's candidates by simulation (cost-chosen paths, default dispatch);
     returns the placement and those paths."""
@@ -96,7 +97,7 @@ def choose_placement(problem: Problem, rng: np.random.Generator, progress: Progr
     num_nodes = problem.topology.num_nodes
     evals = int(np.clip(PLACEMENT_WORK // num_nodes, 100, MAX_PLACEMENT_EVALS))
     keep = keep if num_nodes <= 200 else 2  # each comparison builds paths for every microbatch
-    candidates = place(problem, sizes, rng, evals, deadline, keep=keep, extra_starts=starts)
+    candidates = place(problem, sizes=sizes, rng=rng, max_evals=evals, deadline=deadline, keep=keep, extra_starts=starts)
     best = None
     for i, (_, node_stage) in enumerate(candidates):
         progress("comparing placements", i, len(candidates))
@@ -109,24 +110,22 @@ def choose_placement(problem: Problem, rng: np.random.Generator, progress: Progr
     return best[1], best[2]
 
 
-@strategy("skippipe-no-tc2")
 def skippipe_no_tc2(problem: Problem) -> Solution:
     rng = np.random.default_rng(problem.seed)
     progress = Progress("skippipe-no-tc2")
-    node_stage, routes = choose_placement(problem, rng, progress, deadline_of(problem))
+    node_stage, routes = choose_placement(problem, rng=rng, progress=progress, deadline=deadline_of(problem))
     return Solution(node_stage, routes, None)  # the simulator's default dispatch orders the work
 
 
-@strategy("skippipe")
 def skippipe(problem: Problem) -> Solution:
     rng = np.random.default_rng(problem.seed)
     progress = Progress("skippipe")
     deadline = deadline_of(problem)
-    node_stage, routes = choose_placement(problem, rng, progress, deadline)
+    node_stage, routes = choose_placement(problem, rng=rng, progress=progress, deadline=deadline)
     num_mb = len(routes)
     progress("paths (timed)")
-    timed, planned = build_routes(problem, node_stage, np.random.default_rng(rng.integers(2**32)), "timed",
-                                  reorders(problem))
+    timed, planned = build_routes(problem, node_stage=node_stage, rng=np.random.default_rng(rng.integers(2**32)),
+                                  choose="timed", reorder=reorders(problem))
     best = None
     for routes, planned in ((routes, {}), (timed, planned)):
         compiled = Compiled(problem, node_stage, routes)
@@ -140,8 +139,8 @@ def skippipe(problem: Problem) -> Solution:
     _, routes, rule = best
     actions = sum(2 * len(r.stages) + 1 for r in routes)
     evals = int(np.clip(SEARCH_ACTIONS // max(actions, 1), 4, MAX_SEARCH_EVALS))
-    search = RouteSearch(problem, node_stage, routes, rule, np.random.default_rng(rng.integers(2**32)),
-                         reorders(problem))
+    search = RouteSearch(problem, node_stage=node_stage, routes=routes, priority=rule,
+                         rng=np.random.default_rng(rng.integers(2**32)), reorder=reorders(problem))
     found, found_rule, value = search.run(evals, deadline, lambda d, t, b: progress("route search", d, t, b))
     if value < best[0]:  # a planned-start rule may score better than the rank rule the search starts from
         routes, rule = found, found_rule

@@ -1,54 +1,48 @@
-"""Strategies and the one entry point that turns a Problem into a valid, simulated Plan.
+"""The strategy table and the one entry point that turns a Problem into a valid, simulated Plan.
 
-A strategy returns the placement (node -> stage) and each microbatch's route, and may return an order.
-Without one, the simulator's greedy dispatch orders the work (backward first, memory-capped). Every plan
-is then replayed strictly by the simulator (its `predicted`) and checked against every constraint.
+A strategy is a function Problem -> Solution: the placement (node -> stage) and each microbatch's route,
+and maybe an order. Without one, the simulator's greedy dispatch orders the work (backward first,
+memory-capped). Every plan is then replayed strictly by the simulator (its `predicted`) and checked
+against every constraint. `STRATEGIES` lists them all, in the order `compare` shows them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from types import MappingProxyType
 
+from scheduler.baselines import random_skip
 from scheduler.constraints import check
-from scheduler.plan import Plan, PlanNode
+from scheduler.full import full_pipeline
 from scheduler.problem import Problem
+from scheduler.skippipe import skippipe, skippipe_no_tc2
+from topology.errors import ConfigError
+from topology.plan import Plan, PlanNode, Workload
 from topology.simulator import simulate
-from topology.workload import Action, Route, Workload
 
-
-@dataclass
-class Solution:
-    node_stage: list[int]
-    routes: list[Route]
-    order: dict[int, list[Action]] | None = None
-
-
-STRATEGIES: dict[str, Callable[[Problem], Solution]] = {}
-
-
-def strategy(name: str):
-    def register(fn: Callable[[Problem], Solution]):
-        STRATEGIES[name] = fn
-        return fn
-    return register
+# name -> strategy, weakest first (the order of `python -m scheduler compare`); read-only.
+STRATEGIES = MappingProxyType({
+    "full": full_pipeline,
+    "random-skip": random_skip,
+    "skippipe-no-tc2": skippipe_no_tc2,
+    "skippipe": skippipe,
+})
+DEFAULT_STRATEGY = "skippipe"
 
 
 def solve(problem: Problem, strategy_name: str = "full") -> Plan:
-    from topology.errors import ConfigError
-    _load_strategies()
+    """Solve `problem` with the named strategy; ConfigError for an unknown name or an impossible setting."""
     if strategy_name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy_name!r}; choose one of: {', '.join(STRATEGIES)}")
     solution = STRATEGIES[strategy_name](problem)
     workload = Workload(solution.node_stage, solution.routes, solution.order)
     if solution.order is None:
-        workload.order = simulate(workload, problem.cost, problem.memory).order
+        workload.order = simulate(workload, cost=problem.cost, memory=problem.memory).order
     return build_plan(problem, strategy_name, workload)
 
 
 def build_plan(problem: Problem, strategy_name: str, workload: Workload) -> Plan:
     """Wrap a placement, routes and order as a plan, with the simulator's prediction for it as written."""
     topo = problem.topology
-    result = simulate(workload, problem.cost, problem.memory)
+    result = simulate(workload, cost=problem.cost, memory=problem.memory)
     plan = Plan(
         skip_ratio=problem.skip_ratio, num_stages=problem.num_stages,
         nodes=[PlanNode(n.id, n.name, n.region, workload.node_stage[n.id], n.id) for n in topo.nodes],
@@ -63,14 +57,3 @@ def build_plan(problem: Problem, strategy_name: str, workload: Workload) -> Plan
     )
     check(plan)  # every strategy's plan must be valid; a failure here is a solver bug, named precisely
     return plan
-
-
-def _load_strategies() -> None:
-    """Import the modules that register strategies (kept lazy so `scheduler.solve` stays import-light)."""
-    import scheduler.full  # noqa: F401
-    for name in ("scheduler.baselines", "scheduler.skippipe"):
-        try:
-            __import__(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise

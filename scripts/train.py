@@ -62,7 +62,7 @@ def main() -> None:
         import torch.distributed as dist
 
         from scheduler.constraints import check
-        from scheduler.plan import Plan
+        from topology.plan import Plan
         from skippipe.comm import PeerError
         from skippipe.config import load_config
         from skippipe.context import build_context, env_rank, init_process_group, pick_device

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from scheduler.plan import Plan
 from skippipe.config import Config
 from skippipe.model import FullModel, Stage
 from topology.model_spec import ModelSpec
+from topology.plan import Plan
 
 
 class GPipeStage(nn.Module):

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from scheduler.plan import Plan
 from skippipe.config import Config, save_config
 from topology.errors import ConfigError
+from topology.plan import Plan
 from topology.yamlio import read_json
 
 LATEST = "latest"

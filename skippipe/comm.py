@@ -2,7 +2,7 @@
 
 Note [message order]: NCCL ignores tags and matches a pair's messages by their order, so the order of
 messages on each (sender, receiver) pair must be known to both ends. Every node executes its plan order
-strictly in sequence, so the sender emits in its plan order, and `scheduler.plan.message_order` gives
+strictly in sequence, so the sender emits in its plan order, and `topology.plan.message_order` gives
 both ends the same list. The receiver keeps the next expected message from every peer posted (irecv);
 a message that arrives before the node needs it is parked until its consuming action runs.
 
@@ -19,9 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from scheduler.plan import Plan, dependencies, message_order
+from topology.plan import Action, Plan, dependencies, message_order
 from skippipe.latency import isend  # dist.isend, or held back by an emulated link's latency
-from topology.workload import Action
 
 
 class PeerError(RuntimeError):

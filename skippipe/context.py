@@ -11,8 +11,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from scheduler.plan import Plan, PlanNode
 from topology.errors import ConfigError
+from topology.plan import Plan, PlanNode
 
 
 def pick_device(kind: str = "auto", local_rank: int = 0) -> torch.device:

@@ -49,11 +49,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from scheduler.plan import Plan
 from skippipe.checkpoint import LATEST, checkpoint_root, checkpoint_step, latest_checkpoint
 from skippipe.config import Config, load_config
 from topology.errors import ConfigError
 from topology.network import Topology
+from topology.plan import Plan
 
 NODE_ENV = "SKIPPIPE_NODE"  # this machine's node of the job's topology: its name or its index
 EMULATED_ENV = "SKIPPIPE_EMULATED_NODE"  # the emulator's namespace index (skippipe/latency.py)

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from scheduler.plan import Plan
 from skippipe.metrics import read_metrics
 from topology.cost import CostModel, layer_forward_flops
 from topology.load import load_topology
 from topology.model_spec import ModelSpec, split_layers
 from topology.network import Node, Topology
+from topology.plan import Action, Plan
 from topology.simulator import Event, SimResult, simulate
-from topology.workload import Action, Workload
 
 CPU_WIRE_BYTES = 4  # the CPU runtime trains, sends and all-reduces in float32
 
@@ -78,7 +77,7 @@ def predict(plan: Plan, shaped: Topology, model: ModelSpec, flops: list[float], 
     wire = dataclasses.replace(model, dtype_bytes=CPU_WIRE_BYTES)  # what the CPU runtime really sends
     cost = CostModel(topo, wire, plan.microbatch_size, plan.num_stages, backward_factor=backward_factor,
                      grad_bytes_per_param=CPU_WIRE_BYTES)
-    return simulate(Workload.from_plan_dict(plan.to_dict()), cost, share_uplink=share_uplink, share_link=True)
+    return simulate(plan.workload(), cost=cost, share_uplink=share_uplink, share_link=True)
 
 
 def summarise_run(run_dir: str | Path, shaped: Topology, model: ModelSpec) -> dict:

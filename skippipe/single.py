@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from scheduler.plan import Plan
+from topology.plan import Plan
 from skippipe.model import FullModel
 from skippipe.worker import IterationResult
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scheduler.plan import Plan
+from topology.plan import Plan
 from skippipe.comm import wait_for
 
 

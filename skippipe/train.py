@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from scheduler.constraints import check
-from scheduler.plan import Plan
 from skippipe import single
 from skippipe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from skippipe.comm import all_gather_json, broadcast_json, connect_peers, peer_errors, wait_for
@@ -31,6 +30,7 @@ from skippipe.sync import average_stage_gradients, clip_gradients, stage_visits
 from skippipe.worker import IterationResult, Worker
 from topology.errors import ConfigError
 from topology.model_spec import load_model_spec
+from topology.plan import Plan
 
 
 def make_plan(cfg: Config) -> Plan:

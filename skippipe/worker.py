@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scheduler.plan import Plan
+from topology.plan import Action, Plan
 from skippipe.comm import Messenger, exchange
 from skippipe.context import Context
 from skippipe.model import FullModel, Stage
-from topology.workload import Action
 
 
 @dataclass

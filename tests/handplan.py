@@ -10,8 +10,7 @@ path order, which is always deadlock-free and holds one microbatch at a time.
 """
 from __future__ import annotations
 
-from scheduler.plan import Plan, PlanNode
-from topology.workload import Action, Route, Workload
+from topology.plan import Action, Plan, PlanNode, Route, Workload
 
 
 def route(microbatch: int, text: str) -> Route:

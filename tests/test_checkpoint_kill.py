@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
 
-from scheduler.plan import Plan  # noqa: E402
 from skippipe import checkpoint  # noqa: E402
 from skippipe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from skippipe.config import Config, load_config  # noqa: E402
@@ -40,6 +39,7 @@ from skippipe.optim import build_optimizer  # noqa: E402
 from skippipe.train import data_streams, train  # noqa: E402
 from topology.errors import ConfigError  # noqa: E402
 from topology.model_spec import load_model_spec  # noqa: E402
+from topology.plan import Plan  # noqa: E402
 
 TINY = "name: kill-tiny\ndim: 32\nnum_layers: 4\nnum_heads: 2\nnum_kv_heads: 1\nffn_dim: 64\ncontext: 16\nvocab_size: 256\n"
 # 3 nodes, 3 stages, skip ratio 1/3: node i serves stage i; every path visits stage 0 and one other.

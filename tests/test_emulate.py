@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler.plan import Plan
 from skippipe.emulate import auto_bandwidth_scale, emulated_topology
 from skippipe.emulate_report import compute_from_timeline, median_after_first, predict, profile_errors
 from topology.load import load_topology, topology_from_dict
 from topology.model_spec import load_model_spec
+from topology.plan import Plan
 from tests.handplan import hand_plan
 
 TWO_REGIONS = {"name": "t", "nodes": [{"name": "a", "region": "x", "flops": 1e12}, {"name": "b", "region": "x", "flops": 1e12},
@@ -105,7 +105,6 @@ def test_simulator_link_fifo_queues_messages_on_one_link_only():
     """share_link (the emulation's per-pair shaping): two messages on one link queue; on two links they don't."""
     from topology.cost import CostModel
     from topology.simulator import simulate
-    from topology.workload import Workload
     spec = load_model_spec("llama-tiny-fp32")
     topo = emulated_topology(topology_from_dict(TWO_REGIONS), 1e-3)  # 0.1 Mbit/s between regions: slow hops
     cost = CostModel(topo, spec, 4, 2)
@@ -113,7 +112,7 @@ def test_simulator_link_fifo_queues_messages_on_one_link_only():
 
     def send_starts(paths, order, **kw):
         plan = hand_plan("0 0 1", paths, order=order)
-        events = simulate(Workload.from_plan_dict(plan.to_dict()), cost, share_uplink=False, **kw).events
+        events = simulate(plan.workload(), cost=cost, share_uplink=False, **kw).events
         return {e.name: e.start for e in events if e.kind == "send"}
 
     # Both forwards go from data node 0 to node 2 over the same x-y link, back to back.

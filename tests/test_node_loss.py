@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 
 from scheduler.constraints import check
-from scheduler.plan import Plan
 from skippipe import elastic
 from skippipe.checkpoint import latest_checkpoint, save_checkpoint
 from skippipe.config import load_config
@@ -25,6 +24,7 @@ from skippipe.elastic import (Shape, World, assign_ranks, carry_over, check_iden
 from skippipe.train import make_plan, train
 from topology.errors import ConfigError
 from topology.load import load_topology
+from topology.plan import Plan
 
 TINY = "name: test-tiny\ndim: 32\nnum_layers: 4\nnum_heads: 2\nnum_kv_heads: 1\nffn_dim: 64\ncontext: 16\nvocab_size: 256\n"
 EMULATED = "configs/topologies/emulated-8.yaml"

@@ -4,13 +4,12 @@ import json
 import pytest
 
 from handplan import hand_plan
-from scheduler.plan import Plan, dependencies, message_order
 from scheduler.problem import Problem
 from scheduler.solve import solve
 from topology.errors import ConfigError
 from topology.model_spec import load_model_spec
+from topology.plan import Action, Plan, dependencies, message_order
 from topology.scenarios import scenario
-from topology.workload import Action
 
 REQUIRED = {"version", "skip_ratio", "num_stages", "constraints", "seed", "nodes", "paths", "order", "predicted"}
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from scheduler.constraints import violations
-from scheduler.plan import Plan
+from topology.plan import Plan
 from skippipe.config import Config
 from skippipe.data import load_corpus
 from skippipe.model import FullModel

@@ -18,9 +18,9 @@ from topology.cost import CostModel, layer_forward_flops
 from topology.errors import ConfigError
 from topology.load import topology_from_dict
 from topology.model_spec import ModelSpec, load_model_spec
+from topology.plan import Workload
 from topology.scenarios import scenario
 from topology.simulator import simulate
-from topology.workload import Workload
 
 # vocab = 4 dim + 3 ffn + 2 context, so the LM head's forward FLOPs equal one layer's (see test_cost).
 PAPER = ModelSpec(name="paper", dim=64, num_layers=2, num_heads=4, ffn_dim=128, context=64, vocab_size=768)
@@ -47,7 +47,7 @@ def starts(result) -> dict[str, float]:
 def test_two_nodes_one_microbatch():
     cost = paper_cost(2, latency_ms=500, serialise_s=1.0)  # a hop: 1 s on the wire + 0.5 s latency
     plan = hand_plan("0 1", ["0@0 1@1"])
-    result = simulate(workload(plan), cost)
+    result = simulate(workload(plan), cost=cost)
     # F0@0 0-1 | hop 1-2.5 | F0@1 2.5-3.5 | hop 3.5-5 | L0@0 5-8 | hop 8-9.5 | B0@1 9.5-11.5 | hop 11.5-13
     # | B0@0 13-15
     assert result.iteration_s == pytest.approx(15.0)
@@ -60,7 +60,7 @@ def test_two_nodes_two_microbatches():
     cost = paper_cost(2, latency_ms=500, serialise_s=1.0)
     plan = hand_plan("0 1", ["0@0 1@1", "0@0 1@1"],
                      order={0: "F0@0 F1@0 L0@0 L1@0 B0@0 B1@0", 1: "F0@1 F1@1 B0@1 B1@1"})
-    result = simulate(workload(plan), cost)
+    result = simulate(workload(plan), cost=cost)
     # node 0: F0 0-1, F1 1-2; sends 1-2 (arrives 2.5) and 2-3 (arrives 3.5)
     # node 1: F0 2.5-3.5, F1 3.5-4.5; sends back 3.5-4.5 (arrives 5) and 4.5-5.5 (arrives 6)
     # node 0: L0 5-8, L1 8-11; sends 8-9 (arrives 9.5) and 11-12 (arrives 12.5)
@@ -84,7 +84,7 @@ def test_uplink_sharing(share_uplink, second_send, f1_start):
     cost = paper_cost(3, latency_ms=0, serialise_s=2.0)
     plan = hand_plan("0 1 1", ["0@0 1@1", "0@0 1@2"],
                      order={0: "F0@0 F1@0 L0@0 L1@0 B0@0 B1@0", 1: "F0@1 B0@1", 2: "F1@1 B1@1"})
-    s = starts(simulate(workload(plan), cost, share_uplink=share_uplink))
+    s = starts(simulate(workload(plan), cost=cost, share_uplink=share_uplink))
     assert (s["F0@0->1"], s["F0@1"]) == pytest.approx((1.0, 3.0))
     assert (s["F1@0->2"], s["F1@1"]) == pytest.approx((second_send, f1_start))
 
@@ -93,7 +93,7 @@ def test_allreduce_starts_after_the_last_backward_of_the_stage():
     cost = paper_cost(3, latency_ms=0, serialise_s=2.0)
     plan = hand_plan("0 1 1", ["0@0 1@1", "0@0 1@2"],
                      order={0: "F0@0 F1@0 L0@0 L1@0 B0@0 B1@0", 1: "F0@1 B0@1", 2: "F1@1 B1@1"})
-    result = simulate(workload(plan), cost)
+    result = simulate(workload(plan), cost=cost)
     # node 1: F0 3-4, sends back 4-6; node 2: F1 5-6, back 6-8; node 0: L0 6-9 (to node 1 9-11),
     # L1 9-12 (to node 2 12-14); node 1: B0 11-13; node 2: B1 14-16: stage 1 finishes at 16.
     ar = [e for e in result.events if e.kind == "allreduce"]
@@ -116,7 +116,7 @@ def test_allreduce_starts_after_the_last_backward_of_the_stage():
 def test_memory_cap_serialises_microbatches(memory, iteration, node0):
     cost = paper_cost(2, latency_ms=500, serialise_s=1.0)
     plan = hand_plan("0 1", ["0@0 1@1", "0@0 1@1"])
-    result = simulate(workload(plan, with_order=False), cost, memory=memory)
+    result = simulate(workload(plan, with_order=False), cost=cost, memory=memory)
     assert result.iteration_s == pytest.approx(iteration)
     assert " ".join(map(str, result.order[0])) == node0
 
@@ -127,7 +127,7 @@ def test_deadlocked_order_raises():
                      order={0: "F0@0 F1@0 L0@0 L1@0 B0@0 B1@0", 1: "F1@1 B1@1 F0@1 B0@1"})
     # node 1 waits for B1@1's input: the loss L1@0, which node 0 only runs after L0@0, which needs F0@1
     with pytest.raises(ConfigError, match="the plan deadlocks: L0@0, B1@1 wait forever"):
-        simulate(workload(plan), cost)
+        simulate(workload(plan), cost=cost)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -137,14 +137,14 @@ def test_deadlocked_order_raises():
 ])
 def test_replay_refuses_a_plan_that_does_not_fit(make, message):
     with pytest.raises(ConfigError, match=message):
-        simulate(workload(make()), paper_cost(3, latency_ms=0, serialise_s=1.0))
+        simulate(workload(make()), cost=paper_cost(3, latency_ms=0, serialise_s=1.0))
 
 
 def test_route_through_a_node_of_another_stage_is_refused():
     w = Workload([0, 1, 1], [hand_plan("0 1 1", ["0@0 1@1"]).paths[0]], None)
     w.routes[0] = w.routes[0].__class__(0, 0, (0, 0), (0, 1))
     with pytest.raises(ConfigError, match="node 0 does not serve stage 1"):
-        simulate(w, paper_cost(3, latency_ms=0, serialise_s=1.0))
+        simulate(w, cost=paper_cost(3, latency_ms=0, serialise_s=1.0))
 
 
 # ---- the dispatch order, replayed, predicts the same iteration -------------------------------------------
@@ -171,9 +171,9 @@ def _skip():
 @pytest.mark.parametrize("share_uplink", [True, False])
 def test_dispatch_order_replayed_gives_the_same_iteration(case, share_uplink):
     w, cost, memory = case()
-    chosen = simulate(w, cost, memory, share_uplink)
+    chosen = simulate(w, cost=cost, memory=memory, share_uplink=share_uplink)
     assert sum(map(len, chosen.order.values())) == sum(len(r.chain()) for r in w.routes)  # every action once
-    replayed = simulate(Workload(w.node_stage, w.routes, chosen.order), cost, memory, share_uplink)
+    replayed = simulate(Workload(w.node_stage, w.routes, chosen.order), cost=cost, memory=memory, share_uplink=share_uplink)
     assert replayed.iteration_s == pytest.approx(chosen.iteration_s, rel=1e-12)
     assert replayed.busy_s == pytest.approx(chosen.busy_s) and replayed.bytes_moved == chosen.bytes_moved
     assert replayed.order == chosen.order
@@ -183,9 +183,9 @@ def test_dispatch_order_replayed_gives_the_same_iteration(case, share_uplink):
 
 def test_20_nodes_30_microbatches_replay_well_under_a_second():
     w, cost, memory = _full("gcp-12-regions", 20, [5, 3, 3, 3, 3, 3], 30, 3)
-    order = simulate(w, cost, memory).order
+    order = simulate(w, cost=cost, memory=memory).order
     started = time.perf_counter()
-    result = simulate(Workload(w.node_stage, w.routes, order), cost, memory)
+    result = simulate(Workload(w.node_stage, w.routes, order), cost=cost, memory=memory)
     assert time.perf_counter() - started < 1.0
     assert result.iteration_s > 0
 
@@ -193,8 +193,8 @@ def test_20_nodes_30_microbatches_replay_well_under_a_second():
 def test_1000_nodes_in_seconds():
     started = time.perf_counter()
     w, cost, memory = _full("gcp-12-regions", 1000, [125] * 8, None, 3)
-    order = simulate(w, cost, memory).order
-    result = simulate(Workload(w.node_stage, w.routes, order), cost, memory)
+    order = simulate(w, cost=cost, memory=memory).order
+    result = simulate(Workload(w.node_stage, w.routes, order), cost=cost, memory=memory)
     assert time.perf_counter() - started < 10.0
     assert len(w.routes) == 375 and len(result.busy_s) == 1000
 
@@ -223,7 +223,7 @@ def test_dispatch_orders_of_random_reordered_paths_are_valid(data, num_stages, m
     cost = CostModel(scenario("random", len(node_stage), seed=data.draw(st.integers(0, 3))),
                      load_model_spec("llama-tiny"), 1, num_stages)
     try:
-        chosen = simulate(workload(plan, with_order=False), cost, memory, share_uplink)
+        chosen = simulate(workload(plan, with_order=False), cost=cost, memory=memory, share_uplink=share_uplink)
     except ConfigError as exc:  # reordered paths can wait on each other for memory; that must be said, not hung
         assert "no order fits the memory cap" in str(exc)
         return
@@ -231,5 +231,5 @@ def test_dispatch_orders_of_random_reordered_paths_are_valid(data, num_stages, m
     # random paths need not be balanced (CC4, TC1 spread) nor of the skip ratio's length (CC2); the order must be right
     broken = [v for v in violations(plan) if v.rule in ("order", "deadlock") or v.rule == "TC1" and v.microbatch is not None]
     assert broken == []
-    replayed = simulate(workload(plan), cost, memory, share_uplink)
+    replayed = simulate(workload(plan), cost=cost, memory=memory, share_uplink=share_uplink)
     assert replayed.iteration_s == pytest.approx(chosen.iteration_s, rel=1e-12)

@@ -12,17 +12,16 @@ from hypothesis import strategies as st
 from scheduler.constraints import count_swaps, path_length, violations
 from scheduler.ordering import Compiled, Priority, candidate_priorities
 from scheduler.paths import Quota, build_routes, stage_targets, swap_variants
-from scheduler.placement import choose_stage_sizes, place, ring_allreduce_s
+from scheduler.placement import choose_stage_sizes, place
 from scheduler.problem import Problem
-from scheduler.solve import STRATEGIES, _load_strategies, solve
+from scheduler.solve import STRATEGIES, solve
 from topology.errors import ConfigError
 from topology.load import load_topology
 from topology.model_spec import load_model_spec
 from topology.network import Node, Topology
+from topology.plan import Workload
 from topology.simulator import simulate
-from topology.workload import Workload
 
-_load_strategies()
 ALL = ["full", "random-skip", "skippipe-no-tc2", "skippipe"]
 TINY = load_model_spec("llama-tiny")  # 8 layers: up to 8 stages
 
@@ -76,7 +75,7 @@ def test_every_plan_any_strategy_emits_is_valid(problem, name):
     assert violations(plan) == []
     assert len(plan.paths) == problem.microbatches_for(sum(1 for x in plan.nodes if x.stage == 0))
     # `predicted` is the simulator's strict replay of the plan's order as written.
-    replay = simulate(Workload([x.stage for x in plan.nodes], plan.paths, plan.order), problem.cost, problem.memory)
+    replay = simulate(Workload([x.stage for x in plan.nodes], plan.paths, plan.order), cost=problem.cost, memory=problem.memory)
     assert plan.predicted["iteration_s"] == pytest.approx(replay.iteration_s, rel=1e-12)
     if problem.stage_sizes is not None:
         assert [sum(1 for x in plan.nodes if x.stage == s) for s in range(plan.num_stages)] == problem.stage_sizes
@@ -163,21 +162,13 @@ def test_stage_targets_balance_cc4():
     assert targets[0] == 31 and sum(targets[1:]) == 31 * 3 and max(targets[1:]) - min(targets[1:]) <= 1
 
 
-def test_vectorised_ring_allreduce_matches_the_cost_model():
-    problem = gcp()
-    rng = np.random.default_rng(0)
-    for stage in range(6):
-        nodes = [int(x) for x in rng.choice(20, int(rng.integers(1, 8)), replace=False)]
-        assert ring_allreduce_s(problem, stage, nodes) == pytest.approx(problem.cost.allreduce_s(stage, nodes), rel=1e-12)
-
-
 def test_placement_keeps_stage_groups_regional_on_gcp():
     """Geo-distributed stage groups make the all-reduce cost as much as the pipeline: the placement keeps
     stage 0 (the biggest gradient) inside one continent's well-connected regions."""
     problem = gcp()
-    (_, node_stage), *_ = place(problem, [5, 3, 3, 3, 3, 3], np.random.default_rng(0))
+    (_, node_stage), *_ = place(problem, sizes=[5, 3, 3, 3, 3, 3], rng=np.random.default_rng(0))
     members = [n for n, s in enumerate(node_stage) if s == 0]
-    assert ring_allreduce_s(problem, 0, members) < 3.0
+    assert problem.cost.allreduce_s(0, members) < 3.0
 
 
 def test_chosen_stage_sizes_give_stage_zero_more_nodes_when_paths_skip():
@@ -192,14 +183,15 @@ def test_dispatcher_matches_the_simulator(choose):
     """The dispatcher's default priority is the simulator's greedy dispatch, and the order it executes
     replays strictly to the same iteration time."""
     problem = gcp()
-    node_stage = place(problem, [5, 3, 3, 3, 3, 3], np.random.default_rng(0))[0][1]
-    routes, _ = build_routes(problem, node_stage, np.random.default_rng(1), choose, reorder=choose != "random")
+    node_stage = place(problem, sizes=[5, 3, 3, 3, 3, 3], rng=np.random.default_rng(0))[0][1]
+    routes, _ = build_routes(problem, node_stage=node_stage, rng=np.random.default_rng(1), choose=choose,
+                             reorder=choose != "random")
     compiled = Compiled(problem, node_stage, routes)
-    greedy = simulate(Workload(node_stage, routes, None), problem.cost, problem.memory)
+    greedy = simulate(Workload(node_stage, routes, None), cost=problem.cost, memory=problem.memory)
     mine = compiled.dispatch(Priority())
     assert mine.makespan == pytest.approx(greedy.iteration_s, rel=1e-12)
     assert mine.order == {n: a for n, a in greedy.order.items()} | {n: [] for n in mine.order if n not in greedy.order}
     for rule in candidate_priorities(len(routes), np.random.default_rng(2), extra_random=1):
         out = compiled.dispatch(rule)
-        replay = simulate(Workload(node_stage, routes, out.order), problem.cost, problem.memory)
+        replay = simulate(Workload(node_stage, routes, out.order), cost=problem.cost, memory=problem.memory)
         assert out.makespan == pytest.approx(replay.iteration_s, rel=1e-9)

@@ -11,9 +11,8 @@ from topology.cost import CostModel
 from topology.errors import ArgumentParser, ConfigError, cli_errors
 from topology.load import load_topology
 from topology.model_spec import load_model_spec
+from topology.plan import Plan
 from topology.simulator import simulate
-from topology.workload import Workload
-from topology.yamlio import read_json
 
 
 def _node_count(text: str | None) -> int | None:
@@ -51,30 +50,24 @@ def cmd_show(args) -> None:
 
 
 def cmd_simulate(args) -> None:
-    plan = read_json(args.plan)
+    plan = Plan.load(args.plan)
     topo = load_topology(args.topology, _node_count(args.nodes), args.seed)
-    made_for = plan.get("topology", {}) if isinstance(plan.get("topology"), dict) else {}
+    made_for = plan.topology
     if made_for.get("num_nodes", topo.num_nodes) != topo.num_nodes or \
             made_for.get("fingerprint", topo.fingerprint()) != topo.fingerprint():
         raise ConfigError(f"{args.plan} was made for another topology ({made_for.get('name')!r}, "
                           f"{made_for.get('num_nodes')} nodes) than {topo.name!r} with {topo.num_nodes} nodes; "
                           f"pass the topology it was solved for or re-solve")
-    workload = Workload.from_plan_dict(plan, where=str(args.plan))
+    workload = plan.workload()
     if workload.order is None:
         raise ConfigError(f"{args.plan} has no order; solve it with python -m scheduler solve")
-    try:  # the plan's scalar fields, checked here: this package does not import scheduler.plan
-        model = load_model_spec(args.model) if args.model else load_model_spec(str(plan.get("model") or "llama-500m"))
-        microbatch_size = args.microbatch_size if args.microbatch_size is not None else int(plan.get("microbatch_size", 1))
-        num_stages = int(plan.get("num_stages", workload.num_stages))
-        memory = (plan.get("constraints") or {}).get("memory")
-    except (TypeError, ValueError, AttributeError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"{args.plan}: malformed plan ({type(exc).__name__}: {exc}); "
-                          f"check it with python -m scheduler validate") from None
+    model = load_model_spec(args.model or plan.model or "llama-500m")
+    microbatch_size = args.microbatch_size if args.microbatch_size is not None else plan.microbatch_size
+    num_stages = plan.num_stages
+    memory = plan.constraints.get("memory")
     cost = CostModel(topo, model, microbatch_size, num_stages)
     started = time.perf_counter()
-    result = simulate(workload, cost, memory, share_uplink=not args.no_uplink_sharing)
+    result = simulate(workload, cost=cost, memory=memory, share_uplink=not args.no_uplink_sharing)
     elapsed = time.perf_counter() - started
     busiest = max(range(topo.num_nodes), key=lambda i: result.busy_s[i])
     print(f"iteration {result.iteration_s:.3f} s | bubble {result.bubble_share:.1%} | moved "
@@ -95,7 +88,7 @@ def cmd_simulate(args) -> None:
     if args.plot:
         from topology.trace import plot_gantt
         plot_gantt(args.plot, result.events, labels,
-                   title=f"{plan.get('strategy', 'plan')} on {topo.name}: {result.iteration_s:.2f} s per iteration")
+                   title=f"{plan.strategy or 'plan'} on {topo.name}: {result.iteration_s:.2f} s per iteration")
         print(f"wrote {args.plot}")
 
 

@@ -93,7 +93,7 @@ def model_spec_from_dict(data: dict, where: str = "model") -> ModelSpec:
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
     """Consecutive layers per stage, as even as possible; earlier stages take the remainder.
 
-    Stage 0 also holds the embedding, the final norm and the LM head (DESIGN.md, the stage model).
+    Stage 0 also holds the embedding, the final norm and the LM head (docs/design.md, "The stage model").
     """
     if num_stages > num_layers:
         raise ConfigError(f"{num_stages} stages but the model has only {num_layers} layers; use at most {num_layers} stages")

@@ -1,7 +1,7 @@
 """The node graph: nodes with compute and memory, and per-pair latency and bandwidth.
 
 Links are held as dense numpy matrices (fast for the solver and the simulator at 1,000 nodes) and
-exposed as a networkx graph for analysis and plotting.
+exposed as a networkx graph for analysis. Times over a link come from the cost model's formulas.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from topology.cost import layer_flops, link_s
 from topology.errors import ConfigError
 
 # The SkipPipe artifact measured 0.055 s per sample per layer for one LLaMa layer of this shape; a node
@@ -20,9 +21,9 @@ REFERENCE_LAYER = {"dim": 1024, "ffn_dim": 4096, "context": 1024}
 
 
 def reference_layer_flops() -> float:
-    """Forward FLOPs of one sample through the reference layer (see layer_forward_flops)."""
-    d, f, t = REFERENCE_LAYER["dim"], REFERENCE_LAYER["ffn_dim"], REFERENCE_LAYER["context"]
-    return 2.0 * t * (4 * d * d + 3 * d * f) + 4.0 * t * t * d
+    """Forward FLOPs of one sample through the reference layer (no grouped-query attention)."""
+    return layer_flops(dim=REFERENCE_LAYER["dim"], kv_dim=REFERENCE_LAYER["dim"], ffn_dim=REFERENCE_LAYER["ffn_dim"],
+                       context=REFERENCE_LAYER["context"])
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,11 @@ class Topology:
     def regions(self) -> list[str]:
         return list(dict.fromkeys(node.region for node in self.nodes))
 
-    def latency_s(self, a: int, b: int) -> float:
-        return float(self.latency_ms[a, b]) / 1e3
-
     def transfer_s(self, a: int, b: int, num_bytes: float) -> float:
         """Time for one message: latency plus serialisation at the link's bandwidth."""
         if a == b:
             return 0.0
-        return self.latency_ms[a, b] / 1e3 + num_bytes * 8.0 / (self.bandwidth_gbit_s[a, b] * 1e9)
+        return link_s(self.latency_ms[a, b], self.bandwidth_gbit_s[a, b], num_bytes)
 
     def fingerprint(self) -> str:
         """A short hash of everything a plan depends on, so a plan made for another topology is caught."""

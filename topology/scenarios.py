@@ -32,7 +32,7 @@ def _pair_table(links: list[dict]) -> dict[frozenset, tuple[float, float]]:
     return {frozenset((l["a"], l["b"])): (float(l["latency_ms"]), float(l["bandwidth_gbit_s"])) for l in links}
 
 
-def _by_region(name: str, regions: list[str], same: tuple[float, float],
+def _by_region(name: str, *, regions: list[str], same: tuple[float, float],
                pairs: dict[frozenset, tuple[float, float]], flops: list[float]) -> Topology:
     """Nodes in the given regions (one entry per node); links from the region-pair table."""
     n = len(regions)
@@ -60,38 +60,41 @@ def gcp_12_regions(num_nodes: int, seed: int = 0) -> Topology:
     regions = [fig["regions"][i % len(fig["regions"])] for i in range(num_nodes)]
     flops = reference_layer_flops() / fig["compute_s_per_sample_per_layer"]
     same = (fig["same_region"]["latency_ms"], fig["same_region"]["bandwidth_gbit_s"])
-    return _by_region("gcp-12-regions", regions, same, _pair_table(fig["links"]), [flops] * num_nodes)
+    return _by_region("gcp-12-regions", regions=regions, same=same,
+                      pairs=_pair_table(fig["links"]), flops=[flops] * num_nodes)
 
 
 def aws_worldwide(num_nodes: int, seed: int = 0) -> Topology:
     fig = _figures()["aws-10-cities"]
     cities = ["Oregon", "Virginia", "Ohio", "Tokyo", "Seoul", "London", "Frankfurt", "Ireland"]
-    return _by_region("aws-worldwide", _blocks(cities, num_nodes), (5.0, 2.0), _pair_table(fig["links"]),
-                      [DEFAULT_FLOPS] * num_nodes)
+    return _by_region("aws-worldwide", regions=_blocks(cities, num_nodes), same=(5.0, 2.0),
+                      pairs=_pair_table(fig["links"]), flops=[DEFAULT_FLOPS] * num_nodes)
 
 
-def _instances(name: str, num_nodes: int, per_instance: int, num_instances: int | None,
+def _instances(name: str, *, num_nodes: int, per_instance: int, num_instances: int | None,
                inside: tuple[float, float], between: tuple[float, float]) -> Topology:
     """GPUs grouped in instances (fast inside), standalone beyond num_instances * per_instance."""
     grouped = num_nodes if num_instances is None else min(num_nodes, num_instances * per_instance)
     regions = [f"instance{i // per_instance}" for i in range(grouped)]
     regions += [f"standalone{i}" for i in range(num_nodes - grouped)]
     pairs = {frozenset((a, b)): between for a in set(regions) for b in set(regions) if a != b}
-    return _by_region(name, regions, inside, pairs, [DEFAULT_FLOPS] * num_nodes)
+    return _by_region(name, regions=regions, same=inside, pairs=pairs, flops=[DEFAULT_FLOPS] * num_nodes)
 
 
 def datacenter(num_nodes: int, seed: int = 0) -> Topology:
-    return _instances("datacenter", num_nodes, 8, None, (0.0, 100.0), (0.0, 3.125))
+    return _instances("datacenter", num_nodes=num_nodes, per_instance=8,
+                      num_instances=None, inside=(0.0, 100.0), between=(0.0, 3.125))
 
 
 def spot(num_nodes: int, seed: int = 0) -> Topology:
-    return _instances("spot", num_nodes, 4, 8, (0.0, 100.0), (0.0, 1.25))
+    return _instances("spot", num_nodes=num_nodes, per_instance=4,
+                      num_instances=8, inside=(0.0, 100.0), between=(0.0, 1.25))
 
 
 def multi_university(num_nodes: int, seed: int = 0) -> Topology:
     pairs = {frozenset(("Ohio", "Virginia")): (11.0, 1.12)}
-    return _by_region("multi-university", _blocks(["Ohio", "Virginia"], num_nodes), (1.0, 5.0), pairs,
-                      [DEFAULT_FLOPS] * num_nodes)
+    return _by_region("multi-university", regions=_blocks(["Ohio", "Virginia"], num_nodes), same=(1.0, 5.0),
+                      pairs=pairs, flops=[DEFAULT_FLOPS] * num_nodes)
 
 
 def regional(num_nodes: int, seed: int = 0) -> Topology:
@@ -100,11 +103,12 @@ def regional(num_nodes: int, seed: int = 0) -> Topology:
              ("Oregon", "Ohio"): (49, 1.10), ("California", "Ohio"): (52, 1.02)}
     pairs = {frozenset(k): (float(v[0]), float(v[1])) for k, v in table.items()}
     regions = _blocks(["Virginia", "Oregon", "California", "Ohio"], num_nodes)
-    return _by_region("regional", regions, (5.0, 2.0), pairs, [DEFAULT_FLOPS] * num_nodes)
+    return _by_region("regional", regions=regions, same=(5.0, 2.0), pairs=pairs, flops=[DEFAULT_FLOPS] * num_nodes)
 
 
 def single_cluster(num_nodes: int, seed: int = 0) -> Topology:
-    return _by_region("single-cluster", ["cluster"] * num_nodes, (0.01, 100.0), {}, [DEFAULT_FLOPS] * num_nodes)
+    return _by_region("single-cluster", regions=["cluster"] * num_nodes, same=(0.01, 100.0),
+                      pairs={}, flops=[DEFAULT_FLOPS] * num_nodes)
 
 
 def random_topology(num_nodes: int, seed: int = 0) -> Topology:
@@ -119,7 +123,7 @@ def random_topology(num_nodes: int, seed: int = 0) -> Topology:
             pairs[frozenset((names[i], names[j]))] = (float(rng.uniform(5, 250)), float(10 ** rng.uniform(-1, 0.5)))
     classes = list(GPU_CLASSES.values())
     flops = [classes[int(k)] for k in rng.integers(0, len(classes), num_nodes)]
-    return _by_region("random", regions, (1.0, 10.0), pairs, flops)
+    return _by_region("random", regions=regions, same=(1.0, 10.0), pairs=pairs, flops=flops)
 
 
 SCENARIOS: dict[str, Callable[[int, int], Topology]] = {

@@ -1,27 +1,27 @@
 """Discrete-event replay of a plan on a topology with the cost model.
 
-Rules (DESIGN.md, issue 2): one compute task at a time per node; a hop costs latency + bytes / bandwidth,
-and a node's outgoing transfers queue on its uplink (switchable; or, with share_link, only the messages
-on one link queue, each link a FIFO of its own, as when every pair is shaped apart); a node holds at most `memory`
-microbatches' activations (from a forward until its backward); each stage's data-parallel all-reduce
-starts once all its replicas have finished their backwards.
+Rules (docs/design.md, "Cost model"; issue 2): one compute task at a time per node; a hop costs latency +
+bytes / bandwidth (topology.cost), and a node's outgoing transfers queue on its uplink (switchable; or,
+with share_link, only the messages on one link queue, each link a FIFO of its own, as when every pair is
+shaped apart); a node holds at most `memory` microbatches' activations (from a forward until its
+backward); each stage's data-parallel all-reduce starts once all its replicas have finished their
+backwards.
 
 Two modes. Given an order, each node runs it strictly in sequence, exactly as the runtime does, so the
-result is the plan's prediction. Without one, each free node takes the ready action of highest priority
-(backward, then loss, then forward; earliest arrival first) and the order it ran is returned: this is how
-the solver turns paths into a collision-aware order (TC2).
+result is the plan's prediction. Without one, the greedy list scheduler (topology.dispatch) lets each free
+node take the ready action of highest priority (backward, then loss, then forward; earliest arrival
+first) and the order it ran is returned: this is how the solver turns paths into a collision-aware order
+(TC2).
 """
 from __future__ import annotations
 
-import heapq
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from topology.cost import CostModel
+from topology.dispatch import BACKWARD_FIRST, KINDS, list_schedule
 from topology.errors import ConfigError
-from topology.workload import Action, Workload
-
-_PRIORITY = {"B": 0, "L": 1, "F": 2}
+from topology.plan import Action, Workload
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class SimResult:
 class _Run:
     """Shared bookkeeping of both modes: durations, message arrival, uplink queues, results."""
 
-    def __init__(self, workload: Workload, cost: CostModel, memory: int | None, share_uplink: bool,
+    def __init__(self, workload: Workload, *, cost: CostModel, memory: int | None, share_uplink: bool,
                  share_link: bool = False):
         n = len(workload.node_stage)
         if cost.topology.num_nodes != n:
@@ -109,14 +109,13 @@ class _Run:
             if dst == node:
                 self.arrival[b] = end
             else:
-                topo, size = self.cost.topology, self.cost.activation_bytes
-                serialise = size * 8.0 / (topo.bandwidth_gbit_s[node, dst] * 1e9)
+                serialise = self.cost.serialise_matrix_s[node, dst]
                 send = max(end, self.uplink_free[node]) if self.share_uplink else end
                 if self.share_link:
                     send = max(send, self.link_free[node, dst])
                 self.uplink_free[node] = self.link_free[node, dst] = send + serialise
-                self.arrival[b] = send + serialise + topo.latency_ms[node, dst] / 1e3
-                self.bytes_moved += size
+                self.arrival[b] = send + serialise + self.cost.latency_matrix_s[node, dst]
+                self.bytes_moved += self.cost.activation_bytes
                 self.events.append(Event(node, "send", f"{a}->{dst}", send, self.arrival[b]))
         return end
 
@@ -141,9 +140,15 @@ class _Run:
         return SimResult(end, list(self.busy), idle, share, self.bytes_moved, allreduce, dict(self.executed), self.events)
 
 
-def simulate(workload: Workload, cost: CostModel, memory: int | None = None, share_uplink: bool = True,
+def simulate(workload: Workload, *, cost: CostModel, memory: int | None = None, share_uplink: bool = True,
              share_link: bool = False) -> SimResult:
-    run = _Run(workload, cost, memory, share_uplink, share_link)
+    """Replay `workload` on `cost`'s topology: strictly in its order, or (order None) by greedy dispatch.
+
+    memory: microbatches' activations a node may hold (None: no cap); share_uplink: a node's sends queue
+    on its uplink; share_link: sends queue per link instead. Raises ConfigError for a workload that does not
+    fit the topology, an order that deadlocks, or a memory cap no order fits.
+    """
+    run = _Run(workload, cost=cost, memory=memory, share_uplink=share_uplink, share_link=share_link)
     if workload.order is None:
         _dispatch(run)
     else:
@@ -182,63 +187,26 @@ def _replay(run: _Run, order: dict[int, list[Action]]) -> None:
 
 
 def _dispatch(run: _Run) -> None:
-    """Greedy list scheduling: whenever a node is idle it starts its ready action of highest priority."""
-    ready: dict[int, list] = defaultdict(list)  # node -> heap of (priority, arrival, microbatch, action)
-    held = [set() for _ in range(run.num_nodes)]
-    idle = [True] * run.num_nodes
-    events: list = []  # (time, seq, node or None, action or None): an arrival, or a node becoming free
-    seq = 0
-    for a, node in run.node_of.items():
-        if a not in run.needs_input:
-            events.append((0.0, seq, node, a))
-            seq += 1
-    heapq.heapify(events)
-    remaining = len(run.node_of)
-    while events:
-        now = events[0][0]
-        touched = set()
-        while events and events[0][0] == now:  # apply everything at this instant before choosing work
-            _, _, node, a = heapq.heappop(events)
-            if a is None:
-                idle[node] = True
-            else:
-                heapq.heappush(ready[node], (_PRIORITY[a.kind], now, a.microbatch, a))
-            touched.add(node)
-        for node in sorted(touched):
-            if not idle[node]:
-                continue
-            a = _pick(ready[node], held[node], run.memory)
-            if a is None:
-                continue
-            if a.kind == "F":
-                held[node].add(a.microbatch)
-            elif a.kind == "B":
-                held[node].discard(a.microbatch)
-            idle[node] = False
-            end = run.run(a, node, now)
-            remaining -= 1
-            heapq.heappush(events, (end, seq, node, None))
-            seq += 1
-            if a in run.next:
-                b, dst = run.next[a]
-                heapq.heappush(events, (run.arrival[b], seq, dst, b))
-                seq += 1
-    if remaining:
-        stuck = sorted(str(item[3]) for n in ready for item in ready[n])[:5]
-        raise ConfigError(f"no order fits the memory cap of {run.memory} microbatches: {', '.join(stuck)} can never "
+    """Greedy list scheduling (topology.dispatch): whenever a node is idle it starts its ready action of
+    highest priority: backward, then loss, then forward; earliest arrival, then lowest microbatch first."""
+    chains = [route.chain() for route in run.w.routes]
+    actions = [a for chain in chains for a, _ in chain]
+    first, at = [], 0
+    for chain in chains:
+        first.append(at)
+        at += len(chain)
+    kind = [KINDS.index(a.kind) for a in actions]
+
+    def execute(i: int, node: int, start: float) -> tuple[float, float | None]:
+        a = actions[i]
+        end = run.run(a, node, start)
+        return end, (run.arrival[run.next[a][0]] if a in run.next else None)
+
+    stuck = list_schedule(num_nodes=run.num_nodes, first=first,
+                          node_of=[run.node_of[a] for a in actions], kind=kind,
+                          key=[BACKWARD_FIRST[k] for k in kind], tie=[a.microbatch for a in actions],
+                          by_arrival=True, memory=run.memory, execute=execute)
+    if stuck:
+        names = sorted(str(actions[i]) for i in stuck)[:5]
+        raise ConfigError(f"no order fits the memory cap of {run.memory} microbatches: {', '.join(names)} can never "
                           f"start; raise --memory or use fewer microbatches per data node")
-
-
-def _pick(ready: list, held: set, memory: int | None) -> Action | None:
-    """Pop the best ready action this node may start; a forward needs room under the memory cap."""
-    skipped, chosen = [], None
-    while ready:
-        item = heapq.heappop(ready)
-        if item[3].kind == "F" and memory is not None and len(held) >= memory:
-            skipped.append(item)
-            continue
-        chosen = item[3]
-        break
-    for item in skipped:
-        heapq.heappush(ready, item)
-    return chosen

@@ -1,24 +1,80 @@
-"""The plan: the only contract between the solver and the runtime (DESIGN.md, "The plan").
+"""The plan: the only contract between the solver, the simulator and the runtime (docs/design.md,
+"The plan: the contract").
 
-A plan is data: nodes on stages, each microbatch's path, each node's order of actions (``F3@2``, see
-topology.workload). Plans round-trip through JSON unchanged.
+A plan is data: nodes on stages, each microbatch's path, each node's order of actions. Plans round-trip
+through JSON unchanged, and `Plan.from_dict` is the one parser of plan JSON: the solver writes plans, the
+simulator (`python -m topology simulate`) and the runtime read them through it. It lives in `topology`,
+the lowest layer, so that the simulator reads plans without importing the scheduler.
+
+Actions have a short string form that parses back: ``F3@2`` is the forward of microbatch 3 at stage 2,
+``B3@2`` its backward, ``L3@0`` the loss step (final norm + LM head forward and backward) of microbatch 3
+on its data node. A `Workload` is the part of a plan the simulator replays (placement, routes, and an
+order or none): the solver simulates workloads before it has a plan, and `Plan.workload()` gives a
+plan's.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from topology.errors import ConfigError
-from topology.workload import Action, Route
 from topology.yamlio import read_json
 
 PLAN_VERSION = 1
 DEFAULT_CONSTRAINTS = {"max_swaps": 2, "memory": 3}
+_ACTION = re.compile(r"^([FBL])(\d+)@(\d+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Action:
+    """One unit of a node's work (see the module docstring for the ``F3@2`` form); ConfigError on bad text."""
+    kind: str  # "F" forward, "L" loss (head forward + backward, data node only), "B" backward
+    microbatch: int
+    stage: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.microbatch}@{self.stage}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Action":
+        m = _ACTION.match(text.strip()) if isinstance(text, str) else None
+        if not m:
+            raise ConfigError(f"bad action {text!r}; actions look like F3@2 (forward), B3@2 (backward), L3@0 (loss)")
+        return cls(m.group(1), int(m.group(2)), int(m.group(3)))
+
+
+@dataclass(frozen=True)
+class Route:
+    """A microbatch's loop: nodes[0] is its data node at stage 0; the return to it for the loss is implied."""
+    microbatch: int
+    data_node: int
+    nodes: tuple[int, ...]
+    stages: tuple[int, ...]
+
+    def chain(self) -> list[tuple[Action, int]]:
+        """The causal sequence of (action, node): forwards along the path, the loss, backwards in reverse."""
+        forward = [(Action("F", self.microbatch, s), n) for n, s in zip(self.nodes, self.stages)]
+        backward = [(Action("B", self.microbatch, s), n) for n, s in reversed(list(zip(self.nodes, self.stages)))]
+        return forward + [(Action("L", self.microbatch, 0), self.data_node)] + backward
+
+
+@dataclass
+class Workload:
+    """What the simulator replays: which node serves which stage, each microbatch's route, each node's order."""
+    node_stage: list[int]  # node id -> the stage it serves
+    routes: list[Route]
+    order: dict[int, list[Action]] | None = None  # node id -> its sequence of actions; None: let the simulator choose
+
+    @property
+    def num_stages(self) -> int:
+        return max(self.node_stage) + 1
 
 
 @dataclass(frozen=True)
 class PlanNode:
+    """A node of the plan: its topology id and name, region, the stage it serves and its runtime rank."""
     id: int
     name: str
     region: str
@@ -28,6 +84,8 @@ class PlanNode:
 
 @dataclass
 class Plan:
+    """A solved plan (fields as in its JSON form); `from_dict`/`load` raise a one-line ConfigError naming
+    the file for anything malformed."""
     skip_ratio: float
     num_stages: int
     nodes: list[PlanNode]
@@ -54,6 +112,11 @@ class Plan:
             if node.rank == rank:
                 return node
         raise ConfigError(f"the plan has no node for rank {rank}; it was made for {len(self.nodes)} ranks")
+
+    def workload(self) -> Workload:
+        """The placement, routes and order, as the simulator reads them (order None when the plan has none)."""
+        node_stage = [n.stage for n in sorted(self.nodes, key=lambda n: n.id)]
+        return Workload(node_stage, list(self.paths), dict(self.order) or None)
 
     def to_dict(self) -> dict:
         return {
@@ -87,8 +150,9 @@ class Plan:
             paths = [Route(int(p["microbatch"]), int(p["data_node"]), tuple(int(x) for x in p["nodes"]),
                           tuple(int(x) for x in p["stages"])) for p in data["paths"]]
             order = {int(node): [Action.parse(a) for a in actions] for node, actions in data["order"].items()}
+            constraints = dict(data["constraints"].items())  # a mapping: a list of pairs would pass dict()
             return cls(skip_ratio=float(data["skip_ratio"]), num_stages=int(data["num_stages"]), nodes=nodes,
-                       paths=paths, order=order, constraints=dict(data["constraints"]), seed=int(data.get("seed", 0)),
+                       paths=paths, order=order, constraints=constraints, seed=int(data.get("seed", 0)),
                        strategy=str(data.get("strategy", "")), model=str(data.get("model", "")),
                        microbatch_size=int(data.get("microbatch_size", 1)), topology=dict(data.get("topology", {})),
                        predicted=dict(data["predicted"]), version=int(data["version"]))
