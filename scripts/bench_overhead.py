@@ -5,7 +5,7 @@
 
 Same model, microbatches and ranks (one per stage, gloo on localhost, no shaping), both measured in one
 run, step by step in alternation. overhead_ratio = skippipe iteration time / GPipe iteration time (medians
-over the steps; the median over --repeat runs; see skippipe/bench_overhead.py for what an iteration holds
+over the steps; the median over --repeat runs; see experiments/overhead.py for what an iteration holds
 and why the steps alternate).
 """
 import argparse
@@ -24,22 +24,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def rank_main(rank: int, world: int, init: str, args: argparse.Namespace, out: str) -> None:
     import torch
     import torch.distributed as dist
-    from skippipe import bench_overhead as bench
+    from experiments import overhead as bench
     from skippipe.config import load_config
-    from skippipe.train import make_plan, share_plan
+    from skippipe.planning import make_plan, share_plan
     from topology.model_spec import load_model_spec
     torch.set_num_threads(1)  # world ranks share the machine's cores, as in the emulated runs
     # Ahead of other jobs on a shared machine, so that both runtimes see the machine to themselves.
     os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    # One more step than measured, logged and evaluated only there: every measured step is an ordinary
+    # training step (no evaluation, no timeline gather, no checkpoint).
+    last = args.steps + args.warmup + 1
     cfg = load_config(args.config, [
         f"schedule.num_nodes={world}", f"schedule.num_stages={world}", f"schedule.stage_sizes={','.join(['1'] * world)}",
         "schedule.topology=single-cluster", "schedule.skip_ratio=0", f"schedule.num_microbatches={args.microbatches}",
         # GPipe keeps every microbatch's activations; give skippipe the same memory so neither is capped.
-        f"schedule.memory={args.microbatches}", f"train.steps={args.steps + args.warmup}", *args.overrides])
+        f"schedule.memory={args.microbatches}", f"train.steps={last}", f"train.log_every={last}", "train.eval_every=0",
+        "train.checkpoint_every=0", f"train.run_dir={Path(out).parent / 'run'}", *args.overrides])
     plan = share_plan(lambda: make_plan(cfg), rank)
     spec = load_model_spec(cfg.model)
-    skippipe, gpipe = bench.SkippipeRunner(cfg, plan, spec), bench.GPipeRunner(cfg, spec, rank, world)
+    skippipe, gpipe = bench.SkippipeRunner(cfg, plan), bench.GPipeRunner(cfg, spec, rank=rank, world=world)
     times = bench.interleaved(skippipe, gpipe, args.steps, args.warmup)
     if rank == 0:
         report = bench.summary(times)

@@ -28,7 +28,7 @@ from topology.errors import cli_errors  # noqa: E402
 
 
 def main() -> None:
-    from skippipe.chaos import ChaosSettings
+    from skippipe.emulation.chaos import ChaosSettings
     d = ChaosSettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="reports/chaos.json", help="the report (JSON)")
@@ -62,7 +62,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, settings) -> int:
-    from skippipe.chaos import plot, run_chaos
+    from skippipe.emulation.chaos import plot, run_chaos
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = run_chaos(settings, args.work_dir, namespaces=not args.localhost)

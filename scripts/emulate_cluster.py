@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--nice", type=int, default=-19, help="scheduling priority of the emulated nodes (0: as others)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. schedule.num_microbatches=12")
     args = p.parse_args()
-    from skippipe.emulate import Interrupted, JobFailed
+    from skippipe.emulation.emulate import Interrupted, JobFailed
     with cli_errors():
         try:
             run(args)
@@ -51,15 +51,16 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from skippipe.emulate import run_benchmark
+    from skippipe.emulation.emulate import run_benchmark
     ratios = [float(x) for x in args.skip_ratios.split(",") if x.strip()]
     if not ratios:
         raise ValueError("--skip-ratios is empty; e.g. --skip-ratios 0.25,0")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = run_benchmark(args.topology, ratios, args.steps, args.profile, args.config, args.work_dir,
-                           args.bandwidth_scale, args.reference_model, args.latency_scale, args.overrides,
-                           plots_dir=out.parent, timeout_s=args.timeout, nice=args.nice)
+    report = run_benchmark(args.topology, skip_ratios=ratios, steps=args.steps, profile=args.profile,
+                           config=args.config, work_dir=args.work_dir, bandwidth_scale=args.bandwidth_scale,
+                           reference_model=args.reference_model, latency_scale=args.latency_scale,
+                           overrides=args.overrides, plots_dir=out.parent, timeout_s=args.timeout, nice=args.nice)
     report["command"] = shlex.join(["scripts/emulate_cluster.py", *sys.argv[1:]])
     out.write_text(json.dumps(report, indent=1))
     for key, value in report.get("ratio_to_full", {}).items():

@@ -7,7 +7,7 @@
 
 Stage 0 (embedding, final norm, LM head) is always kept and the kept stages run in natural order.
 Placements: even (spread over the depth), first, last, random (averaged over --seeds draws, with the
-spread). Every row is measured on the same held-out windows of the run's corpus (skippipe/omission.py).
+spread). Every row is measured on the same held-out windows of the run's corpus (skippipe/evaluation/omission.py).
 """
 import sys
 from pathlib import Path
@@ -35,18 +35,19 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     with cli_errors():
-        from skippipe import omission
+        from skippipe.evaluation import omission
+        from skippipe.checkpoint import load_full_model
         from skippipe.context import pick_device
 
         keeps = omission.parse_keeps(args.keep)
         placements = [omission.check_placement(p.strip()) for p in args.placement.split(",") if p.strip()]
         if args.seeds < 1 or args.batch_size < 1 or (args.batches is not None and args.batches < 1):
             raise ConfigError("--seeds, --batches and --batch-size must be positive")
-        model, cfg, folder = omission.load_full_model(args.checkpoint, pick_device(args.device))
+        model, cfg, folder = load_full_model(args.checkpoint, pick_device(args.device))
         batches = omission.held_out_batches(cfg, model.spec, args.batch_size, args.batches)
         print(f"{folder} | {cfg.model} | {model.num_stages} stages | "
               f"{sum(t.numel() for _, t in batches):,} held-out tokens", flush=True)
-        rows = omission.omission_table(model, batches, keeps, placements, args.seeds)
+        rows = omission.omission_table(model, batches, keeps=keeps, placements=placements, seeds=args.seeds)
         print("keep | placement | kept | ppl | x full | tok/s")
         for r in rows:
             spread = f" ± {r['ppl_std']:.3f}" if r["seeds"] > 1 else ""

@@ -24,9 +24,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="the draw of --placement random")
     args = p.parse_args()
     with cli_errors():
-        from skippipe.checkpoint import checkpoint_meta
-        from skippipe.export import export_checkpoint
-        from skippipe.omission import check_placement, checkpoint_folder, kept_stages
+        from skippipe.checkpoint import checkpoint_folder, checkpoint_meta
+        from skippipe.evaluation.export import export_checkpoint
+        from skippipe.evaluation.omission import check_placement, kept_stages
 
         stages = None
         if args.keep is not None:

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN_CHILD = """
 import json, os, sys, time
 from skippipe.config import load_config
-from skippipe.train import make_plan, train
+from skippipe.planning import make_plan
+from skippipe.trainer import train
 marks = {}
 def hook(step, stages):
     if step == 1:

@@ -8,7 +8,7 @@ configs/train/omission.yaml twice for the same tokens with the path-faithful sin
 with skip ratio 0.25 (the SkipPipe solver's paths) and with the full pipeline (0). Both runs go in
 parallel, one thread each: on a 2-core CPU that is faster than one after the other. Then both are
 evaluated at keep 1.0, 0.75 and 0.5 on the same held-out tokens. Report: q1_val_loss_ratio,
-q2_skip_half_over_full, q3_full_half_over_full (skippipe/omission.py, study_report), the omission
+q2_skip_half_over_full, q3_full_half_over_full (experiments/omission_study.py, study_report), the omission
 tables and the training curves. Extra arguments are dotted overrides for both runs (optim.lr=1e-3).
 """
 import json
@@ -64,7 +64,9 @@ def main() -> None:
     with cli_errors():
         if args.steps is not None and args.steps < 1:
             raise ConfigError(f"--steps must be positive, got {args.steps}")
-        from skippipe import omission
+        from experiments import omission_study as study
+        from skippipe.evaluation import omission
+        from skippipe.checkpoint import load_full_model
         from skippipe.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # bad input fails here, before any training
@@ -74,21 +76,22 @@ def main() -> None:
         trained = time.time() - start
         report = {"config": args.config, "overrides": args.overrides, "runs": {}}
         for name, (label, skip_ratio) in RUNS.items():
-            model, run_cfg, folder = omission.load_full_model(run_root / name)
+            model, run_cfg, folder = load_full_model(run_root / name)
             batches = omission.held_out_batches(run_cfg, model.spec)  # the same tokens for every row
-            rows = omission.omission_table(model, batches, [1.0, 0.75, 0.5], omission.PLACEMENTS, args.seeds)
+            rows = omission.omission_table(model, batches, keeps=[1.0, 0.75, 0.5], placements=omission.PLACEMENTS,
+                                           seeds=args.seeds)
             plan = json.loads((folder / "plan.json").read_text())
             tokens_per_step = len(plan["paths"]) * plan["microbatch_size"] * (run_cfg.data.context or model.spec.context)
             report["runs"][name] = {"label": label, "skip_ratio": skip_ratio, "run_dir": str(run_root / name),
                                     "steps": run_cfg.train.steps, "tokens": run_cfg.train.steps * tokens_per_step,
                                     "paths": sorted({tuple(p["stages"]) for p in plan["paths"]}),
-                                    "omission": rows, "curve": omission.training_curve(run_root / name, tokens_per_step)}
-        report = {**omission.study_report(report["runs"]["skip"]["omission"], report["runs"]["full"]["omission"]),
+                                    "omission": rows, "curve": study.training_curve(run_root / name, tokens_per_step)}
+        report = {**study.study_report(report["runs"]["skip"]["omission"], report["runs"]["full"]["omission"]),
                   "model": cfg.model, "train_seconds": trained, "total_seconds": time.time() - start, **report}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         if args.plot:
-            omission.plot_study(report, args.plot)
+            study.plot_study(report, args.plot)
         print(f"q1_val_loss_ratio {report['q1_val_loss_ratio']:.4f} | q2_skip_half_over_full "
               f"{report['q2_skip_half_over_full']:.4f} | q3_full_half_over_full {report['q3_full_half_over_full']:.4f} "
               f"| {report['total_seconds'] / 60:.1f} min | {args.out}")

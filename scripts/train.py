@@ -12,6 +12,7 @@ Node loss: launch elastic (--nnodes MIN:MAX --max-restarts K) with SKIPPIPE_NODE
 machine; survivors re-plan and go on from the last checkpoint (Note [node loss], skippipe/elastic.py).
 """
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -46,6 +47,26 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+@contextlib.contextmanager
+def quiet_errors():
+    """On ranks other than 0: exit 2 on bad input without repeating the line rank 0 prints."""
+    try:
+        yield
+    except (ValueError, OSError, KeyError):
+        sys.exit(2)
+
+
+def transport(rank: int, rank_nodes: list[int] | None):
+    """The send of training messages (Note [transport] in skippipe/context.py): delayed by the emulated
+    links' latency when the emulator launched this process (it sets SKIPPIPE_LINK_LATENCY), else plain.
+    `rank_nodes`: each rank's emulated node after a node loss re-ranked the survivors (None: rank == node)."""
+    import torch.distributed as dist
+    if not os.environ.get("SKIPPIPE_LINK_LATENCY"):
+        return dist.isend
+    from skippipe.emulation.latency import link_latency_from_env
+    return link_latency_from_env(rank, rank_nodes).isend
+
+
 def flag_overrides(args: argparse.Namespace) -> list[str]:
     flags = {"schedule.skip_ratio": args.skip_ratio, "schedule.topology": args.topology, "schedule.plan": args.plan,
              "train.steps": args.steps, "train.seed": args.seed, "train.run_dir": args.run_dir,
@@ -57,7 +78,6 @@ def main() -> None:
     args = parse_args()
     rank = int(os.environ.get("RANK", 0))
     # Bad input: one line on rank 0, a quiet exit 2 elsewhere (every rank sees the same input).
-    from skippipe.train import quiet_errors
     with cli_errors() if rank == 0 else quiet_errors():
         import torch.distributed as dist
 
@@ -67,7 +87,8 @@ def main() -> None:
         from skippipe.config import load_config
         from skippipe.context import build_context, env_rank, init_process_group, pick_device
         from skippipe.elastic import join, node_identity, plan_for_world
-        from skippipe.train import make_plan, plan_for_run, share_plan, train
+        from skippipe.planning import make_plan, plan_for_run, share_plan
+        from skippipe.trainer import train
 
         cfg = load_config(args.config, args.overrides + flag_overrides(args))
         if cfg.train.single_process:
@@ -85,16 +106,17 @@ def main() -> None:
         if cfg.schedule.plan and not args.resume and node_identity() is None:
             check(Plan.load(cfg.schedule.plan), world_size=world_size)
         device = pick_device(cfg.train.device, local_rank)
-        init_process_group(device, cfg.train.comm_timeout_s)
+        init_process_group(device, timeout_s=cfg.train.comm_timeout_s)
         try:
             # Who is which node, and whether this (re)start continues the job from its checkpoint.
-            world = join(cfg, args.resume, rank, world_size)
+            world = join(cfg, explicit_resume=args.resume, rank=rank, world_size=world_size)
+            isend = transport(rank, world.rank_nodes)
             if cfg.schedule.topology == "measure" and not cfg.schedule.plan and not world.resume:
                 from skippipe.profiling import profile_for_run  # every rank measures; rank 0 solves on the result
-                cfg.schedule.topology = str(profile_for_run(cfg, rank, world_size))
-            plan = share_plan(lambda: plan_for_world(cfg, world, world.resume, make_plan), rank)
+                cfg.schedule.topology = str(profile_for_run(cfg, rank=rank, world_size=world_size, isend=isend))
+            plan = share_plan(lambda: plan_for_world(cfg, world, resume=world.resume, make_plan=make_plan), rank)
             check(plan, world_size=world_size)
-            ctx = build_context(plan, device, cfg.train.comm_timeout_s)
+            ctx = build_context(plan, device, cfg.train.comm_timeout_s, isend=isend)
             train(cfg, plan, ctx, resume=world.resume)
         except PeerError as exc:
             # A dead or silent peer: say so and leave at once; tearing down groups with messages

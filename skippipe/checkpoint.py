@@ -13,6 +13,9 @@ written its files, so a crash at any moment leaves the previous checkpoint intac
 uses safetensors and torch.load(weights_only=True) only: nothing in a checkpoint can run code. The layout
 does not depend on how stages are spread over processes: a single-process run and a distributed run of
 the same plan read each other's checkpoints. Multi-machine runs need RUN_DIR on a shared filesystem.
+
+This module is the one owner of the layout: the trainer, node loss (elastic.py: `derive_checkpoint`)
+and the evaluator (`load_full_model`) name no file of a checkpoint themselves.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from skippipe.config import Config, save_config
+from skippipe.config import Config, load_config, save_config
+from skippipe.model import FullModel
 from topology.errors import ConfigError
 from topology.plan import Plan
 from topology.yamlio import read_json
@@ -43,10 +47,28 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: str | Path, step: int, stages: dict[int, torch.nn.Module], optimizers: dict,
+def stage_weights_file(folder: Path, stage: int) -> Path:
+    return folder / f"stage{stage}.safetensors"
+
+
+def stage_optimizer_file(folder: Path, stage: int) -> Path:
+    return folder / f"stage{stage}.optim.pt"
+
+
+def data_file(folder: Path, node_id: int) -> Path:
+    return folder / f"data{node_id}.pt"
+
+
+def _point_latest(root: Path, folder: Path) -> None:
+    _atomic(root / LATEST, lambda tmp: tmp.write_text(folder.name + "\n"))
+
+
+def save_checkpoint(run_dir: str | Path, *, step: int, stages: dict[int, torch.nn.Module], optimizers: dict,
                     streams: dict, plan: Plan, cfg: Config, rank: int = 0, write_stages: set[int] | None = None,
                     barrier: Callable[[], None] = lambda: None) -> Path:
-    """Every process calls this with what it holds; `write_stages` limits the stage files it writes."""
+    """Every process calls this with what it holds (its stages, their optimizers, its data nodes' streams);
+    `write_stages` limits the stage files it writes (None: all it holds); `barrier` waits for every process.
+    Returns the checkpoint folder."""
     root = checkpoint_root(run_dir)
     folder = root / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,11 +80,11 @@ def save_checkpoint(run_dir: str | Path, step: int, stages: dict[int, torch.nn.M
     for stage in sorted(stages if write_stages is None else write_stages):
         # Clone: safetensors refuses tensors that share memory (a tied LM head and embedding).
         weights = {k: v.detach().cpu().clone().contiguous() for k, v in stages[stage].state_dict().items()}
-        _atomic(folder / f"stage{stage}.safetensors",
+        _atomic(stage_weights_file(folder, stage),
                 lambda tmp: save_file(weights, str(tmp), metadata={"stage": str(stage), "step": str(step)}))
-        _atomic(folder / f"stage{stage}.optim.pt", lambda tmp: torch.save(optimizers[stage].state_dict(), tmp))
+        _atomic(stage_optimizer_file(folder, stage), lambda tmp: torch.save(optimizers[stage].state_dict(), tmp))
     for node_id, stream in streams.items():
-        _atomic(folder / f"data{node_id}.pt", lambda tmp: torch.save(stream.state_dict(), tmp))
+        _atomic(data_file(folder, node_id), lambda tmp: torch.save(stream.state_dict(), tmp))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -73,7 +95,7 @@ def save_checkpoint(run_dir: str | Path, step: int, stages: dict[int, torch.nn.M
         save_config(cfg, folder / "config.yaml")
         meta = {"step": step, "num_stages": plan.num_stages, "num_nodes": len(plan.nodes)}
         _atomic(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
-        _atomic(root / LATEST, lambda tmp: tmp.write_text(folder.name + "\n"))
+        _point_latest(root, folder)
     barrier()
     return folder
 
@@ -167,18 +189,20 @@ def _restore(path: Path, restore: Callable[[], None]) -> None:
         raise _damaged(path, exc, "holds the wrong state") from None
 
 
-def load_checkpoint(folder: Path, stages: dict[int, torch.nn.Module], optimizers: dict, streams: dict,
+def load_checkpoint(folder: Path, *, stages: dict[int, torch.nn.Module], optimizers: dict, streams: dict,
                     rank: int, device: torch.device) -> int:
-    """Restore what this process holds; returns the step the checkpoint was taken after."""
+    """Restore what this process holds; returns the step the checkpoint was taken after.
+
+    Raises ConfigError (one line, naming the file) for a missing, damaged or foreign file."""
     step = checkpoint_step(folder)
     for stage, module in stages.items():
-        load_weights(module, folder / f"stage{stage}.safetensors", device)
-        path = folder / f"stage{stage}.optim.pt"
+        load_weights(module, stage_weights_file(folder, stage), device)
+        path = stage_optimizer_file(folder, stage)
         state = read_state(path, device)
         _restore(path, lambda: _load_optimizer(optimizers[stage], state))
     for node_id, stream in streams.items():
         # The generator state must stay on the CPU, whatever the device.
-        path = folder / f"data{node_id}.pt"
+        path = data_file(folder, node_id)
         state = read_state(path, "cpu")
         _restore(path, lambda: stream.load_state_dict(state))
     rng_path = folder / f"rng{rank}.pt"
@@ -191,3 +215,102 @@ def load_checkpoint(folder: Path, stages: dict[int, torch.nn.Module], optimizers
                 torch.cuda.set_rng_state(rng["cuda"])
         _restore(rng_path, set_rng)
     return step
+
+
+# -- a whole model, for evaluation and export -------------------------------------------------------------
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """A run dir (its newest checkpoint) or one checkpoints/step_* folder; ConfigError when neither."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"checkpoint not found: {path}; pass the --run-dir of a training run "
+                          "(or one of its checkpoints/step_* folders)")
+    if (path / "meta.json").is_file():
+        return path
+    if not (checkpoint_root(path) / LATEST).is_file():
+        raise ConfigError(f"{path} holds no checkpoint (no {checkpoint_root(path) / LATEST}); train with "
+                          "--run-dir there first, or pass a checkpoints/step_* folder")
+    return latest_checkpoint(path)
+
+
+def load_full_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[FullModel, Config, Path]:
+    """(model with every stage's trained weights, in eval mode; the run's resolved config; the checkpoint folder).
+
+    `path`: a run dir or a checkpoints/step_* folder. Reads only the weight files, never the optimizer
+    state: evaluation and export need neither the optimizer nor the data position.
+    """
+    from topology.model_spec import load_model_spec
+    folder = checkpoint_folder(path)
+    cfg = load_config(folder / "config.yaml")
+    meta = checkpoint_meta(folder)
+    model = FullModel(load_model_spec(cfg.model), meta["num_stages"], cfg.train.seed)
+    for stage_index, stage in enumerate(model.stages):
+        # A missing, damaged or foreign weights file is a one-line ConfigError naming it.
+        load_weights(stage, stage_weights_file(folder, stage_index))
+    return model.to(device).eval(), cfg, folder
+
+
+# -- a checkpoint carried over to another plan (node loss: Note [node loss] in elastic.py) -----------------
+
+def latest_token(run_dir: str | Path) -> list | None:
+    """What `latest` names and when it last moved ([name, mtime_ns]); None without one. Tells whether a
+    checkpoint was saved since the token was taken."""
+    pointer = checkpoint_root(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    return [pointer.read_text().strip(), pointer.stat().st_mtime_ns]
+
+
+def data_files_by_shard(folder: Path, node_ids: list[int]) -> dict[int, Path]:
+    """The data files of `node_ids` in `folder`, keyed by the shard index each stream reads."""
+    out = {}
+    for node in node_ids:
+        path = data_file(folder, node)
+        out[int(read_state(path, "cpu")["shard_index"])] = path
+    return out
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard link (checkpoint files are only ever replaced, never written in place), else a copy."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a filesystem without hard links
+        import shutil
+        shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def derive_checkpoint(folder: Path, *, plan: Plan, data: dict[int, Path | dict], meta: dict) -> Path:
+    """A complete checkpoint for `plan` beside `folder`, at the same step, made the `latest`; returns it.
+
+    The folder is step_N-replanK (K: the first free number). Every stage's weights and optimizer state
+    are `folder`'s (linked); `data` gives each of `plan`'s data nodes its stream: a data file (linked) or
+    a state dict (saved). config.yaml is `folder`'s; meta.json (step, num_stages, num_nodes and `meta`)
+    is written last, since a folder without it is incomplete. ConfigError when a stage file is missing.
+    """
+    step = checkpoint_step(folder)
+    root = folder.parent
+    base = f"step_{step:06d}"
+    number = 1
+    while (root / f"{base}-replan{number}").exists():
+        number += 1
+    out = root / f"{base}-replan{number}"
+    out.mkdir()
+    for stage in range(plan.num_stages):
+        for name in (stage_weights_file, stage_optimizer_file):
+            if not name(folder, stage).is_file():
+                raise ConfigError(f"{name(folder, stage)} is missing; the checkpoint cannot be carried over")
+            _link(name(folder, stage), name(out, stage))
+    for node, source in data.items():
+        if isinstance(source, Path):
+            _link(source, data_file(out, node))
+        else:
+            torch.save(source, data_file(out, node))
+    (out / "config.yaml").write_bytes((folder / "config.yaml").read_bytes())
+    plan.save(out / "plan.json")
+    full = {"step": step, "num_stages": plan.num_stages, "num_nodes": len(plan.nodes), **meta}
+    (out / "meta.json").write_text(json.dumps(full))
+    _point_latest(root, out)
+    return out

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from topology.plan import Action, Plan, dependencies, message_order
-from skippipe.latency import isend  # dist.isend, or held back by an emulated link's latency
+from skippipe.context import Context
 
 
 class PeerError(RuntimeError):
@@ -97,12 +97,17 @@ def all_gather_json(value) -> list:
 
 
 class Messenger:
-    """The messages one node sends and receives in an iteration, in plan order."""
+    """The messages one node (ctx.node) sends and receives in an iteration, in plan order.
 
-    def __init__(self, plan: Plan, node_id: int, node_rank: dict[int, int], shape: tuple[int, ...],
-                 dtype: torch.dtype, device: torch.device, timeout: timedelta):
-        self.node_id, self.node_rank = node_id, node_rank
-        self.shape, self.dtype, self.device, self.timeout = shape, dtype, device, timeout
+    Every message has `shape` and `dtype` (a microbatch's hidden states or their gradient); sends go
+    through ctx.isend, the transport chosen at launch (Note [transport] in context.py).
+    """
+
+    def __init__(self, plan: Plan, ctx: Context, *, shape: tuple[int, ...], dtype: torch.dtype):
+        self.ctx = ctx
+        node_id = self.node_id = ctx.node.id
+        self.node_rank = ctx.node_rank
+        self.shape, self.dtype = shape, dtype
         # Where each of this node's actions sends its result: (destination node, consuming action).
         self.destination: dict[Action, tuple[int, Action]] = {}
         self.source: dict[Action, int] = {}  # consuming action here -> node that produces its input
@@ -134,7 +139,7 @@ class Messenger:
     def _post(self, src: int) -> None:
         index = self._cursor[src]
         if index < len(self.expected[src]):
-            buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            buffer = torch.empty(self.shape, dtype=self.dtype, device=self.ctx.device)
             work = dist.irecv(buffer, src=self.node_rank[src])
             self._posted[src] = (work, buffer, self.expected[src][index])
 
@@ -148,7 +153,7 @@ class Messenger:
         if payload.shape != self.shape:
             raise ValueError(f"{producer}: message shape {tuple(payload.shape)} but the receiver expects "
                              f"{self.shape}; every microbatch must have the same shape")
-        work = isend(payload, dst=self.node_rank[dst])
+        work = self.ctx.isend(payload, dst=self.node_rank[dst])
         self._sends.append((work, payload, f"sending {producer} -> {consumer} to node {dst} (rank {self.node_rank[dst]})"))
         # Drop finished sends so their buffers can be freed; keep the rest alive until they finish.
         self._sends = [s for s in self._sends if not s[0].is_completed()]
@@ -162,7 +167,7 @@ class Messenger:
         try:
             while True:
                 work, buffer, expected = self._posted.pop(src)
-                wait_for(work, self.timeout, f"node {self.node_id} waiting for {expected} from node {src} "
+                wait_for(work, self.ctx.timeout, f"node {self.node_id} waiting for {expected} from node {src} "
                                              f"(rank {self.node_rank[src]})")
                 self._cursor[src] += 1
                 self._post(src)
@@ -176,37 +181,45 @@ class Messenger:
         """Wait for every send of the iteration; every expected message must have been consumed."""
         start = time.perf_counter()
         for work, _, what in self._sends:
-            wait_for(work, self.timeout, what)
+            wait_for(work, self.ctx.timeout, what)
         self.wait_s += time.perf_counter() - start
         assert not self._posted and not self._parked, f"unconsumed messages: {list(self._posted)} {list(self._parked)}"
         self._sends = []
 
 
-def exchange(tensor: torch.Tensor | None, src: int, dst: int, my_rank: int, timeout: timedelta,
-             shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor | None:
-    """A blocking transfer src -> dst with a bounded wait; returns the received tensor on dst."""
-    if my_rank == src:
-        wait_for(dist.isend(tensor.detach().contiguous(), dst=dst), timeout, f"{what}: sending to rank {dst}")
+def exchange(ctx: Context, tensor: torch.Tensor | None, *, src: int, dst: int, shape: tuple[int, ...],
+             dtype: torch.dtype, what: str) -> torch.Tensor | None:
+    """A blocking transfer of one `shape`/`dtype` tensor from rank `src` to rank `dst`, waited for within
+    ctx.timeout; returns the received tensor on dst, None elsewhere. Raises PeerError naming `what`.
+
+    Plain dist.isend, not ctx.isend: it carries the start-up handshake and the evaluation's hidden states,
+    which emulated link latency has never delayed (only the training messages are what it models).
+    """
+    if ctx.rank == src:
+        with peer_errors(f"{what}: sending to rank {dst}"):  # gloo raises at once when the peer has gone
+            work = dist.isend(tensor.detach().contiguous(), dst=dst)
+        wait_for(work, ctx.timeout, f"{what}: sending to rank {dst}")
         return None
-    if my_rank == dst:
-        buffer = torch.empty(shape, dtype=dtype, device=device)
-        wait_for(dist.irecv(buffer, src=src), timeout, f"{what}: waiting for rank {src}")
+    if ctx.rank == dst:
+        buffer = torch.empty(shape, dtype=dtype, device=ctx.device)
+        wait_for(dist.irecv(buffer, src=src), ctx.timeout, f"{what}: waiting for rank {src}")
         return buffer
     return None
 
 
-def connect_peers(pairs: set[tuple[int, int]], my_rank: int, device: torch.device, timeout: timedelta) -> None:
+def connect_peers(ctx: Context, pairs: set[tuple[int, int]]) -> None:
     """Touch every rank pair that will exchange messages, in one global order, before training.
 
     NCCL creates a pair's communicator on its first message, and creating it blocks both ends; done lazily
     mid-iteration, two pairs could wait on each other. In a global sorted order the first unfinished pair
     always has both ends ready, so this cannot deadlock. On gloo it checks every link within the timeout.
     """
-    token = torch.zeros(1, device=device)
+    token = torch.zeros(1, device=ctx.device)
+    one = dict(shape=(1,), dtype=token.dtype, what="connecting")
     for low, high in sorted({(min(a, b), max(a, b)) for a, b in pairs if a != b}):
-        if my_rank == low:
-            exchange(token, low, high, my_rank, timeout, (1,), token.dtype, device, "connecting")
-            exchange(None, high, low, my_rank, timeout, (1,), token.dtype, device, "connecting")
-        elif my_rank == high:
-            exchange(None, low, high, my_rank, timeout, (1,), token.dtype, device, "connecting")
-            exchange(token, high, low, my_rank, timeout, (1,), token.dtype, device, "connecting")
+        if ctx.rank == low:
+            exchange(ctx, token, src=low, dst=high, **one)
+            exchange(ctx, None, src=high, dst=low, **one)
+        elif ctx.rank == high:
+            exchange(ctx, None, src=low, dst=high, **one)
+            exchange(ctx, token, src=high, dst=low, **one)

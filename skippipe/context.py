@@ -1,10 +1,17 @@
-"""The explicit runtime context: who this process is in the plan, its device and its process groups.
+"""The explicit runtime context: who this process is in the plan, its device, its process groups and its
+transport.
 
 Passed to everything that communicates; there are no module-level globals.
+
+Note [transport]: `Context.isend` is the one function training messages are sent with, chosen at launch
+by the entry point: torch.distributed.isend on a real network, or the emulator's latency-delayed send
+(skippipe/emulation/latency.py) on an emulated one. The runtime only calls it; it never looks at how the
+network is made, so it imports nothing of the emulation.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -30,8 +37,12 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+Send = Callable[..., object]  # isend(tensor, dst=rank) -> a Work with wait() / is_completed()
+
+
 @dataclass
 class Context:
+    """One rank's place in the plan; built by `build_context` after the default group is joined."""
     rank: int
     world_size: int
     node: PlanNode  # the plan node this rank plays
@@ -40,14 +51,11 @@ class Context:
     stage_ranks: dict[int, list[int]]  # stage -> ranks of its replicas, ascending
     stage_groups: dict[int, object] = field(default_factory=dict)  # stage -> data-parallel process group
     node_rank: dict[int, int] = field(default_factory=dict)  # plan node id -> rank
+    isend: Send = dist.isend  # the transport of training messages (Note [transport])
 
     @property
     def stage(self) -> int:
         return self.node.stage
-
-    @property
-    def stage_group(self):
-        return self.stage_groups.get(self.stage)
 
     @property
     def is_stage_leader(self) -> bool:
@@ -55,7 +63,7 @@ class Context:
         return self.stage_ranks[self.stage][0] == self.rank
 
 
-def init_process_group(device: torch.device, timeout_s: float, init_method: str | None = None,
+def init_process_group(device: torch.device, *, timeout_s: float, init_method: str | None = None,
                        rank: int | None = None, world_size: int | None = None) -> None:
     """Join the default group; torchrun's environment (env://) unless an init_method is given (tests).
 
@@ -70,8 +78,9 @@ def init_process_group(device: torch.device, timeout_s: float, init_method: str 
                             timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
-def build_context(plan: Plan, device: torch.device, timeout_s: float) -> Context:
-    """Map this rank to its plan node and create one data-parallel group per stage.
+def build_context(plan: Plan, device: torch.device, timeout_s: float, *, isend: Send = dist.isend) -> Context:
+    """Map this rank to its plan node and create one data-parallel group per stage; `isend` is the
+    transport the launcher chose (Note [transport]). ConfigError when the world size is not the plan's.
 
     Every rank calls new_group for every stage, in stage order, also for groups it is not in: the
     groups are collectives over the default group and must be created in the same order everywhere.
@@ -88,7 +97,8 @@ def build_context(plan: Plan, device: torch.device, timeout_s: float) -> Context
         if rank in stage_ranks[stage]:
             groups[stage] = group
     return Context(rank=rank, world_size=world_size, node=plan.node_of_rank(rank), device=device, timeout=timeout,
-                   stage_ranks=stage_ranks, stage_groups=groups, node_rank={n.id: n.rank for n in plan.nodes})
+                   stage_ranks=stage_ranks, stage_groups=groups, node_rank={n.id: n.rank for n in plan.nodes},
+                   isend=isend)
 
 
 def env_rank() -> tuple[int, int, int] | None:

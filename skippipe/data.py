@@ -158,7 +158,7 @@ def split_tokens(tokens: torch.Tensor, context: int, val_fraction: float = 0.05)
 class TokenStream:
     """Training batches for one data node: random windows from its shard (Note [data determinism])."""
 
-    def __init__(self, tokens: torch.Tensor, context: int, batch_size: int, shard_index: int = 0,
+    def __init__(self, tokens: torch.Tensor, *, context: int, batch_size: int, shard_index: int = 0,
                  num_shards: int = 1, seed: int = 0):
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index {shard_index} is out of range for {num_shards} shards")
@@ -233,13 +233,14 @@ class Corpus:
     context: int
 
     def stream(self, batch_size: int, shard_index: int = 0, num_shards: int = 1, seed: int = 0) -> TokenStream:
-        return TokenStream(self.train, self.context, batch_size, shard_index, num_shards, seed)
+        return TokenStream(self.train, context=self.context, batch_size=batch_size, shard_index=shard_index,
+                           num_shards=num_shards, seed=seed)
 
     def val_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return validation_batches(self.val, self.context, batch_size, max_batches)
 
 
-def load_corpus(source: str | Path | Sequence[str | Path] = BUILTIN, context: int = 64, tokenizer: str = "byte",
+def load_corpus(source: str | Path | Sequence[str | Path] = BUILTIN, *, context: int = 64, tokenizer: str = "byte",
                 val_fraction: float = 0.05, vocab_size: int | None = None) -> Corpus:
     """A corpus split into training and validation tokens, memory-mapped (Note [one data path], shards.py).
 

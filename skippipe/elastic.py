@@ -49,25 +49,35 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from skippipe.checkpoint import LATEST, checkpoint_root, checkpoint_step, latest_checkpoint
+from topology.plan import Plan
+from scheduler.problem import Problem
+from skippipe.checkpoint import checkpoint_step, data_files_by_shard, derive_checkpoint, latest_checkpoint, latest_token
 from skippipe.config import Config, load_config
+from skippipe.planning import build_problem, job_topology
 from topology.errors import ConfigError
 from topology.network import Topology
 from topology.plan import Plan
 
 NODE_ENV = "SKIPPIPE_NODE"  # this machine's node of the job's topology: its name or its index
-EMULATED_ENV = "SKIPPIPE_EMULATED_NODE"  # the emulator's namespace index (skippipe/latency.py)
+EMULATED_ENV = "SKIPPIPE_EMULATED_NODE"  # the emulator's namespace index of this process, if emulated
 MARKER = "elastic.json"
 
 
 @dataclass
 class World:
-    """The live ranks and who they are; `names[rank]` is None for a job that does not name its nodes."""
+    """The live ranks and who they are; `identities` is None for a job that does not name its nodes,
+    `emulated` None unless every rank runs in an emulated node (then each rank's node index)."""
     rank: int
     world_size: int
     identities: list[str] | None
     emulated: list[int] | None
     resume: bool = False
+
+    @property
+    def rank_nodes(self) -> list[int] | None:
+        """Each rank's emulated node, for a job whose ranks need not be their nodes (named nodes: the
+        survivors of a loss are re-ranked); None where rank == node is to be checked instead."""
+        return self.emulated if self.identities is not None else None
 
 
 def node_identity() -> str | None:
@@ -159,33 +169,25 @@ class Shape:
                    int(plan.constraints.get("memory", 3)), int(plan.constraints.get("max_swaps", 2)))
 
     @classmethod
-    def of_config(cls, cfg: Config) -> "Shape":
-        s = cfg.schedule
-        base, extra = divmod(s.num_nodes, s.num_stages)
-        sizes = s.stage_sizes or [base + (1 if i < extra else 0) for i in range(s.num_stages)]
-        return cls(s.skip_ratio, s.num_stages, list(sizes), s.microbatch_size, s.num_microbatches, s.memory, s.max_swaps)
+    def of_problem(cls, problem: Problem) -> "Shape":
+        """The shape a fresh solve of `problem` would have (its stage sizes even when not given)."""
+        return cls(problem.skip_ratio, problem.num_stages, problem.even_stage_sizes(), problem.microbatch_size,
+                   problem.microbatches_for(problem.even_stage_sizes()[0]), problem.memory, problem.max_swaps)
 
 
 def replan(topology: Topology, live_names: list[str], shape: Shape, cfg: Config) -> Plan:
     """Solve `shape` on the live nodes of the job's topology; rank r plays live_names[r]."""
-    from scheduler.problem import Problem
     from scheduler.solve import solve
-    from topology.model_spec import load_model_spec
     index = {n.name: n.id for n in topology.nodes}
     ids = sorted(index[name] for name in live_names)  # topology order: the same plan whatever the rank order
     sub = topology.subset(ids, name=f"{topology.name}[{len(ids)} of {topology.num_nodes}]")
-    problem = Problem(topology=sub, model=load_model_spec(cfg.model), microbatch_size=shape.microbatch_size,
-                      num_stages=shape.num_stages, stage_sizes=survivor_stage_sizes(shape.stage_sizes, len(ids)),
-                      num_microbatches=shape.num_microbatches, memory=shape.memory, skip_ratio=shape.skip_ratio,
-                      max_swaps=shape.max_swaps, seed=cfg.train.seed,
-                      topology_source={"spec": cfg.schedule.topology, "seed": cfg.train.seed,
-                                       "nodes": [topology.nodes[i].name for i in ids]})
+    problem = build_problem(cfg, sub, microbatch_size=shape.microbatch_size, num_stages=shape.num_stages,
+                            stage_sizes=survivor_stage_sizes(shape.stage_sizes, len(ids)),
+                            num_microbatches=shape.num_microbatches, memory=shape.memory, skip_ratio=shape.skip_ratio,
+                            max_swaps=shape.max_swaps,
+                            topology_source={"spec": cfg.schedule.topology, "seed": cfg.train.seed,
+                                             "nodes": [topology.nodes[i].name for i in ids]})
     return assign_ranks(solve(problem, cfg.schedule.strategy), live_names)
-
-
-def job_topology(cfg: Config) -> Topology:
-    from topology.load import load_topology
-    return load_topology(cfg.schedule.topology, cfg.schedule.num_nodes, cfg.train.seed)
 
 
 # -- the checkpoint, carried over to a new plan ----------------------------------------------------------
@@ -194,80 +196,38 @@ def data_nodes(plan: Plan) -> list[int]:
     return sorted(plan.stage_nodes(0))
 
 
-def _link(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # a filesystem without hard links
-        import shutil
-        shutil.copyfile(src, tmp)
-    tmp.replace(dst)
-
-
-def carry_over(folder: Path, new_plan: Plan, make_stream: Callable[[int, int], object], seed: int) -> Path:
+def carry_over(folder: Path, new_plan: Plan, *, make_stream: Callable[[int, int], object], seed: int) -> Path:
     """A checkpoint for `new_plan` from `folder` (another plan's), made the `latest`; Note [node loss].
 
     `make_stream(shard_index, num_shards)` builds a fresh TokenStream, used only when the number of data
-    nodes changes.
+    nodes changes. The files are laid out by checkpoint.derive_checkpoint.
     """
-    import torch
-
     from skippipe.model import derive_seed
     old_plan = Plan.load(folder / "plan.json")
     if old_plan.num_stages != new_plan.num_stages:
         raise ConfigError(f"the checkpoint in {folder} has {old_plan.num_stages} stages, the new plan "
                           f"{new_plan.num_stages}; the stage count cannot change on resume")
     step = checkpoint_step(folder)
-    root = checkpoint_root(folder.parent.parent)
-    base = f"step_{step:06d}"
-    number = 1
-    while (root / f"{base}-replan{number}").exists():
-        number += 1
-    out = root / f"{base}-replan{number}"
-    out.mkdir()
-    for stage in range(new_plan.num_stages):
-        for name in (f"stage{stage}.safetensors", f"stage{stage}.optim.pt"):
-            if not (folder / name).is_file():
-                raise ConfigError(f"{folder / name} is missing; the checkpoint cannot be carried over")
-            _link(folder / name, out / name)
-    old_states = {}
-    for node in data_nodes(old_plan):
-        state = torch.load(folder / f"data{node}.pt", map_location="cpu", weights_only=True)
-        old_states[int(state["shard_index"])] = folder / f"data{node}.pt"
+    old_shards = data_files_by_shard(folder, data_nodes(old_plan))
     new_data = data_nodes(new_plan)
-    if len(new_data) == len(old_states):
+    data: dict[int, Path | dict] = {}
+    if len(new_data) == len(old_shards):
         shards = "continued"
         for shard, node in enumerate(new_data):
-            _link(old_states[shard], out / f"data{node}.pt")
+            data[node] = old_shards[shard]
     else:
         shards = "re-cut"
         for shard, node in enumerate(new_data):
             stream = make_stream(shard, len(new_data))
             stream.generator.manual_seed(derive_seed(seed, "data", shard, "resharded at", step))
-            torch.save(stream.state_dict(), out / f"data{node}.pt")
-    config = folder / "config.yaml"
-    (out / "config.yaml").write_bytes(config.read_bytes())
-    new_plan.save(out / "plan.json")
+            data[node] = stream.state_dict()
     old_names, new_names = {n.name for n in old_plan.nodes}, {n.name for n in new_plan.nodes}
-    meta = {"step": step, "num_stages": new_plan.num_stages, "num_nodes": len(new_plan.nodes),
-            "carried_over_from": folder.name, "lost": sorted(old_names - new_names),
-            "joined": sorted(new_names - old_names), "data_shards": shards}
-    (out / "meta.json").write_text(json.dumps(meta))  # last: a folder without meta.json is incomplete
-    tmp = root / f".{LATEST}.tmp{os.getpid()}"
-    tmp.write_text(out.name + "\n")
-    tmp.replace(root / LATEST)
-    return out
+    return derive_checkpoint(folder, plan=new_plan, data=data, meta={
+        "carried_over_from": folder.name, "lost": sorted(old_names - new_names),
+        "joined": sorted(new_names - old_names), "data_shards": shards})
 
 
 # -- the decisions rank 0 takes at every (re)start -------------------------------------------------------
-
-def _latest_token(run_dir: Path) -> list | None:
-    pointer = checkpoint_root(run_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    return [pointer.read_text().strip(), pointer.stat().st_mtime_ns]
-
 
 def decide_resume(run_dir: str | Path, explicit: bool, run_id: str | None) -> bool:
     """Note [node loss], 'continue or start'. Rank 0 only: it writes run_dir/elastic.json."""
@@ -277,7 +237,7 @@ def decide_resume(run_dir: str | Path, explicit: bool, run_id: str | None) -> bo
         return False
     run_dir = Path(run_dir)
     marker = run_dir / MARKER
-    latest = _latest_token(run_dir)
+    latest = latest_token(run_dir)
     try:
         seen = json.loads(marker.read_text())
     except (OSError, ValueError):
@@ -291,7 +251,7 @@ def decide_resume(run_dir: str | Path, explicit: bool, run_id: str | None) -> bo
     return False
 
 
-def plan_for_world(cfg: Config, world: World, resume: bool, make_plan: Callable[[Config], Plan],
+def plan_for_world(cfg: Config, world: World, *, resume: bool, make_plan: Callable[[Config], Plan],
                    log: Callable[[str], None] = lambda text: print(text, flush=True)) -> Plan:
     """Rank 0: the plan the live ranks run (and, after node loss, the checkpoint carried over to it)."""
     folder = latest_checkpoint(cfg.train.run_dir) if resume else None
@@ -305,7 +265,7 @@ def plan_for_world(cfg: Config, world: World, resume: bool, make_plan: Callable[
         current = make_plan(cfg)
     if current is not None and sorted(n.name for n in current.nodes) == sorted(names):
         return assign_ranks(current, names)
-    shape = Shape.of_plan(current) if current is not None else Shape.of_config(cfg)
+    shape = Shape.of_plan(current) if current is not None else Shape.of_problem(build_problem(cfg, topology))
     plan = replan(topology, names, shape, job_cfg)
     was = sorted(n.name for n in current.nodes) if current is not None else [n.name for n in topology.nodes]
     lost, joined = sorted(set(was) - set(names)), sorted(set(names) - set(was))
@@ -323,19 +283,21 @@ def plan_for_world(cfg: Config, world: World, resume: bool, make_plan: Callable[
             from topology.model_spec import load_model_spec
             if not corpus:
                 spec = load_model_spec(job_cfg.model)
-                corpus.append(load_corpus(job_cfg.data.corpus, job_cfg.data.context or spec.context,
-                                          job_cfg.data.tokenizer, job_cfg.data.val_fraction, spec.vocab_size))
+                corpus.append(load_corpus(job_cfg.data.corpus, context=job_cfg.data.context or spec.context,
+                                          tokenizer=job_cfg.data.tokenizer, val_fraction=job_cfg.data.val_fraction,
+                                          vocab_size=spec.vocab_size))
             return corpus[0].stream(plan.microbatch_size, shard, num_shards, job_cfg.train.seed)
 
-        out = carry_over(folder, plan, make_stream, job_cfg.train.seed)
+        out = carry_over(folder, plan, make_stream=make_stream, seed=job_cfg.train.seed)
         meta = json.loads((out / "meta.json").read_text())
         log(f"{head}: carried checkpoint {folder.name} over to {out.name} (data shards {meta['data_shards']}); "
             f"resuming after step {meta['step']}")
     return plan
 
 
-def join(cfg: Config, explicit_resume: bool, rank: int, world_size: int) -> World:
-    """Every rank: gather who is who, point the emulated link latency at it, agree on resuming."""
+def join(cfg: Config, *, explicit_resume: bool, rank: int, world_size: int) -> World:
+    """Every rank: gather who is who and agree on resuming (collective). The launcher picks the transport
+    from the result (World.rank_nodes)."""
     from skippipe.comm import all_gather_json, broadcast_json, peer_errors
     mine = {"node": node_identity(), "emulated": os.environ.get(EMULATED_ENV)}
     with peer_errors("gathering node identities"):  # JSON, not pickles (Note [no pickles from peers], comm.py)
@@ -343,9 +305,6 @@ def join(cfg: Config, explicit_resume: bool, rank: int, world_size: int) -> Worl
     identities = check_identities([g["node"] for g in gathered])
     emulated = [g["emulated"] for g in gathered]
     emulated = [int(e) for e in emulated] if all(e is not None for e in emulated) else None
-    if emulated is not None and identities is not None:  # unnamed nodes keep the emulator's rank == node check
-        from skippipe.latency import set_rank_nodes
-        set_rank_nodes(emulated)
     decision: list = [None]
     if rank == 0:
         try:

@@ -131,7 +131,7 @@ def load_stage_weights(source: str | Path, stages: dict[int, torch.nn.Module], s
         theirs = spec_from_hf_config(read_hf_config(source), spec.name, str(source / "config.json"))
         index, name_of = hf_stage_source(source)
     else:
-        from skippipe.omission import checkpoint_folder
+        from skippipe.checkpoint import checkpoint_folder
         from skippipe.config import load_config
         folder = checkpoint_folder(source)
         theirs = load_model_spec(load_config(folder / "config.yaml").model)

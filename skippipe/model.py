@@ -45,7 +45,7 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device,
+def rotary_cos_sin(seq_len: int, *, head_dim: int, theta: float, device: torch.device,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, shape (seq_len, head_dim), computed in float32 for accuracy."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
@@ -177,8 +177,8 @@ class Stage(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Run this stage's layers on hidden states of shape (batch, seq_len, dim)."""
-        cos, sin = rotary_cos_sin(hidden.shape[1], self.spec.head_dim, self.spec.rope_theta,
-                                  hidden.device, hidden.dtype)
+        cos, sin = rotary_cos_sin(hidden.shape[1], head_dim=self.spec.head_dim, theta=self.spec.rope_theta,
+                                  device=hidden.device, dtype=hidden.dtype)
         for layer in self.layers.values():
             hidden = layer(hidden, cos, sin)
         return hidden

@@ -1,6 +1,6 @@
 """Start-up profiling: every rank pair's latency and bandwidth, and every rank's compute speed, as a Topology.
 
-    topo, details = measure_topology(rank, world_size, model=spec, microbatch_size=4)
+    topo, details = measure_topology(rank, world_size=world_size, model=spec, microbatch_size=4, probe=Probe(isend=send))
 
 Pairs are measured in parallel rounds of disjoint pairs (`tournament_rounds`, the circle method: n - 1
 rounds for n ranks), a barrier between rounds, so no rank is in two measurements at once and the whole
@@ -11,8 +11,9 @@ the smallest round trip, halved, is the latency of both directions. Then, for ea
 sends a probe of `probe_bytes` and a message sized to take about `target_s` at the probe's rate, and the
 receiver answers each with a one-element ack. The difference of the two sizes over the difference of the
 two round trips is the bandwidth: latencies, the ack and fixed per-message costs cancel. Each round trip
-is the best of two, since load on a shared machine only ever adds time. Sends go through
-skippipe.latency.isend, so latency added in the process (the emulator) is measured like a real one. The ping's
+is the best of two, since load on a shared machine only ever adds time. Sends go through the `isend`
+the launcher chose (Note [transport] in context.py), so latency added in the process (the emulator) is
+measured like a real one. The ping's
 own serialisation is left in the latency: a few bytes, microseconds on any real link.
 
 Note [compute speed]: each rank times the forward and backward of one decoder layer on a microbatch, in
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from skippipe.comm import all_gather_json
-from skippipe.latency import isend
+from skippipe.context import Send
 from topology.cost import layer_forward_flops
 from topology.model_spec import ModelSpec
 from topology.network import Node, Topology
@@ -60,24 +62,37 @@ def tournament_rounds(n: int) -> list[list[tuple[int, int]]]:
     return rounds
 
 
-def _send(tensor: torch.Tensor, dst: int) -> None:
-    isend(tensor, dst).wait()
+@dataclass(frozen=True)
+class Probe:
+    """How a pair is measured (Note [pair measurement]): `pings` ping-pongs; a probe of `probe_bytes`, then a
+    message sized to take about `target_s` (at most `max_bytes`); each round trip the best of `tries`.
+    Sends go through `isend`."""
+    isend: Send = dist.isend
+    pings: int = 4
+    probe_bytes: int = 16 * 1024
+    target_s: float = 0.25
+    max_bytes: int = 16 << 20
+    tries: int = 2
 
 
 def _recv(tensor: torch.Tensor, src: int) -> None:
     dist.irecv(tensor, src=src).wait()
 
 
-def _round_trip(peer: int, payload: torch.Tensor, ack: torch.Tensor) -> float:
-    start = time.perf_counter()
-    _send(payload, peer)
-    _recv(ack, peer)
-    return time.perf_counter() - start
-
-
-def _measure_pair(me: int, peer: int, pings: int, probe_bytes: int, target_s: float, max_bytes: int,
-                  tries: int = 2) -> dict:
+def _measure_pair(me: int, peer: int, probe_settings: Probe) -> dict:
     """Both ends run this; the lower rank leads the ping-pongs. Returns this end's figures (Note [pair measurement])."""
+    pings, probe_bytes, target_s = probe_settings.pings, probe_settings.probe_bytes, probe_settings.target_s
+    max_bytes, tries = probe_settings.max_bytes, probe_settings.tries
+
+    def _send(tensor: torch.Tensor, dst: int) -> None:
+        probe_settings.isend(tensor, dst=dst).wait()
+
+    def _round_trip(peer: int, payload: torch.Tensor, ack: torch.Tensor) -> float:
+        start = time.perf_counter()
+        _send(payload, peer)
+        _recv(ack, peer)
+        return time.perf_counter() - start
+
     token = torch.zeros(1)
     lead = me < peer
     rtts = []
@@ -168,14 +183,13 @@ def regions_by_latency(latency_ms: np.ndarray, threshold_ms: float) -> list[str]
     return [f"r{k}" for k in label]
 
 
-def measure_topology(rank: int, world_size: int, model: ModelSpec | None = None, microbatch_size: int = 1,
-                     names: list[str] | None = None, pings: int = 4, probe_bytes: int = 16 * 1024,
-                     target_s: float = 0.25, max_bytes: int = 16 << 20, region_latency_ms: float = 5.0,
+def measure_topology(rank: int, *, world_size: int, model: ModelSpec | None = None, microbatch_size: int = 1,
+                     names: list[str] | None = None, probe: Probe = Probe(), region_latency_ms: float = 5.0,
                      default_flops: float = 1e12) -> tuple[Topology, dict]:
     """Measure every pair and this rank's compute; every rank returns the same Topology and details.
 
     Collective: every rank of the default group calls it. Without `model`, compute is not measured and
-    every node gets `default_flops`.
+    every node gets `default_flops` (FLOP/s). Nodes within `region_latency_ms` of each other share a region.
     """
     mine: dict = {"rank": rank, "pairs": []}
     rounds = tournament_rounds(world_size)
@@ -183,7 +197,7 @@ def measure_topology(rank: int, world_size: int, model: ModelSpec | None = None,
     for pairs in rounds:
         for a, b in pairs:
             if rank in (a, b):
-                mine["pairs"].append(_measure_pair(rank, b if rank == a else a, pings, probe_bytes, target_s, max_bytes))
+                mine["pairs"].append(_measure_pair(rank, b if rank == a else a, probe))
         dist.barrier()
     mine["network_s"] = time.perf_counter() - started
     if model is not None:
@@ -192,11 +206,11 @@ def measure_topology(rank: int, world_size: int, model: ModelSpec | None = None,
                 mine["compute"] = measure_compute(model, microbatch_size)
             dist.barrier()
     everyone = all_gather_json(mine)  # JSON, not all_gather_object: nothing from a peer is unpickled
-    return build_topology(everyone, names, region_latency_ms, default_flops), {"ranks": everyone,
-                                                                             "rounds": rounds}
+    topology = build_topology(everyone, names=names, region_latency_ms=region_latency_ms, default_flops=default_flops)
+    return topology, {"ranks": everyone, "rounds": rounds}
 
 
-def build_topology(per_rank: list[dict], names: list[str] | None = None, region_latency_ms: float = 5.0,
+def build_topology(per_rank: list[dict], *, names: list[str] | None = None, region_latency_ms: float = 5.0,
                    default_flops: float = 1e12, name: str = "measured") -> Topology:
     """The Topology from every rank's measurements (the lists `measure_topology` gathers)."""
     n = len(per_rank)
@@ -228,7 +242,7 @@ def save_profile(run_dir: str | Path, measured: Topology, details: dict, configu
         (run_dir / "topology.configured.yaml").write_text(yaml.safe_dump(configured.to_dict(), sort_keys=False))
 
 
-def profile_for_run(cfg, rank: int, world_size: int) -> Path:
+def profile_for_run(cfg, *, rank: int, world_size: int, isend: Send = dist.isend) -> Path:
     """`--topology measure`: measure this world, save the figures in the run dir, return the measured YAML.
 
     Collective. Node names come from SKIPPIPE_NODE_NAME (the emulator sets it) or host name and rank.
@@ -243,8 +257,8 @@ def profile_for_run(cfg, rank: int, world_size: int) -> Path:
     if len(set(names)) != world_size:
         names = [f"{n}-{i}" for i, n in enumerate(names)]
     started = time.perf_counter()
-    topo, details = measure_topology(rank, world_size, model=load_model_spec(cfg.model),
-                                     microbatch_size=cfg.schedule.microbatch_size, names=names)
+    topo, details = measure_topology(rank, world_size=world_size, model=load_model_spec(cfg.model),
+                                     microbatch_size=cfg.schedule.microbatch_size, names=names, probe=Probe(isend=isend))
     details["seconds"] = time.perf_counter() - started
     if rank == 0:
         save_profile(run_dir, topo, details)

@@ -11,14 +11,12 @@ The replicas' sums are all-reduced (SUM) before the division, so each replica en
 from __future__ import annotations
 
 from collections import Counter
-from datetime import timedelta
+from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from topology.plan import Plan
-from skippipe.comm import wait_for
 
 
 def stage_visits(plan: Plan) -> dict[int, int]:
@@ -35,16 +33,17 @@ def _grads(module: nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in params]
 
 
-def average_stage_gradients(stages: dict[int, nn.Module], visits: dict[int, int],
-                            groups: dict[int, object] | None = None, timeout: timedelta | None = None) -> None:
-    """Note [gradient scaling]: sum over the stage's replicas, divide by the stage's visit count."""
+def average_stage_gradients(stages: dict[int, nn.Module], visits: dict[int, int], *,
+                            sum_over_replicas: Callable[[int, torch.Tensor], None]) -> None:
+    """Note [gradient scaling]: sum over the stage's replicas, divide by the stage's visit count.
+
+    `sum_over_replicas(stage, flat)` sums the stage's flat gradient over its replicas in place (the
+    executor's: an all-reduce over the stage's data-parallel group, or nothing in one process).
+    """
     for stage, module in stages.items():
         grads = _grads(module)
         flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce per stage, not one per tensor
-        group = (groups or {}).get(stage)
-        if group is not None and dist.get_world_size(group) > 1:
-            wait_for(dist.all_reduce(flat, group=group, async_op=True), timeout,
-                     f"all-reducing the gradients of stage {stage}")
+        sum_over_replicas(stage, flat)
         flat /= max(visits[stage], 1)
         offset = 0
         for g in grads:
@@ -52,20 +51,20 @@ def average_stage_gradients(stages: dict[int, nn.Module], visits: dict[int, int]
             offset += g.numel()
 
 
-def clip_gradients(stages: dict[int, nn.Module], max_norm: float, counted: set[int],
-                   distributed: bool = False, timeout: timedelta | None = None) -> float:
+def clip_gradients(stages: dict[int, nn.Module], max_norm: float, *, counted: set[int],
+                   sum_over_ranks: Callable[[torch.Tensor], None]) -> float:
     """Clip by the global norm over all stages; returns the norm before clipping.
 
     `counted`: the stages whose squared norm this process contributes. Replicas hold equal gradients after
     averaging, so only one replica of each stage (its leader) counts it; the others add nothing.
+    `sum_over_ranks(total)` sums the float64 squared norm over the processes in place.
     """
     device = next(next(iter(stages.values())).parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     for stage in sorted(counted):
         for g in _grads(stages[stage]):
             total += g.double().pow(2).sum()
-    if distributed:
-        wait_for(dist.all_reduce(total, async_op=True), timeout, "all-reducing the gradient norm")
+    sum_over_ranks(total)
     norm = float(total.sqrt())
     if max_norm > 0:
         scale = min(1.0, max_norm / (norm + 1e-6))  # the same rule as torch.nn.utils.clip_grad_norm_

@@ -7,7 +7,7 @@
 Note [special tokens]: a trained tokenizer's first ids are <|bos|> (0), <|eos|> (1) and <|pad|> (2),
 declared special so that text never encodes to them and decoding can skip them. Encoding adds none of
 them (no post-processor): skippipe trains on the text's own tokens, and an exported tokenizer encodes
-exactly as skippipe did. The export declares them (skippipe/export.py) so that evaluation harnesses and
+exactly as skippipe did. The export declares them (skippipe/evaluation/export.py) so that evaluation harnesses and
 batched pipelines find a BOS, an EOS and a pad token.
 """
 from __future__ import annotations

@@ -29,13 +29,16 @@ class IterationResult:
 
 
 class Worker:
+    """Executes one node's plan order (ctx.node) on its stage; messages of `message_shape` (microbatch size,
+    context, model dim)."""
+
     def __init__(self, plan: Plan, ctx: Context, stage: Stage, message_shape: tuple[int, ...]):
         self.ctx, self.stage, self.plan = ctx, stage, plan
         self.node_id = ctx.node.id
         self.actions = list(plan.order.get(self.node_id, []))
         self.paths = {p.microbatch: p for p in plan.paths}
         dtype = next(stage.parameters()).dtype
-        self.messenger = Messenger(plan, self.node_id, ctx.node_rank, message_shape, dtype, ctx.device, ctx.timeout)
+        self.messenger = Messenger(plan, ctx, shape=message_shape, dtype=dtype)
         # Per-action timestamps need the device idle at each boundary; on CPU that is free.
         self._sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
 
@@ -92,25 +95,26 @@ class Worker:
         leaders = [self.ctx.stage_ranks[s][0] for s in range(self.plan.num_stages)]
         if self.ctx.rank not in leaders:
             return None
-        rank, stage_index = self.ctx.rank, self.ctx.stage
+        ctx = self.ctx
+        rank, stage_index = ctx.rank, ctx.stage
         dtype = next(self.stage.parameters()).dtype
         total, count = 0.0, 0
         for inputs, targets in batches:
             shape = (*inputs.shape, self.stage.spec.dim)
             if stage_index == 0:
-                hidden = self.stage(self.stage.embed(inputs.to(self.ctx.device)))
+                hidden = self.stage(self.stage.embed(inputs.to(ctx.device)))
             else:
-                hidden = exchange(None, leaders[stage_index - 1], rank, rank, self.ctx.timeout, shape, dtype,
-                                  self.ctx.device, f"evaluation, stage {stage_index}")
+                hidden = exchange(ctx, None, src=leaders[stage_index - 1], dst=rank, shape=shape, dtype=dtype,
+                                  what=f"evaluation, stage {stage_index}")
                 hidden = self.stage(hidden)
             after = leaders[(stage_index + 1) % len(leaders)]
             if after != rank:
-                exchange(hidden, rank, after, rank, self.ctx.timeout, shape, dtype, self.ctx.device, "evaluation")
+                exchange(ctx, hidden, src=rank, dst=after, shape=shape, dtype=dtype, what="evaluation")
             if stage_index == 0:
                 if leaders[-1] != rank:
-                    hidden = exchange(None, leaders[-1], rank, rank, self.ctx.timeout, shape, dtype,
-                                      self.ctx.device, "evaluation, loss")
-                loss = FullModel.loss(self.stage.head(hidden), targets.to(self.ctx.device))
+                    hidden = exchange(ctx, None, src=leaders[-1], dst=rank, shape=shape, dtype=dtype,
+                                      what="evaluation, loss")
+                loss = FullModel.loss(self.stage.head(hidden), targets.to(ctx.device))
                 total += float(loss) * targets.numel()
                 count += targets.numel()
         return total / max(count, 1) if stage_index == 0 else None

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from skippipe.checkpoint import latest_checkpoint, load_checkpoint
-from skippipe.train import train
+from skippipe.trainer import train
 from tests.handplan import hand_plan
 from tests.test_runtime import SKIP, _restore_threads, make_config, run_ranks  # noqa: F401 (autouse fixture)
 from topology.errors import ConfigError
@@ -92,5 +92,5 @@ def test_loading_refuses_pickled_code(tmp_path):
     model = FullModel(load_model_spec(cfg.model), 3, 0)
     stages = dict(enumerate(model.stages))
     with pytest.raises(Exception, match="[Ww]eights only"):
-        load_checkpoint(folder, stages, {s: build_optimizer(m, cfg.optim) for s, m in stages.items()}, {}, 0,
-                        torch.device("cpu"))
+        load_checkpoint(folder, stages=stages, optimizers={s: build_optimizer(m, cfg.optim) for s, m in stages.items()},
+                        streams={}, rank=0, device=torch.device("cpu"))

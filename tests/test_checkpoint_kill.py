@@ -36,7 +36,7 @@ from skippipe.config import Config, load_config  # noqa: E402
 from skippipe.data import load_corpus  # noqa: E402
 from skippipe.model import FullModel  # noqa: E402
 from skippipe.optim import build_optimizer  # noqa: E402
-from skippipe.train import data_streams, train  # noqa: E402
+from skippipe.trainer import data_streams, train  # noqa: E402
 from topology.errors import ConfigError  # noqa: E402
 from topology.model_spec import load_model_spec  # noqa: E402
 from topology.plan import Plan  # noqa: E402
@@ -82,8 +82,8 @@ def fresh_state(run_dir: Path):
     model = FullModel(spec, plan.num_stages, cfg.train.seed + 1)  # another init: loading must overwrite it
     stages = dict(enumerate(model.stages))
     optimizers = {s: build_optimizer(m, cfg.optim) for s, m in stages.items()}
-    corpus = load_corpus(cfg.data.corpus, cfg.data.context or spec.context, cfg.data.tokenizer, cfg.data.val_fraction,
-                         spec.vocab_size)
+    corpus = load_corpus(cfg.data.corpus, context=cfg.data.context or spec.context, tokenizer=cfg.data.tokenizer,
+                         val_fraction=cfg.data.val_fraction, vocab_size=spec.vocab_size)
     streams = data_streams(plan, corpus, [n.id for n in plan.nodes], cfg.train.seed)
     return cfg, plan, stages, optimizers, streams
 
@@ -91,7 +91,8 @@ def fresh_state(run_dir: Path):
 def snapshot(run_dir: Path) -> dict:
     """Everything load_checkpoint restores, as plain tensors and values."""
     cfg, plan, stages, optimizers, streams = fresh_state(run_dir)
-    step = load_checkpoint(latest_checkpoint(run_dir), stages, optimizers, streams, 0, torch.device("cpu"))
+    step = load_checkpoint(latest_checkpoint(run_dir), stages=stages, optimizers=optimizers, streams=streams, rank=0,
+                           device=torch.device("cpu"))
     return {"step": step,
             "weights": {f"{s}.{k}": v.clone() for s, m in stages.items() for k, v in m.state_dict().items()},
             "optim": {s: o.state_dict() for s, o in optimizers.items()},
@@ -180,7 +181,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint(base_run, killed, point
     assert all(k.startswith(("step_000002/", ".latest.tmp")) for k in set(after) - set(sums)), sorted(after)
     assert_same(reference, snapshot(run_dir))
     # The evaluator and the exporter find it too.
-    from skippipe.omission import checkpoint_folder
+    from skippipe.checkpoint import checkpoint_folder
     assert checkpoint_folder(run_dir).name == "step_000001"
 
 
@@ -270,7 +271,8 @@ def _inject(point: str) -> None:
 def child(run_dir: Path, point: str) -> None:
     torch.set_num_threads(1)
     cfg, plan, stages, optimizers, streams = fresh_state(run_dir)
-    step = load_checkpoint(latest_checkpoint(run_dir), stages, optimizers, streams, 0, torch.device("cpu"))
+    step = load_checkpoint(latest_checkpoint(run_dir), stages=stages, optimizers=optimizers, streams=streams, rank=0,
+                           device=torch.device("cpu"))
     # Change everything a checkpoint holds: weights, optimizer moments and step, data position, RNG.
     for module, optimizer in zip(stages.values(), optimizers.values()):
         for p in module.parameters():
@@ -283,7 +285,8 @@ def child(run_dir: Path, point: str) -> None:
     point = point.removeprefix("resave+")
     _inject(point)
     barrier = _die if point == "barrier" else (lambda: None)
-    save_checkpoint(run_dir, step if resave else step + 1, stages, optimizers, streams, plan, cfg, 0, None, barrier)
+    save_checkpoint(run_dir, step=step if resave else step + 1, stages=stages, optimizers=optimizers, streams=streams,
+                    plan=plan, cfg=cfg, rank=0, write_stages=None, barrier=barrier)
 
 
 if __name__ == "__main__":

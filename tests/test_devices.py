@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from skippipe import omission
+from skippipe.evaluation import omission
+from skippipe.checkpoint import load_full_model
 from skippipe.config import load_config
-from skippipe.train import make_plan, train
+from skippipe.planning import make_plan
+from skippipe.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -46,9 +48,9 @@ def test_omission_table_on_the_device_matches_the_cpu(device, on_cpu):
     run_dir, _ = on_cpu
     tables = {}
     for where in ("cpu", device):
-        model, cfg, _ = omission.load_full_model(run_dir, where)
+        model, cfg, _ = load_full_model(run_dir, where)
         batches = omission.held_out_batches(cfg, model.spec, max_batches=2)
-        tables[where] = omission.omission_table(model, batches, [1.0, 0.5], ["even"])
+        tables[where] = omission.omission_table(model, batches, keeps=[1.0, 0.5], placements=["even"])
     assert [r["stages"] for r in tables[device]] == [[0, 1, 2, 3], [0, 2]]
     for cpu_row, row in zip(tables["cpu"], tables[device]):
         assert row["loss"] == pytest.approx(cpu_row["loss"], rel=1e-4)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from skippipe.emulate import auto_bandwidth_scale, emulated_topology
-from skippipe.emulate_report import compute_from_timeline, median_after_first, predict, profile_errors
+from topology.plan import Plan
+from skippipe.emulation.emulate import auto_bandwidth_scale, emulated_topology
+from skippipe.emulation.emulate_report import compute_from_timeline, median_after_first, predict, profile_errors
 from topology.load import load_topology, topology_from_dict
 from topology.model_spec import load_model_spec
 from topology.plan import Plan
@@ -83,13 +84,13 @@ def test_prediction_grows_with_the_link_latency():
     spec = load_model_spec("llama-tiny-fp32")
     fast = topology_from_dict(TWO_REGIONS)
     slow = emulated_topology(fast, 1.0, latency_scale=2.0)
-    a = predict(plan, fast, spec, [1e10] * 3, 2.0).iteration_s
-    b = predict(plan, slow, spec, [1e10] * 3, 2.0).iteration_s
+    a = predict(plan, shaped=fast, model=spec, flops=[1e10] * 3, backward_factor=2.0).iteration_s
+    b = predict(plan, shaped=slow, model=spec, flops=[1e10] * 3, backward_factor=2.0).iteration_s
     assert b > a + 0.1  # each microbatch crosses the 50 ms x-y link twice each way: >= 100 ms more
 
 
 def test_gpipe_stages_compute_skippipes_model():
-    from skippipe.bench_overhead import GPipeStage
+    from experiments.overhead import GPipeStage
     from skippipe.model import FullModel
     spec = load_model_spec("llama-tiny")
     stages = [GPipeStage(spec, i, 4, seed=0) for i in range(4)]

@@ -11,9 +11,10 @@ import transformers
 
 from skippipe.config import load_config
 from skippipe.data import ByteTokenizer
-from skippipe.export import export_checkpoint
-from skippipe.omission import load_full_model
-from skippipe.train import make_plan, train
+from skippipe.evaluation.export import export_checkpoint
+from skippipe.checkpoint import load_full_model
+from skippipe.planning import make_plan
+from skippipe.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "Hello, wörld: naïve ☃ text\twith\nbytes"

@@ -1,5 +1,5 @@
 """Exports that the field's tools accept: BOS/EOS/pad declared and in the vocabulary, the BPE tokenizer
-carried over, batched and padded inference (Note [declared special tokens] in skippipe/export.py)."""
+carried over, batched and padded inference (Note [declared special tokens] in skippipe/evaluation/export.py)."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,12 @@ import transformers
 
 from skippipe.config import load_config
 from skippipe.data import load_tokenizer
-from skippipe.export import export_checkpoint
-from skippipe.omission import load_full_model
+from skippipe.evaluation.export import export_checkpoint
+from skippipe.checkpoint import load_full_model
 from skippipe.shards import prepare, text_pieces
 from skippipe.tokenizer import train_bpe
-from skippipe.train import make_plan, train
+from skippipe.planning import make_plan
+from skippipe.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["Hello, wörld: naïve ☃ text", "The with statement is used to wrap the execution of a block"]

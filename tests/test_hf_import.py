@@ -11,11 +11,12 @@ import transformers
 
 from skippipe.config import load_config
 from skippipe.data import load_corpus
-from skippipe.export import export_checkpoint
+from skippipe.evaluation.export import export_checkpoint
 from skippipe.hf_import import import_hf
 from skippipe.model import FullModel
-from skippipe.omission import load_full_model
-from skippipe.train import data_streams, draw_batches, make_plan, train
+from skippipe.checkpoint import load_full_model
+from skippipe.planning import make_plan
+from skippipe.trainer import data_streams, draw_batches, train
 from topology.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +66,7 @@ def test_import_reproduces_transformers_logits_and_fine_tunes_with_skipping(tied
         "train.eval_batches=1", f"train.run_dir={tmp_path / 'ft'}", "train.single_process=true"])
     plan = make_plan(cfg)
     records = train(cfg, plan)
-    corpus = load_corpus("builtin", 64, vocab_size=300)
+    corpus = load_corpus("builtin", context=64, vocab_size=300)
     batches = draw_batches(plan, data_streams(plan, corpus, [n.id for n in plan.nodes], cfg.train.seed))
     with torch.no_grad():
         expected = sum(float(FullModel.loss(model.forward_path(batches[p.microbatch][0], p.stages),

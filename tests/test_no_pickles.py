@@ -15,7 +15,7 @@ import pytest
 from tests.spawn import spawn_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted(p for folder in ("skippipe", "scripts", "scheduler", "topology") for p in (ROOT / folder).rglob("*.py"))
+SOURCES = sorted(p for folder in ("skippipe", "scripts", "experiments", "scheduler", "topology") for p in (ROOT / folder).rglob("*.py"))
 UNPICKLING_COLLECTIVES = ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
                           "recv_object_list", "send_object_list")
 
@@ -48,7 +48,7 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
     from skippipe.comm import all_gather_json, broadcast_json
-    from skippipe.train import share_plan
+    from skippipe.planning import share_plan
     from tests.handplan import hand_plan
     from topology.errors import ConfigError
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)

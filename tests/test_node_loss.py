@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 from scheduler.constraints import check
 from skippipe import elastic
-from skippipe.checkpoint import latest_checkpoint, save_checkpoint
+from skippipe.checkpoint import latest_checkpoint
 from skippipe.config import load_config
-from skippipe.elastic import (Shape, World, assign_ranks, carry_over, check_identities, decide_resume,
+from skippipe.elastic import (Shape, World, assign_ranks, check_identities, decide_resume,
                               plan_for_world, replan, resolve_names, survivor_stage_sizes)
-from skippipe.train import make_plan, train
+from skippipe.planning import make_plan
+from skippipe.trainer import train
 from topology.errors import ConfigError
 from topology.load import load_topology
 from topology.plan import Plan
@@ -126,7 +127,7 @@ def test_carried_over_checkpoint_resumes(tmp_path, lost_stage):
     live = [n.name for n in full.nodes if n.name not in lost]
     world = World(rank=0, world_size=len(live), identities=live, emulated=None)
     logged = []
-    plan = plan_for_world(cfg, world, True, make_plan, log=logged.append)
+    plan = plan_for_world(cfg, world, resume=True, make_plan=make_plan, log=logged.append)
     check(plan, world_size=len(live))
     new = latest_checkpoint(cfg.train.run_dir)
     assert new.name == "step_000002-replan1" and "node loss" in logged[0]
@@ -153,7 +154,7 @@ def test_carried_over_checkpoint_resumes(tmp_path, lost_stage):
 
 def test_plan_for_world_without_names_is_the_plain_plan(tmp_path):
     cfg = _cfg(tmp_path)
-    plan = plan_for_world(cfg, World(0, 8, None, None), False, make_plan)
+    plan = plan_for_world(cfg, World(0, 8, None, None), resume=False, make_plan=make_plan)
     assert plan.to_dict() == make_plan(cfg).to_dict()
 
 
@@ -161,7 +162,7 @@ def test_plan_for_world_fresh_on_fewer_nodes(tmp_path):
     """A node lost before the first checkpoint: the survivors start afresh on a plan of their own."""
     cfg = _cfg(tmp_path)
     names = [n.name for n in load_topology(EMULATED).nodes][:-1]
-    plan = plan_for_world(cfg, World(0, 7, names, None), False, make_plan, log=lambda text: None)
+    plan = plan_for_world(cfg, World(0, 7, names, None), resume=False, make_plan=make_plan, log=lambda text: None)
     check(plan, world_size=7)
     assert sorted(n.name for n in plan.nodes) == sorted(names)
 
@@ -173,8 +174,8 @@ def test_plan_for_world_when_a_node_joins(tmp_path):
     _save_single(cfg, full)
     names = [n.name for n in full.nodes]
     logged = []
-    seven = plan_for_world(cfg, World(0, 7, names[:-1], None), True, make_plan, log=logged.append)
-    eight = plan_for_world(cfg, World(0, 8, names[::-1], None), True, make_plan, log=logged.append)
+    seven = plan_for_world(cfg, World(0, 7, names[:-1], None), resume=True, make_plan=make_plan, log=logged.append)
+    eight = plan_for_world(cfg, World(0, 8, names[::-1], None), resume=True, make_plan=make_plan, log=logged.append)
     check(eight, world_size=8)
     assert [len(eight.stage_nodes(s)) for s in range(4)] == [3, 2, 2, 1] != [len(seven.stage_nodes(s)) for s in range(4)]
     assert logged[-2].startswith(f"nodes joined: 7 -> 8 nodes (joined {names[-1]})")
@@ -183,27 +184,23 @@ def test_plan_for_world_when_a_node_joins(tmp_path):
 
 def test_emulated_latency_follows_the_node_not_the_rank(tmp_path, monkeypatch):
     """After a loss rank r plays some other node; its sends take that node's link latencies."""
-    import skippipe.latency as latency
+    import skippipe.emulation.latency as latency
     path = tmp_path / "latency.json"
     latency.write_latency_file(path, [[0, 10, 20], [10, 0, 30], [20, 30, 0]])
     monkeypatch.setenv(latency.ENV, str(path))
     monkeypatch.setenv(latency.NODE_ENV, "2")
-    monkeypatch.setattr(latency.dist, "get_rank", lambda: 1)
-    try:
-        latency.set_rank_nodes([0, 2])  # node 1 is gone: rank 1 is node 2
-        assert latency.default_link_latency().latency_s_to == {0: 0.020}
-        latency.set_rank_nodes(None)  # without the mapping, rank 1 in node 2's namespace is refused
-        with pytest.raises(RuntimeError, match="rank 1 runs in emulated node 2"):
-            latency.default_link_latency()
-    finally:
-        latency.set_rank_nodes(None)
+    # node 1 is gone: rank 1 is node 2
+    assert latency.link_latency_from_env(1, [0, 2]).latency_s_to == {0: 0.020}
+    # without the mapping, rank 1 in node 2's namespace is refused
+    with pytest.raises(RuntimeError, match="rank 1 runs in emulated node 2"):
+        latency.link_latency_from_env(1, None)
 
 
 @pytest.mark.slow
 def test_elastic_run_survives_a_killed_node(tmp_path):
     """Four torchrun agents on localhost (c10d, --nnodes 3:4); the sole replica of a stage is killed
     mid-run; the job completes every step on three nodes, the lost stage taken over, the loss continuous."""
-    from skippipe.chaos import ChaosSettings, run_chaos
+    from skippipe.emulation.chaos import ChaosSettings, run_chaos
     model = tmp_path / "tiny.yaml"
     model.write_text(TINY)
     settings = ChaosSettings(

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from skippipe import omission
+from skippipe.checkpoint import load_full_model
 from skippipe.config import load_config
+from skippipe.evaluation import omission
 from skippipe.model import FullModel
-from skippipe.train import make_plan, train
+from skippipe.planning import make_plan
+from skippipe.trainer import train
 from topology.errors import ConfigError
 from topology.model_spec import ModelSpec
 
@@ -66,7 +68,7 @@ def test_table_rows_share_one_held_out_set_and_match_a_direct_computation():
     model = FullModel(SPEC, 4, seed=1).eval()
     tokens = torch.randint(0, 256, (3, 4, SPEC.context + 1))
     batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
-    rows = omission.omission_table(model, batches, [1.0, 0.5], ["even", "first", "random"], seeds=3)
+    rows = omission.omission_table(model, batches, keeps=[1.0, 0.5], placements=["even", "first", "random"], seeds=3)
     assert [(r["keep"], r["placement"]) for r in rows] == [
         (1.0, "even"), (1.0, "first"), (1.0, "random"), (0.5, "even"), (0.5, "first"), (0.5, "random")]
     full = rows[0]
@@ -134,7 +136,7 @@ def test_evaluator_writes_json_csv_and_png_for_a_runtime_checkpoint(run_dir, tmp
 
 
 def test_loaded_model_is_the_trained_one(run_dir):
-    model, cfg, folder = omission.load_full_model(run_dir)
+    model, cfg, folder = load_full_model(run_dir)
     assert folder.name == "step_000002" and model.num_stages == cfg.schedule.num_stages
     fresh = FullModel(model.spec, model.num_stages, cfg.train.seed)
     assert not torch.equal(model.stages[0].embed_tokens.weight, fresh.stages[0].embed_tokens.weight)

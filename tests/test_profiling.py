@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from skippipe.latency import LinkLatency, read_latency_file, write_latency_file
+from skippipe.emulation.latency import LinkLatency, read_latency_file, write_latency_file
 from skippipe.profiling import build_topology, regions_by_latency, tournament_rounds
 from tests.spawn import spawn_ranks
 
@@ -73,20 +73,19 @@ def _latency_matrix() -> np.ndarray:
 
 
 def _rank_main(rank: int, tmp: str) -> None:
-    import os
-    os.environ["SKIPPIPE_LINK_LATENCY"] = str(Path(tmp) / "lat.json")
     import torch.distributed as dist
-    from skippipe.latency import default_link_latency
-    from skippipe.profiling import measure_topology, save_profile
+    from skippipe.emulation.latency import link_latency_from_env
+    from skippipe.profiling import Probe, measure_topology, save_profile
     from topology.model_spec import load_model_spec
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=WORLD)
+    # The transport the launcher would choose for an emulated run (Note [transport] in skippipe/context.py).
+    link = link_latency_from_env(rank, environ={"SKIPPIPE_LINK_LATENCY": str(Path(tmp) / "lat.json")})
     # Delayed sends keep their order per peer and arrive after the link's latency. CLOCK_MONOTONIC is
     # machine-wide, so the receiver's arrival times are measured from the moment the sender issued them.
     arrivals, sent_at = [], None
     dist.barrier()
     if rank == 0:
-        link = default_link_latency()
         sent_at = time.monotonic()
         works = [link.isend(torch.tensor([float(k)]), 2) for k in range(3)]
         for w in works:
@@ -97,8 +96,9 @@ def _rank_main(rank: int, tmp: str) -> None:
             dist.recv(t, src=0)
             arrivals.append((float(t), time.monotonic()))
     dist.barrier()
-    topo, details = measure_topology(rank, WORLD, model=load_model_spec(Path(tmp) / "tiny.yaml"), microbatch_size=2,
-                                     names=[f"n{i}" for i in range(WORLD)], pings=3, target_s=0.05, max_bytes=1 << 20)
+    topo, details = measure_topology(rank, world_size=WORLD, model=load_model_spec(Path(tmp) / "tiny.yaml"),
+                                     microbatch_size=2, names=[f"n{i}" for i in range(WORLD)],
+                                     probe=Probe(isend=link.isend, pings=3, target_s=0.05, max_bytes=1 << 20))
     if rank == 0:
         save_profile(Path(tmp) / "run", topo, details)
     torch.save({"topology": topo.to_dict(), "arrivals": arrivals, "sent_at": sent_at, "details": details}, Path(tmp) / f"out{rank}.pt")

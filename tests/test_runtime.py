@@ -20,7 +20,7 @@ from topology.plan import Plan
 from skippipe.config import Config
 from skippipe.data import load_corpus
 from skippipe.model import FullModel
-from skippipe.train import data_streams, draw_batches, train
+from skippipe.trainer import data_streams, draw_batches, train
 from tests.handplan import hand_plan
 from tests.spawn import spawn_ranks
 
@@ -99,7 +99,8 @@ def _spawned(rank: int, world: int, init_file: str, jobs: list, out: str, misbeh
     from skippipe.comm import PeerError
     from skippipe.context import build_context, init_process_group
     torch.set_num_threads(1)
-    init_process_group(torch.device("cpu"), jobs[0][2].train.comm_timeout_s, f"file://{init_file}", rank, world)
+    init_process_group(torch.device("cpu"), timeout_s=jobs[0][2].train.comm_timeout_s, init_method=f"file://{init_file}",
+                       rank=rank, world_size=world)
     for name, plan_dict, cfg, *resume in jobs:
         plan = Plan.from_dict(plan_dict)
         ctx = build_context(plan, torch.device("cpu"), cfg.train.comm_timeout_s)
@@ -182,7 +183,7 @@ def test_skip_ratio_zero_equals_a_plain_model(distributed_runs):
     from topology.model_spec import load_model_spec
     spec = load_model_spec(cfg.model)
     model = FullModel(spec, plan.num_stages, cfg.train.seed)
-    corpus = load_corpus("builtin", 16, vocab_size=256)
+    corpus = load_corpus("builtin", context=16, vocab_size=256)
     streams = data_streams(plan, corpus, range(len(plan.nodes)), cfg.train.seed)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
@@ -224,7 +225,7 @@ def test_each_stage_gradient_is_the_mean_over_the_microbatches_that_visited_it(t
     train(cfg, plan, on_gradients=grad_collector(got))
     from topology.model_spec import load_model_spec
     model = FullModel(load_model_spec(cfg.model), plan.num_stages, cfg.train.seed)
-    batches = draw_batches(plan, data_streams(plan, load_corpus("builtin", 16, vocab_size=256),
+    batches = draw_batches(plan, data_streams(plan, load_corpus("builtin", context=16, vocab_size=256),
                                               range(len(plan.nodes)), cfg.train.seed))
     expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     visitors = {s: sum(s in path.stages for path in plan.paths) for s in range(plan.num_stages)}

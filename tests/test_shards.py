@@ -14,7 +14,8 @@ from skippipe.config import load_config
 from skippipe.data import ByteTokenizer, builtin_text, load_corpus, split_tokens
 from skippipe.metrics import read_metrics
 from skippipe.shards import open_prepared, prepare, read_meta
-from skippipe.train import make_plan, plan_for_run, train
+from skippipe.planning import make_plan, plan_for_run
+from skippipe.trainer import train
 from topology.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +75,7 @@ def test_training_from_prepared_files_equals_in_memory_training_and_resumes_exac
 
 
 def test_each_data_node_maps_its_own_shard(prepared):
-    corpus = load_corpus(prepared, 64)
+    corpus = load_corpus(prepared, context=64)
     shards = [corpus.stream(4, i, 2).shard for i in range(2)]
     assert isinstance(corpus.train.numpy(), np.ndarray)  # a view of the map, not a copy
     assert shards[0].data_ptr() == corpus.train.data_ptr()
@@ -93,7 +94,7 @@ def test_damaged_prepared_folders_are_one_line_errors(prepared, tmp_path, damage
     shutil.copytree(prepared, folder)
     damage(folder)
     with pytest.raises(ConfigError, match=message) as info:
-        load_corpus(folder, 64)
+        load_corpus(folder, context=64)
     assert "\n" not in str(info.value)
 
 
@@ -108,9 +109,9 @@ def test_prepare_never_overwrites_and_checks_the_context(prepared, tmp_path):
         prepare("builtin", "byte", prepared, context=64)
     assert (prepared / "meta.json").read_bytes() == before
     with pytest.raises(ConfigError, match="prepare it with --context 100000"):
-        load_corpus(prepared, 100000)
+        load_corpus(prepared, context=100000)
     with pytest.raises(ConfigError, match="prepared with the byte tokenizer"):
-        load_corpus(prepared, 64, tokenizer=str(tmp_path / "other.json"))
+        load_corpus(prepared, context=64, tokenizer=str(tmp_path / "other.json"))
 
 
 def test_a_saved_hugging_face_dataset_is_a_source(tmp_path):

@@ -29,7 +29,7 @@ def test_bpe_has_the_requested_vocabulary_specials_first_and_round_trips(tokeniz
 
 def test_a_model_with_a_smaller_vocabulary_is_refused(tokenizer_file):
     with pytest.raises(ConfigError, match="has 512 tokens but the model's vocab_size is 256"):
-        load_corpus("builtin", 16, str(tokenizer_file), vocab_size=256)
+        load_corpus("builtin", context=16, tokenizer=str(tokenizer_file), vocab_size=256)
 
 
 @pytest.mark.parametrize("content", [b"", b'{"version": "1.0", "trunc', b"not json at all", b'{"a": 1}'])

@@ -4,8 +4,8 @@
                          work_dir) as cluster:
         cluster.train(run_dir, ["--config", "configs/train/emulated.yaml", "--skip-ratio", "0.25"])
 
-Each node is a network namespace (skippipe/netns.py) with its links shaped to the topology's bandwidths;
-link latency is added in the processes (skippipe/latency.py). One torchrun agent per namespace is started
+Each node is a network namespace (skippipe/emulation/netns.py) with its links shaped to the topology's bandwidths;
+link latency is added in the processes (skippipe/emulation/latency.py). One torchrun agent per namespace is started
 with the real multi-node flags (--nnodes N --node-rank i, c10d rendezvous on node 0's address,
 GLOO_SOCKET_IFNAME=eth0), exactly as on N machines.
 
@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from skippipe.latency import ENV as LATENCY_ENV, NODE_ENV, write_latency_file
-from skippipe.netns import EmulatedNetwork, netns_unavailable_reason, remove_stale
+from skippipe.emulation.latency import ENV as LATENCY_ENV, NODE_ENV, write_latency_file
+from skippipe.emulation.netns import EmulatedNetwork, netns_unavailable_reason, remove_stale
 from topology.model_spec import ModelSpec
 from topology.network import Node, Topology
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RDZV_PORT = 29400
 
 
@@ -200,17 +200,17 @@ class EmulatedCluster:
 
 
 
-def run_benchmark(topology_path: str, skip_ratios: list[float], steps: int, profile: bool, config: str,
+def run_benchmark(topology_path: str, *, skip_ratios: list[float], steps: int, profile: bool, config: str,
                   work_dir: str | Path, bandwidth_scale: float | None = None, reference_model: str = "llama-500m",
                   latency_scale: float = 1.0, overrides: list[str] = (), plots_dir: str | Path | None = None,
                   timeout_s: float = 1800, nice: int = -19) -> dict:
     """Train for `steps` at each skip ratio on one emulated cluster; the report of the issue's end-to-end run.
 
     With `profile`, every run starts with `--topology measure` (rank 0 solves on what was measured);
-    otherwise it solves on the shaped topology. See skippipe/emulate_report.py for the figures.
+    otherwise it solves on the shaped topology. See skippipe/emulation/emulate_report.py for the figures.
     """
     from skippipe.config import load_config
-    from skippipe.emulate_report import gantt_for_run, summarise_run
+    from skippipe.emulation.emulate_report import gantt_for_run, summarise_run
     from topology.load import load_topology
     from topology.model_spec import load_model_spec
 
@@ -230,8 +230,8 @@ def run_benchmark(topology_path: str, skip_ratios: list[float], steps: int, prof
             summary = summarise_run(run_dir, shaped, model)
             summary["wall_s"] = wall
             if plots_dir is not None:
-                summary["gantt"] = str(gantt_for_run(run_dir, shaped, model,
-                                                     Path(plots_dir) / f"emulate_gantt_skip{ratio:g}.png", summary))
+                summary["gantt"] = str(gantt_for_run(run_dir, shaped=shaped, model=model, summary=summary,
+                                                     out=Path(plots_dir) / f"emulate_gantt_skip{ratio:g}.png"))
             runs.append(summary)
             print(f"skip ratio {ratio:g}: measured {summary['measured_iteration_s']:.3f} s, predicted "
                   f"{summary['predicted_iteration_s']:.3f} s ({summary['prediction_error']:+.1%})", flush=True)

@@ -3,7 +3,7 @@
     report = run_chaos(ChaosSettings(), work_dir="runs/chaos")   # scripts/chaos.py --out reports/chaos.json
 
 One torchrun agent per node, elastic (`--nnodes N-1:N --max-restarts K`, c10d rendezvous on node 0), each
-with SKIPPIPE_NODE set to its topology node's name. On the emulated cluster (skippipe/emulate.py: one
+with SKIPPIPE_NODE set to its topology node's name. On the emulated cluster (skippipe/emulation/emulate.py: one
 network namespace per node, links shaped) the node's processes are every process in its namespace; without
 namespaces (not root), the fallback is plain agents on localhost, told apart only by SKIPPIPE_NODE, and a
 node's processes are its agent and the agent's descendants. After `kill_after_step` is logged and about
@@ -31,12 +31,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RDZV_CONF = "keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=3"  # Note [rendezvous timing]
 # torchrun shares its agents' TCPStore with the workers by default and keeps it across restarts, so a
 # restarted world reads the previous world's addresses and gloo cannot connect (pytorch/pytorch#135712).
-AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+AGENT_ENV = MappingProxyType({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # read-only
 
 
 @dataclass
@@ -105,7 +106,7 @@ class LocalAgents:
     def __exit__(self, *exc):
         pass
 
-    def popen(self, index: int, script_args: list[str], run_id: str, settings: ChaosSettings, out) -> subprocess.Popen:
+    def popen(self, index: int, *, script_args: list[str], run_id: str, settings: ChaosSettings, out) -> subprocess.Popen:
         n = len(self.names)
         argv = [self.python, "-m", "torch.distributed.run", "--nnodes", f"{n - 1}:{n}", "--nproc-per-node", "1",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{self.port}", "--rdzv-id", run_id,
@@ -127,7 +128,7 @@ class NamespaceAgents:
     """The emulated cluster: a node's processes are every process in its network namespace."""
 
     def __init__(self, topology, work_dir: Path):
-        from skippipe.emulate import EmulatedCluster
+        from skippipe.emulation.emulate import EmulatedCluster
         self.cluster = EmulatedCluster(topology, work_dir)
         self.names = [n.name for n in topology.nodes]
         self.kind = "network namespaces"
@@ -139,7 +140,7 @@ class NamespaceAgents:
     def __exit__(self, *exc):
         self.cluster.__exit__(*exc)
 
-    def popen(self, index: int, script_args: list[str], run_id: str, settings: ChaosSettings, out) -> subprocess.Popen:
+    def popen(self, index: int, *, script_args: list[str], run_id: str, settings: ChaosSettings, out) -> subprocess.Popen:
         n = len(self.names)
         argv = self.cluster.agent_command(index, script_args, run_id)
         argv = _set_flag(argv, "--nnodes", f"{n - 1}:{n}")
@@ -186,7 +187,8 @@ def run_job(agents, script_args: list[str], run_dir: Path, settings: ChaosSettin
     started = time.monotonic()
     try:
         for i in range(len(agents.names)):
-            procs.append(agents.popen(i, [*script_args, "--run-dir", str(run_dir)], run_id, settings, files[i]))
+            procs.append(agents.popen(i, script_args=[*script_args, "--run-dir", str(run_dir)], run_id=run_id,
+                                      settings=settings, out=files[i]))
         victim, killed_at = None, None
         while True:
             codes = [p.poll() for p in procs]
@@ -325,8 +327,8 @@ def run_chaos(settings: ChaosSettings, work_dir: str | Path, namespaces: bool = 
     """The whole chaos run; on namespaces when asked and possible, else on localhost (the report says which)."""
     import shutil
 
-    from skippipe.emulate import emulated_topology, write_topology
-    from skippipe.netns import netns_unavailable_reason
+    from skippipe.emulation.emulate import emulated_topology, write_topology
+    from skippipe.emulation.netns import netns_unavailable_reason
     from topology.load import load_topology
     shaped = emulated_topology(load_topology(settings.topology, settings.num_nodes), settings.bandwidth_scale)
     reason = netns_unavailable_reason() if namespaces else "not asked for (--localhost)"

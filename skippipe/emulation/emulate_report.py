@@ -69,7 +69,7 @@ def compute_from_timeline(records: list[dict], plan: Plan, model: ModelSpec) -> 
             statistics.median(ratios) if ratios else 2.0)
 
 
-def predict(plan: Plan, shaped: Topology, model: ModelSpec, flops: list[float], backward_factor: float,
+def predict(plan: Plan, *, shaped: Topology, model: ModelSpec, flops: list[float], backward_factor: float,
             share_uplink: bool = False) -> SimResult:
     """Note [prediction]: the plan replayed on the shaped topology with the measured compute speed."""
     nodes = [Node(n.id, n.name, n.region, float(f), n.memory_gb) for n, f in zip(shaped.nodes, flops)]
@@ -91,8 +91,9 @@ def summarise_run(run_dir: str | Path, shaped: Topology, model: ModelSpec) -> di
     timeline_compute = compute_from_timeline(records, plan, model)
     profiled = compute_from_profile(run_dir)
     flops, backward = profiled or timeline_compute
-    predicted = predict(plan, shaped, model, flops, backward)
-    alternative = predict(plan, shaped, model, *timeline_compute)
+    predicted = predict(plan, shaped=shaped, model=model, flops=flops, backward_factor=backward)
+    alternative = predict(plan, shaped=shaped, model=model, flops=timeline_compute[0],
+                          backward_factor=timeline_compute[1])
     measured = median_after_first(iterations)
     out = {
         "skip_ratio": plan.skip_ratio, "measured_iteration_s": measured,
@@ -101,7 +102,8 @@ def summarise_run(run_dir: str | Path, shaped: Topology, model: ModelSpec) -> di
         "compute_source": "profile" if profiled else "timeline",
         "predicted_iteration_s_timeline_compute": alternative.iteration_s,
         # The same with one uplink per node (the simulator's default), which the emulation does not shape.
-        "predicted_iteration_s_shared_uplink": predict(plan, shaped, model, flops, backward, True).iteration_s,
+        "predicted_iteration_s_shared_uplink": predict(plan, shaped=shaped, model=model, flops=flops, backward_factor=backward,
+                                                       share_uplink=True).iteration_s,
         "iteration_s": iterations, "loss": [r["loss"] for r in records],
         "compute_s_median_per_rank": [float(np.median([r["compute_s"][k] for r in records[1:] or records]))
                                       for k in range(len(records[0]["compute_s"]))],
@@ -131,7 +133,7 @@ def measured_events(record: dict) -> list[Event]:
     return events
 
 
-def plot_measured_vs_simulated(path: str | Path, record: dict, simulated: SimResult, plan: Plan, labels: list[str],
+def plot_measured_vs_simulated(path: str | Path, *, record: dict, simulated: SimResult, plan: Plan, labels: list[str],
                                title: str) -> Path:
     """One measured iteration above the simulated one, on the same time axis, one row per node."""
     import matplotlib
@@ -171,14 +173,15 @@ def plot_measured_vs_simulated(path: str | Path, record: dict, simulated: SimRes
     return Path(path)
 
 
-def gantt_for_run(run_dir: str | Path, shaped: Topology, model: ModelSpec, out: str | Path, summary: dict) -> Path:
+def gantt_for_run(run_dir: str | Path, *, shaped: Topology, model: ModelSpec, out: str | Path, summary: dict) -> Path:
     """Gantt of the run's median step (among those after the first) beside its simulation."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     plan = Plan.load(run_dir / "plan.json")
     candidates = records[1:-1] or records[1:] or records  # the last step also evaluates; leave it out
     record = sorted(candidates, key=lambda r: r["iteration_s"])[len(candidates) // 2]
-    simulated = predict(plan, shaped, model, summary["node_flops"], summary["backward_factor"])
+    simulated = predict(plan, shaped=shaped, model=model, flops=summary["node_flops"],
+                        backward_factor=summary["backward_factor"])
     labels = [f"{n.name} (stage {plan.nodes[n.id].stage})" for n in shaped.nodes]
-    return plot_measured_vs_simulated(out, record, simulated, plan, labels,
-                                      f"skip ratio {plan.skip_ratio}: one iteration on the emulated cluster")
+    return plot_measured_vs_simulated(out, record=record, simulated=simulated, plan=plan, labels=labels,
+                                      title=f"skip ratio {plan.skip_ratio}: one iteration on the emulated cluster")

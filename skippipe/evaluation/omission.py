@@ -1,6 +1,6 @@
 """Inference with omitted stages: perplexity on the held-out split with only a fraction of stages kept.
 
-    model, cfg, folder = load_full_model("runs/debug")
+    model, cfg, folder = load_full_model("runs/debug")   # skippipe.checkpoint
     batches = held_out_batches(cfg, model.spec)
     rows = omission_table(model, batches, keeps=[1.0, 0.75, 0.5], placements=["even", "random"])
 
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from skippipe.checkpoint import checkpoint_meta, checkpoint_root, checkpoint_step, latest_checkpoint, load_weights
-from skippipe.config import Config, load_config
+from skippipe.checkpoint import checkpoint_step
+from skippipe.config import Config
 from skippipe.data import load_corpus
 from skippipe.model import FullModel
 from topology.errors import ConfigError
-from topology.model_spec import ModelSpec, load_model_spec
+from topology.model_spec import ModelSpec
 
 PLACEMENTS = ("even", "random", "first", "last")
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -87,41 +87,11 @@ def kept_stages(num_stages: int, keep: float, placement: str, seed: int = 0) -> 
 
 # --- loading a run ---------------------------------------------------------------------------------
 
-def checkpoint_folder(path: str | Path) -> Path:
-    """A run dir (its newest checkpoint) or one checkpoints/step_* folder."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"checkpoint not found: {path}; pass the --run-dir of a training run "
-                          "(or one of its checkpoints/step_* folders)")
-    if (path / "meta.json").is_file():
-        return path
-    if not (checkpoint_root(path) / "latest").is_file():
-        raise ConfigError(f"{path} holds no checkpoint (no {checkpoint_root(path) / 'latest'}); train with "
-                          "--run-dir there first, or pass a checkpoints/step_* folder")
-    return latest_checkpoint(path)
-
-
-def load_full_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[FullModel, Config, Path]:
-    """(model with every stage's trained weights, the run's resolved config, the checkpoint folder).
-
-    Reads only the weight files of the checkpoint layout (skippipe/checkpoint.py), never the optimizer
-    state: the evaluator and the exporter need neither the optimizer nor the data position.
-    """
-    folder = checkpoint_folder(path)
-    cfg = load_config(folder / "config.yaml")
-    meta = checkpoint_meta(folder)
-    spec = load_model_spec(cfg.model)
-    model = FullModel(spec, meta["num_stages"], cfg.train.seed)
-    for stage_index, stage in enumerate(model.stages):
-        # A missing, damaged or foreign weights file is a one-line ConfigError naming it.
-        load_weights(stage, folder / f"stage{stage_index}.safetensors")
-    return model.to(device).eval(), cfg, folder
-
-
 def held_out_batches(cfg: Config, spec: ModelSpec, batch_size: int = 8, max_batches: int | None = None) -> Batches:
     """The run's validation windows, materialised once (Note [same held-out tokens])."""
     context = cfg.data.context or spec.context
-    corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
+    corpus = load_corpus(cfg.data.corpus, context=context, tokenizer=cfg.data.tokenizer,
+                         val_fraction=cfg.data.val_fraction, vocab_size=spec.vocab_size)
     return list(corpus.val_batches(batch_size, max_batches))
 
 
@@ -146,7 +116,7 @@ def evaluate_stages(model: FullModel, batches: Batches, stages: Sequence[int]) -
     return {"loss": total / count, "tokens": count, "seconds": seconds, "tokens_per_s": count / max(seconds, 1e-9)}
 
 
-def omission_table(model: FullModel, batches: Batches, keeps: Sequence[float],
+def omission_table(model: FullModel, batches: Batches, *, keeps: Sequence[float],
                    placements: Sequence[str] = ("even",), seeds: int = 3, log=None) -> list[dict]:
     """One row per (keep, placement): perplexity, loss, its ratio to the full model, tokens/s.
 
@@ -193,8 +163,8 @@ def omission_table(model: FullModel, batches: Batches, keeps: Sequence[float],
 
 # --- output ----------------------------------------------------------------------------------------
 
-CSV_FIELDS = ["keep", "placement", "num_kept", "num_stages", "ppl", "ppl_std", "ppl_min", "ppl_max", "ratio_to_full",
-              "loss", "seeds", "tokens", "tokens_per_s", "stages"]
+CSV_FIELDS = ("keep", "placement", "num_kept", "num_stages", "ppl", "ppl_std", "ppl_min", "ppl_max", "ratio_to_full",
+              "loss", "seeds", "tokens", "tokens_per_s", "stages")
 
 
 def write_json(rows: list[dict], path: str | Path, **extra) -> None:
@@ -242,80 +212,3 @@ def plot_curves(curves: dict[str, list[dict]], path: str | Path, title: str = ""
 
 def checkpoint_summary(folder: Path) -> dict:
     return {"checkpoint": str(folder), "step": checkpoint_step(folder)}
-
-
-# --- the omission study (scripts/omission_study.py) --------------------------------------------------
-
-def training_curve(run_dir: str | Path, tokens_per_step: int) -> list[dict]:
-    """step, tokens seen, training loss and (where evaluated) validation loss, from the run's metrics."""
-    from skippipe.metrics import read_metrics
-    return [{"step": r["step"], "tokens": r["step"] * tokens_per_step, "loss": r["loss"], "val_loss": r.get("val_loss")}
-            for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
-
-
-def row_at(rows: list[dict], keep: float, placement: str) -> dict:
-    return next(r for r in rows if r["placement"] == placement and math.isclose(r["keep"], keep))
-
-
-def study_report(skip: list[dict], full: list[dict], headline: str = "even") -> dict:
-    """The three answers from the two models' omission tables (computed on the same held-out tokens).
-
-    q1: validation loss of the skip-trained model over the full-trained one, both with every stage;
-    q2, q3: perplexity at keep 0.5 over keep 1.0 for the skip- and the full-trained model, with the
-    `headline` placement; the same ratios for every placement measured are under "by_placement".
-    """
-    def half_over_full(rows: list[dict], placement: str) -> float:
-        return row_at(rows, 0.5, placement)["ppl"] / row_at(rows, 1.0, placement)["ppl"]
-
-    placements = list(dict.fromkeys(r["placement"] for r in skip))
-    return {
-        "q1_val_loss_ratio": row_at(skip, 1.0, headline)["loss"] / row_at(full, 1.0, headline)["loss"],
-        "q2_skip_half_over_full": half_over_full(skip, headline),
-        "q3_full_half_over_full": half_over_full(full, headline),
-        "headline_placement": headline,
-        "by_placement": {p: {"q2_skip_half_over_full": half_over_full(skip, p),
-                             "q3_full_half_over_full": half_over_full(full, p)} for p in placements},
-    }
-
-
-def plot_study(report: dict, path: str | Path, placements: Sequence[str] = ("even", "random")) -> None:
-    """Left: perplexity against kept fraction for both models (the `placements`; every placement is in
-    the report); right: their training curves by tokens."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
-    colours = {"skip": "tab:blue", "full": "tab:red"}
-    styles = {"even": "-", "random": "--", "first": ":", "last": "-."}
-    for name, run in report["runs"].items():
-        rows = run["omission"]
-        for placement in [p for p in dict.fromkeys(r["placement"] for r in rows) if p in placements]:
-            mine = sorted((r for r in rows if r["placement"] == placement), key=lambda r: r["keep"])
-            x = [r["keep"] for r in mine]
-            left.plot(x, [r["ppl"] for r in mine], styles.get(placement, "-"), marker="o", color=colours[name],
-                      label=f"{run['label']}, {placement}", alpha=1.0 if placement == "even" else 0.6)
-            if placement == "random":
-                left.fill_between(x, [r["ppl_min"] for r in mine], [r["ppl_max"] for r in mine],
-                                  color=colours[name], alpha=0.1)
-        curve = run["curve"]
-        right.plot([c["tokens"] for c in curve], [c["loss"] for c in curve], color=colours[name], lw=0.8, alpha=0.5,
-                   label=f"{run['label']}, train")
-        val = [(c["tokens"], c["val_loss"]) for c in curve if c["val_loss"] is not None]
-        if val:
-            right.plot(*zip(*val), "o-", color=colours[name], label=f"{run['label']}, validation (all stages)")
-    left.set_xlabel("fraction of stages kept at inference")
-    left.set_ylabel("held-out perplexity (log scale)")
-    left.set_yscale("log")
-    left.invert_xaxis()
-    left.set_title(f"q2 = {report['q2_skip_half_over_full']:.3f} (skip), q3 = {report['q3_full_half_over_full']:.3f} (full)")
-    right.set_xlabel("training tokens")
-    right.set_ylabel("mean token cross entropy")
-    right.set_title(f"q1 = {report['q1_val_loss_ratio']:.4f} (validation loss, skip / full)")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -27,7 +27,7 @@ message would cross a "5 Mbit/s" link in 0.2 ms), and a burst of one frame (an i
 the shaping: otherwise the ACKs of a message from b to a queue behind a's own data to b in a's 64 KB-deep
 FIFO, and b's message stalls for want of ACKs (a reply sent while the other direction is busy arrived 0.5 s
 late on a 0.79 Mbit/s link). Real links carry an ACK in microseconds; so does this.
-netem is not available on this kernel, so latency is added in the processes (skippipe/latency.py).
+netem is not available on this kernel, so latency is added in the processes (skippipe/emulation/latency.py).
 """
 from __future__ import annotations
 
@@ -206,9 +206,6 @@ class EmulatedNetwork:
         proc = subprocess.Popen(self.command(index, argv), start_new_session=True, **kwargs)
         self.processes.append(proc)
         return proc
-
-    def tc_stats(self, index: int) -> str:
-        return _run(["ip", "netns", "exec", self.namespace(index), "tc", "-s", "class", "show", "dev", INTERFACE]).stdout
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:

@@ -1,9 +1,11 @@
 """Link latency added in the process: each point-to-point send starts after its link's one-way latency.
 
-The emulated cluster (skippipe/netns.py) shapes bandwidth in the kernel, but netem (kernel delay) is not
+The emulated cluster (skippipe/emulation/netns.py) shapes bandwidth in the kernel, but netem (kernel delay) is not
 available here, so latency is added where the message is sent. The emulator writes a JSON file with a
-rank x rank matrix of one-way latencies and points SKIPPIPE_LINK_LATENCY at it; `isend` then behaves as
-`torch.distributed.isend` on a link with that latency. Without the variable it *is* dist.isend.
+rank x rank matrix of one-way latencies and points SKIPPIPE_LINK_LATENCY at it; the launcher
+(scripts/train.py) then builds this rank's `LinkLatency` (`link_latency_from_env`) and hands its `isend`
+to the runtime as the context's transport (Note [transport] in skippipe/context.py): it behaves as
+`torch.distributed.isend` on a link with that latency. Nothing here is module state.
 
 Note [delay before send]: holding a message back for the latency L and then sending it is the same, for
 the receiver, as sending it at once over a link with propagation delay L, as long as the messages to one
@@ -20,6 +22,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,7 +43,7 @@ def read_latency_file(path: str | Path) -> list[list[float]]:
     data = json.loads(Path(path).read_text())
     rows = data.get("latency_ms") if isinstance(data, dict) else None
     if not isinstance(rows, list) or any(not isinstance(r, list) or len(r) != len(rows) for r in rows):
-        raise ValueError(f"{path}: expected {{'latency_ms': n x n matrix}}; written by skippipe.latency.write_latency_file")
+        raise ValueError(f"{path}: expected {{'latency_ms': n x n matrix}}; written by skippipe.emulation.latency.write_latency_file")
     return rows
 
 
@@ -89,6 +92,7 @@ class LinkLatency:
         return cls({dst: float(ms) / 1e3 for dst, ms in enumerate(latency_ms[rank]) if dst != rank})
 
     def isend(self, tensor: torch.Tensor, dst: int, group=None, tag: int = 0):
+        """dist.isend, issued once the link to `dst` has held it back for its latency (Note [delay before send])."""
         delay = self.latency_s_to.get(dst, 0.0)
         if delay <= 0:
             return dist.isend(tensor, dst=dst, group=group, tag=tag)
@@ -115,44 +119,24 @@ class LinkLatency:
                 work._set(error=exc)
 
 
-_default: LinkLatency | None = None
-_default_lock = threading.Lock()
-_rank_nodes: list[int] | None = None
+def link_latency_from_env(rank: int, rank_nodes: list[int] | None = None, *,
+                          environ: Mapping[str, str] = os.environ) -> LinkLatency | None:
+    """This rank's LinkLatency from the file SKIPPIPE_LINK_LATENCY names; None when it is unset.
 
-
-def set_rank_nodes(nodes: list[int] | None) -> None:
-    """Emulated node index of each rank, for a world whose ranks are not its node indices (the survivors
-    of a lost node, re-ranked by torchrun: skippipe/elastic.py). None: rank == node, checked (the default)."""
-    global _rank_nodes, _default
-    with _default_lock:
-        _rank_nodes = None if nodes is None else [int(n) for n in nodes]
-        _default = None
-
-
-def default_link_latency() -> LinkLatency | None:
-    """The process's LinkLatency from SKIPPIPE_LINK_LATENCY, built on first use (None when unset)."""
-    global _default
-    path = os.environ.get(ENV)
+    `rank_nodes`: the emulated node of each rank, for a world whose ranks are not its node indices (the
+    survivors of a lost node, re-ranked by torchrun: skippipe/elastic.py); the matrix is then cut to
+    those nodes' rows and columns, in rank order. None: rank == node, checked against
+    SKIPPIPE_EMULATED_NODE (Note [rank = node] in emulate.py); a mismatch raises RuntimeError.
+    """
+    path = environ.get(ENV)
     if not path:
         return None
-    with _default_lock:
-        if _default is None:
-            rank = dist.get_rank()
-            node = os.environ.get(NODE_ENV)
-            expected = rank if _rank_nodes is None else _rank_nodes[rank]
-            if node is not None and int(node) != expected:
-                raise RuntimeError(f"rank {rank} runs in emulated node {node}'s namespace; the latency matrix and the "
-                                   f"shaped links assume rank == node (the emulator orders ranks by node address)")
-            matrix = read_latency_file(path)
-            if _rank_nodes is not None:  # rows and columns of the ranks' nodes, in rank order
-                matrix = [[matrix[a][b] for b in _rank_nodes] for a in _rank_nodes]
-            _default = LinkLatency.from_matrix(matrix, rank)
-        return _default
-
-
-def isend(tensor: torch.Tensor, dst: int, group=None, tag: int = 0):
-    """dist.isend, held back by the link's latency when SKIPPIPE_LINK_LATENCY is set (Note [delay before send])."""
-    link = default_link_latency()
-    if link is None:
-        return dist.isend(tensor, dst=dst, group=group, tag=tag)
-    return link.isend(tensor, dst, group=group, tag=tag)
+    node = environ.get(NODE_ENV)
+    expected = rank if rank_nodes is None else rank_nodes[rank]
+    if node is not None and int(node) != expected:
+        raise RuntimeError(f"rank {rank} runs in emulated node {node}'s namespace; the latency matrix and the "
+                           f"shaped links assume rank == node (the emulator orders ranks by node address)")
+    matrix = read_latency_file(path)
+    if rank_nodes is not None:  # rows and columns of the ranks' nodes, in rank order
+        matrix = [[matrix[a][b] for b in rank_nodes] for a in rank_nodes]
+    return LinkLatency.from_matrix(matrix, rank)

@@ -10,8 +10,8 @@ skippipe moves one more hop per microbatch.
 Note [interleaved steps]: development machines are shared, and other jobs make step times swing by 2-5x
 over seconds. Whole rounds of one method then the other compare different machine loads. So the two
 alternate step by step (ABBA: skippipe first on even steps, GPipe first on odd ones), a barrier before
-every step, and the first `warmup` steps of each are left out. `SkippipeRunner.step` is the body of
-skippipe.train.train's loop without its metrics and checkpoints: the same functions, in the same order.
+every step, and the first `warmup` steps of each are left out. `SkippipeRunner.step` calls
+skippipe.trainer.Trainer.train_step, the body of the training loop without its metrics and checkpoints.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class GPipeRunner:
-    def __init__(self, cfg: Config, spec: ModelSpec, rank: int, world: int):
+    def __init__(self, cfg: Config, spec: ModelSpec, *, rank: int, world: int):
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
         from skippipe.data import load_corpus
         from skippipe.optim import build_optimizer
@@ -68,7 +68,8 @@ class GPipeRunner:
         stage = PipelineStage(self.module, rank, world, torch.device("cpu"), input_args=(example,))
         self.schedule = ScheduleGPipe(stage, n_microbatches=s.num_microbatches, loss_fn=_loss)
         self.optimizer = build_optimizer(self.module, cfg.optim)
-        corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
+        corpus = load_corpus(cfg.data.corpus, context=context, tokenizer=cfg.data.tokenizer,
+                             val_fraction=cfg.data.val_fraction, vocab_size=spec.vocab_size)
         self.stream = corpus.stream(s.microbatch_size * s.num_microbatches, 0, 1, cfg.train.seed)
 
     def step(self) -> float:
@@ -99,48 +100,22 @@ def _clip(module: nn.Module, max_norm: float) -> None:
 
 
 class SkippipeRunner:
-    """skippipe.train.train's per-step work (Note [interleaved steps])."""
+    """skippipe's training step itself (Trainer.train_step on this rank's stage; Note [interleaved steps])."""
 
-    def __init__(self, cfg: Config, plan: Plan, spec: ModelSpec):
-        from skippipe.comm import connect_peers
+    def __init__(self, cfg: Config, plan: Plan):
         from skippipe.context import build_context
-        from skippipe.data import load_corpus
-        from skippipe.optim import build_optimizer
-        from skippipe.sync import stage_visits
-        from skippipe.train import data_streams
-        from skippipe.worker import Worker
-        self.cfg, self.plan = cfg, plan
-        ctx = self.ctx = build_context(plan, torch.device("cpu"), cfg.train.comm_timeout_s)
-        context = cfg.data.context or spec.context
-        corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
-        self.stages = {ctx.stage: Stage(spec, ctx.stage, plan.num_stages, cfg.train.seed, ctx.device)}
-        self.streams = data_streams(plan, corpus, [ctx.node.id], cfg.train.seed)
-        self.worker = Worker(plan, ctx, self.stages[ctx.stage], (plan.microbatch_size, context, spec.dim))
-        pairs = {(ctx.node_rank[a], ctx.node_rank[b]) for p in plan.paths
-                 for a, b in zip(p.nodes, p.nodes[1:] + p.nodes[:1])}
-        connect_peers(pairs, ctx.rank, ctx.device, ctx.timeout)
-        self.optimizers = {s: build_optimizer(m, cfg.optim) for s, m in self.stages.items()}
-        self.visits = stage_visits(plan)
+        from skippipe.executors import DistributedExecutor
+        from skippipe.trainer import Trainer
+        ctx = build_context(plan, torch.device("cpu"), cfg.train.comm_timeout_s)
+        self.trainer = Trainer(cfg, plan, DistributedExecutor(ctx))
+        self.trainer.setup()
         self.step_index = 0
 
     def step(self) -> float:
-        from skippipe.optim import lr_at, set_lr
-        from skippipe.sync import average_stage_gradients, clip_gradients
-        from skippipe.train import draw_batches
-        ctx, cfg = self.ctx, self.cfg
+        """One iteration; this rank's seconds."""
         self.step_index += 1
         started = time.perf_counter()
-        lr = lr_at(self.step_index, cfg.optim, cfg.train.steps)
-        for s, module in self.stages.items():
-            set_lr(self.optimizers[s], lr)
-            module.zero_grad(set_to_none=True)
-        batches = draw_batches(self.plan, self.streams)
-        self.worker.run_iteration(batches)
-        average_stage_gradients(self.stages, self.visits, ctx.stage_groups, ctx.timeout)
-        counted = {ctx.stage} if ctx.is_stage_leader else set()
-        clip_gradients(self.stages, cfg.optim.grad_clip, counted, True, ctx.timeout)
-        for optimizer in self.optimizers.values():
-            optimizer.step()
+        self.trainer.train_step(self.step_index)
         return time.perf_counter() - started
 
 

@@ -129,7 +129,7 @@ def kept_state_dict(model: FullModel, stages: Sequence[int]) -> tuple[dict, list
     return out, layers
 
 
-def export_hf(model: FullModel, out_dir: str | Path, tokenizer: str = "byte", context: int | None = None,
+def export_hf(model: FullModel, out_dir: str | Path, *, tokenizer: str = "byte", context: int | None = None,
               stages: Sequence[int] | None = None, provenance: dict | None = None) -> Path:
     """Write the Hugging Face folder; `stages` (with 0) exports only those stages' layers."""
     out_dir = Path(out_dir)
@@ -158,7 +158,8 @@ def export_hf(model: FullModel, out_dir: str | Path, tokenizer: str = "byte", co
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, stages: Sequence[int] | None = None) -> Path:
     """A run dir (or checkpoints/step_* folder) -> the Hugging Face folder."""
-    from skippipe.omission import checkpoint_summary, load_full_model
+    from skippipe.checkpoint import load_full_model
+    from skippipe.evaluation.omission import checkpoint_summary
     model, cfg, folder = load_full_model(checkpoint)
-    return export_hf(model, out_dir, cfg.data.tokenizer, cfg.data.context or model.spec.context, stages,
-                     checkpoint_summary(folder))
+    return export_hf(model, out_dir, tokenizer=cfg.data.tokenizer, context=cfg.data.context or model.spec.context,
+                     stages=stages, provenance=checkpoint_summary(folder))

@@ -1,0 +1,162 @@
+"""Where a plan's iteration runs: the whole model in this process (path-faithful) or one stage per rank.
+
+The trainer (trainer.py) runs the same steps whichever executor it has; everything that differs
+between one process and a distributed run is here, behind the same methods:
+
+    build(plan, spec, seed=, context=)   the stages this process holds (stage index -> module)
+    data_nodes(plan)                      the plan nodes whose data streams this process draws
+    run_iteration(batches)                forward and backward of every microbatch this process runs
+    sum_over_replicas(stage, flat)        a stage's flat gradient summed over its replicas, in place
+    sum_over_ranks(tensor)                a value summed over the processes, in place
+    counted_stages                        the stages whose gradient norm this process counts
+    evaluate(batches)                     the full model's mean token loss, on every process
+    gather_rows(t, what), gather_json(x, what)  every process's value, in rank order
+    barrier()                             wait for every process
+    rank, device, write_stages            rank 0 reports; the stages whose checkpoint files it writes
+    where()                               who this process is, for the log
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from topology.plan import Plan
+from skippipe.comm import all_gather_json, connect_peers, peer_errors, wait_for
+from skippipe.context import Context
+from skippipe.model import FullModel, Stage
+from skippipe.worker import IterationResult, Worker
+from topology.model_spec import ModelSpec
+
+Batches = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+class LocalExecutor:
+    """Path-faithful single-process mode: the whole model on one device, each microbatch along its own path.
+
+    The same plan, data, loss and gradient semantics as the distributed run (Note [gradient scaling] in
+    sync.py), without communication: a feature for studying a plan's convergence without a cluster, and
+    the reference the distributed run is tested against.
+    """
+    rank = 0
+    write_stages = None  # every stage: this process holds them all
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def build(self, plan: Plan, spec: ModelSpec, *, seed: int, context: int) -> dict[int, nn.Module]:
+        self.plan = plan
+        self.model = FullModel(spec, plan.num_stages, seed, self.device)
+        self.stages = dict(enumerate(self.model.stages))
+        self.counted_stages = set(self.stages)
+        return self.stages
+
+    def data_nodes(self, plan: Plan) -> list[int]:
+        return [n.id for n in plan.nodes]
+
+    def run_iteration(self, batches: Batches) -> IterationResult:
+        """Forward and backward of every microbatch through the stages of its path, in microbatch order."""
+        result = IterationResult(losses={})
+        for path in sorted(self.plan.paths, key=lambda p: p.microbatch):
+            inputs, targets = batches[path.microbatch]
+            start = time.time()
+            loss = FullModel.loss(self.model.forward_path(inputs.to(self.device), path.stages), targets.to(self.device))
+            loss.backward()  # unscaled: each stage divides by its own visit count afterwards
+            result.losses[path.microbatch] = loss.detach()
+            end = time.time()
+            result.compute_s += end - start
+            result.timeline.append((f"mb{path.microbatch}", start, end))
+        return result
+
+    def sum_over_replicas(self, stage: int, flat: torch.Tensor) -> None:
+        """One process holds one copy of each stage: its sum over replicas is itself."""
+
+    def sum_over_ranks(self, tensor: torch.Tensor) -> None:
+        """One process: the sum is the value."""
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean token loss of the full model (every stage, in order), as Worker.evaluate computes it."""
+        total, count = 0.0, 0
+        for inputs, targets in batches:
+            loss = FullModel.loss(self.model(inputs.to(self.device)), targets.to(self.device))
+            total += float(loss) * targets.numel()
+            count += targets.numel()
+        return total / max(count, 1)
+
+    def gather_rows(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+        return [tensor]
+
+    def gather_json(self, value, what: str) -> list:
+        return [value]
+
+    def barrier(self) -> None:
+        """Nothing to wait for."""
+
+    def where(self) -> str:
+        return "single process | "
+
+
+class DistributedExecutor:
+    """One stage per rank (ctx.stage), the rank's node's actions in plan order (worker.Worker); every wait
+    on a peer bounded by ctx.timeout. Collective methods must be called by every rank in the same order."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.rank, self.device = ctx.rank, ctx.device
+        # Replicas hold equal values: the stage's lowest rank counts its norm and writes its files.
+        self.counted_stages = {ctx.stage} if ctx.is_stage_leader else set()
+        self.write_stages = set(self.counted_stages)
+
+    def build(self, plan: Plan, spec: ModelSpec, *, seed: int, context: int) -> dict[int, nn.Module]:
+        ctx = self.ctx
+        self.stages = {ctx.stage: Stage(spec, ctx.stage, plan.num_stages, seed, ctx.device)}
+        self.worker = Worker(plan, ctx, self.stages[ctx.stage], (plan.microbatch_size, context, spec.dim))
+        # Every pair a path uses (wrapping back to the data node for the loss) and the ring of stage
+        # leaders that evaluation walks.
+        pairs = {(ctx.node_rank[a], ctx.node_rank[b]) for p in plan.paths for a, b in zip(p.nodes, p.nodes[1:] + p.nodes[:1])}
+        leaders = [ctx.stage_ranks[s][0] for s in range(plan.num_stages)]
+        connect_peers(ctx, pairs | set(zip(leaders, leaders[1:] + leaders[:1])))
+        return self.stages
+
+    def data_nodes(self, plan: Plan) -> list[int]:
+        return [self.ctx.node.id]
+
+    def run_iteration(self, batches: Batches) -> IterationResult:
+        return self.worker.run_iteration(batches)
+
+    def sum_over_replicas(self, stage: int, flat: torch.Tensor) -> None:
+        group = self.ctx.stage_groups.get(stage)
+        if group is not None and dist.get_world_size(group) > 1:
+            wait_for(dist.all_reduce(flat, group=group, async_op=True), self.ctx.timeout,
+                     f"all-reducing the gradients of stage {stage}")
+
+    def sum_over_ranks(self, tensor: torch.Tensor) -> None:
+        wait_for(dist.all_reduce(tensor, async_op=True), self.ctx.timeout, "all-reducing the gradient norm")
+
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """The full model's loss, known on stage 0's lowest rank, on every rank (the others add zero)."""
+        value = self.worker.evaluate(batches)
+        tensor = torch.tensor([value or 0.0], dtype=torch.float64, device=self.device)
+        wait_for(dist.all_reduce(tensor, async_op=True), self.ctx.timeout, "sharing the validation loss")
+        return float(tensor)
+
+    def gather_rows(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+        rows = [torch.zeros_like(tensor) for _ in range(self.ctx.world_size)]
+        wait_for(dist.all_gather(rows, tensor, async_op=True), self.ctx.timeout, what)
+        return rows
+
+    def gather_json(self, value, what: str) -> list:
+        """JSON, not all_gather_object: nothing from a peer is unpickled (Note [no pickles from peers])."""
+        with peer_errors(what):
+            return all_gather_json(value)
+
+    def barrier(self) -> None:
+        wait_for(dist.all_reduce(torch.zeros(1, device=self.device), async_op=True), self.ctx.timeout,
+                 "waiting for every rank")
+
+    def where(self) -> str:
+        node = self.ctx.node
+        return f"rank {self.rank} | node {node.id} ({node.name}) | "

@@ -1,0 +1,201 @@
+"""The training loop, the same for the distributed run and the path-faithful single-process mode.
+
+    trainer = Trainer(cfg, plan, LocalExecutor(device))        # or DistributedExecutor(ctx)
+    records = trainer.train()                                   # setup(), then train_step() per step
+
+One iteration (`Trainer.train_step`): draw every microbatch on its data node, run the plan (the
+executor: executors.py), average each stage's gradient over its visitors and replicas (Note [gradient
+scaling] in sync.py), clip by the global norm, one AdamW step. The iteration's loss is the mean over
+microbatches of each microbatch's mean token cross entropy. Both executors draw the same data, so their
+losses and gradients agree. Nothing here depends on which executor runs the plan.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from topology.plan import Plan
+from skippipe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from skippipe.config import Config, load_config, save_config
+from skippipe.context import Context, pick_device
+from skippipe.data import TokenStream, load_corpus
+from skippipe.executors import DistributedExecutor, LocalExecutor
+from skippipe.metrics import Metrics
+from skippipe.optim import build_optimizer, lr_at, set_lr
+from skippipe.sync import average_stage_gradients, clip_gradients, stage_visits
+from skippipe.worker import IterationResult
+from topology.errors import ConfigError
+from topology.model_spec import load_model_spec
+
+Executor = LocalExecutor | DistributedExecutor
+GradientHook = Callable[[int, dict[int, torch.nn.Module]], None]
+
+
+def data_streams(plan: Plan, corpus, node_ids, seed: int) -> dict[int, TokenStream]:
+    """One stream per data node among `node_ids`; the shard index is its place among the stage-0 nodes."""
+    stage0 = sorted(n.id for n in plan.nodes if n.stage == 0)
+    return {nid: corpus.stream(plan.microbatch_size, stage0.index(nid), len(stage0), seed)
+            for nid in sorted(node_ids) if nid in stage0}
+
+
+def draw_batches(plan: Plan, streams: dict[int, TokenStream]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each data node draws its microbatches in microbatch order, whatever order the plan runs them in."""
+    batches = {}
+    for node_id, stream in sorted(streams.items()):
+        for path in sorted((p for p in plan.paths if p.data_node == node_id), key=lambda p: p.microbatch):
+            batches[path.microbatch] = stream.next_batch()
+    return batches
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class Trainer:
+    """cfg.train.steps iterations of `plan` on `executor`.
+
+    `resume`: continue from the run dir's newest checkpoint. `on_gradients(step, stages)` sees the final
+    gradients of the stages this process holds, before the optimizer step (tests compare them).
+    Raises ConfigError for a plan solved for another model or a context longer than the model's.
+    """
+
+    def __init__(self, cfg: Config, plan: Plan, executor: Executor, *, resume: bool = False,
+                 on_gradients: GradientHook | None = None):
+        self.cfg, self.plan, self.executor = cfg, plan, executor
+        self.resume, self.on_gradients = resume, on_gradients
+        self.start_step = 0
+
+    def setup(self) -> None:
+        """Model, data streams, optimizers and validation batches; the checkpoint when resuming; the run's
+        config and plan saved in the run dir (rank 0)."""
+        cfg, plan, executor = self.cfg, self.plan, self.executor
+        spec = load_model_spec(cfg.model)
+        if plan.model and plan.model != spec.name:
+            raise ConfigError(f"the plan was solved for model {plan.model!r} but the config trains {spec.name!r}; "
+                              f"re-solve the plan or set model={plan.model}")
+        self.context = cfg.data.context or spec.context
+        if self.context > spec.context:
+            raise ConfigError(f"data.context {self.context} exceeds the model's context {spec.context}; lower it")
+        self.run_dir = Path(cfg.train.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed = cfg.train.seed
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        corpus = load_corpus(cfg.data.corpus, context=self.context, tokenizer=cfg.data.tokenizer,
+                             val_fraction=cfg.data.val_fraction, vocab_size=spec.vocab_size)
+        cfg.data.tokenizer = corpus.tokenizer.name  # a prepared folder's own tokenizer: evaluation and export use it
+        self.stages = executor.build(plan, spec, seed=seed, context=self.context)
+        if cfg.train.init_from and not self.resume:
+            from skippipe.hf_import import load_stage_weights
+            load_stage_weights(cfg.train.init_from, self.stages, spec)
+        self.streams = data_streams(plan, corpus, executor.data_nodes(plan), seed)
+        self.optimizers = {s: build_optimizer(m, cfg.optim) for s, m in self.stages.items()}
+        self.visits = stage_visits(plan)
+        self.val_batches = [b for b in corpus.val_batches(plan.microbatch_size, cfg.train.eval_batches)
+                            if len(b[0]) == plan.microbatch_size]  # full batches only: message shapes are fixed
+        # The plan's microbatch size, not the config's: the plan is the contract (it may come from --plan).
+        self.tokens_per_step = plan.num_microbatches * plan.microbatch_size * self.context
+        self.resumed_from = None
+        if self.resume:
+            self.resumed_from = folder = latest_checkpoint(self.run_dir)
+            self.start_step = load_checkpoint(folder, stages=self.stages, optimizers=self.optimizers,
+                                              streams=self.streams, rank=executor.rank, device=executor.device)
+            saved = load_config(folder / "config.yaml")
+            was, now = saved.optim.decay_steps or saved.train.steps, cfg.optim.decay_steps or cfg.train.steps
+            if was != now and executor.rank == 0:
+                print(f"warning: the learning-rate schedule spans {was} steps in the checkpoint and {now} now; "
+                      f"set optim.decay_steps to keep it", file=sys.stderr)
+        if executor.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+            plan.save(self.run_dir / "plan.json")
+
+    def _due(self, step: int, every: int) -> bool:
+        return step == self.cfg.train.steps or bool(every and step % every == 0)
+
+    def train_step(self, step: int) -> dict:
+        """One iteration (1-based `step`); returns its record, gathered from every process (collective)."""
+        cfg, executor, stages = self.cfg, self.executor, self.stages
+        started, wall = time.perf_counter(), time.time()
+        lr = lr_at(step, cfg.optim, cfg.train.steps)
+        for s, module in stages.items():
+            set_lr(self.optimizers[s], lr)
+            module.zero_grad(set_to_none=True)
+        result = executor.run_iteration(draw_batches(self.plan, self.streams))
+        average_stage_gradients(stages, self.visits, sum_over_replicas=executor.sum_over_replicas)
+        grad_norm = clip_gradients(stages, cfg.optim.grad_clip, counted=executor.counted_stages,
+                                   sum_over_ranks=executor.sum_over_ranks)
+        if self.on_gradients is not None:
+            self.on_gradients(step, stages)
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+        val_loss = executor.evaluate(self.val_batches) if self._due(step, cfg.train.eval_every) else None
+        record = self._record(step, lr=lr, grad_norm=grad_norm, result=result,
+                              iteration_s=time.perf_counter() - started, wall=wall,
+                              with_timeline=self._due(step, cfg.train.log_every))
+        record["val_loss"] = val_loss
+        return record
+
+    def train(self) -> list[dict]:
+        """setup(), then every step to cfg.train.steps: logged, checkpointed. Returns the records (every
+        process gets them)."""
+        self.setup()
+        cfg, executor = self.cfg, self.executor
+        metrics = Metrics(self.run_dir, executor.rank == 0, cfg.train.steps, self.start_step)
+        self._report_parameters(metrics)
+        if self.resumed_from is not None:
+            metrics.info(f"resumed from {self.resumed_from} after step {self.start_step}")
+        records = []
+        for step in range(self.start_step + 1, cfg.train.steps + 1):
+            record = self.train_step(step)
+            records.append(record)
+            metrics.log(record, print_line=self._due(step, cfg.train.log_every))
+            if self._due(step, cfg.train.checkpoint_every):
+                folder = save_checkpoint(self.run_dir, step=step, stages=self.stages, optimizers=self.optimizers,
+                                         streams=self.streams, plan=self.plan, cfg=cfg, rank=executor.rank,
+                                         write_stages=executor.write_stages, barrier=executor.barrier)
+                metrics.info(f"saved checkpoint {folder}")
+        plot = metrics.close()
+        if plot is not None:
+            metrics.info(f"loss plot: {plot}")
+        return records
+
+    def _report_parameters(self, metrics: Metrics) -> None:
+        """Each process holds only its stages' parameters and optimizer state: show it."""
+        mine = [[self.executor.where(), s, count_parameters(m)] for s, m in self.stages.items()]
+        for part in self.executor.gather_json(mine, "gathering parameter counts"):
+            for where, stage, count in part:
+                metrics.info(f"{where}stage {stage} | {count:,} parameters (and their AdamW state)")
+
+    def _record(self, step: int, *, lr: float, grad_norm: float, result: IterationResult, iteration_s: float,
+                wall: float, with_timeline: bool) -> dict:
+        """The step's metrics, gathered from every process: one small collective, plus the action timelines
+        on logged steps (a JSON gather is two more collectives, which cost latency on a slow network)."""
+        loss_sum = sum(float(v) for v in result.losses.values())
+        mine = torch.tensor([loss_sum, result.compute_s, result.wait_s, iteration_s, wall], dtype=torch.float64,
+                            device=self.executor.device)
+        rows = [row.tolist() for row in self.executor.gather_rows(mine, "gathering the step's metrics")]
+        timelines = self.executor.gather_json(result.timeline, "gathering the step's timelines") if with_timeline else None
+        loss = sum(r[0] for r in rows) / self.plan.num_microbatches
+        origin = rows[0][4]
+        iteration = max(r[3] for r in rows)
+        idle = [max(0.0, r[3] - r[1]) for r in rows]
+        return {
+            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "iteration_s": iteration,
+            "tokens_per_s": self.tokens_per_step / iteration,
+            "idle_share": sum(i / r[3] for i, r in zip(idle, rows)) / len(rows),
+            "compute_s": [r[1] for r in rows], "wait_s": [r[2] for r in rows], "idle_s": idle,
+            "timeline": [[[name, round(a - origin, 6), round(b - origin, 6)] for name, a, b in tl] for tl in timelines]
+            if with_timeline else None,
+        }
+
+
+def train(cfg: Config, plan: Plan, ctx: Context | None = None, *, resume: bool = False,
+          on_gradients: GradientHook | None = None) -> list[dict]:
+    """Trainer(...).train() on this rank's stage when `ctx` is given, else path-faithful on cfg.train.device.
+    The one place the executor is chosen; returns the per-step records."""
+    executor = DistributedExecutor(ctx) if ctx is not None else LocalExecutor(pick_device(cfg.train.device))
+    return Trainer(cfg, plan, executor, resume=resume, on_gradients=on_gradients).train()
