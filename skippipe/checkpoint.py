@@ -5,7 +5,7 @@
         stage{s}.optim.pt      AdamW state of stage s
         data{node}.pt          the token stream of data node `node` (its generator is its whole position)
         rng{rank}.pt           torch RNG state of each process
-        plan.json, config.yaml, meta.json
+        plan.json, config.yaml, meta.json  (meta: step, stages, nodes, model spec, tokenizer identity)
     RUN_DIR/checkpoints/latest   the name of the newest complete checkpoint
 
 Every file is written to a temporary name and renamed, and `latest` moves only after every rank has
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from scheduler.plan import Plan
 from skippipe.config import Config, save_config
+from skippipe.finite import check_finite_weights
 from topology.errors import ConfigError
 from topology.yamlio import read_json
 
@@ -45,8 +46,11 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 def save_checkpoint(run_dir: str | Path, step: int, stages: dict[int, torch.nn.Module], optimizers: dict,
                     streams: dict, plan: Plan, cfg: Config, rank: int = 0, write_stages: set[int] | None = None,
-                    barrier: Callable[[], None] = lambda: None) -> Path:
-    """Every process calls this with what it holds; `write_stages` limits the stage files it writes."""
+                    barrier: Callable[[], None] = lambda: None, identity: dict | None = None) -> Path:
+    """Every process calls this with what it holds; `write_stages` limits the stage files it writes.
+
+    `identity` (identity.checkpoint_identity: the model spec and tokenizer) goes into meta.json.
+    """
     root = checkpoint_root(run_dir)
     folder = root / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,7 +75,7 @@ def save_checkpoint(run_dir: str | Path, step: int, stages: dict[int, torch.nn.M
     if rank == 0:
         plan.save(folder / "plan.json")
         save_config(cfg, folder / "config.yaml")
-        meta = {"step": step, "num_stages": plan.num_stages, "num_nodes": len(plan.nodes)}
+        meta = {"step": step, "num_stages": plan.num_stages, "num_nodes": len(plan.nodes), **(identity or {})}
         _atomic(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
         _atomic(root / LATEST, lambda tmp: tmp.write_text(folder.name + "\n"))
     barrier()
@@ -127,6 +131,7 @@ def read_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, to
 def load_weights(module: torch.nn.Module, path: Path, device: torch.device | str = "cpu") -> None:
     """Load a stage's safetensors file into `module`; wrong names or shapes are a one-line ConfigError."""
     weights = read_weights(path, device)
+    check_finite_weights(weights, path)  # Note [non-finite steps]: never resume from or read such weights
     try:
         module.load_state_dict(weights)
     except RuntimeError as exc:

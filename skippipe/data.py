@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from skippipe.model import derive_seed
+from skippipe.loaders import loading
 from topology.errors import ConfigError
 
 BUILTIN = "builtin"
@@ -62,9 +63,11 @@ class HFTokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             path = Path(_cached_hub_file(name_or_path, "tokenizer.json", repo_type="model"))
-        self._tokenizer = Tokenizer.from_file(str(path))
+        with loading(path, "tokenizer.json", "pass a tokenizer.json saved by the tokenizers library, or data.tokenizer=byte"):
+            self._tokenizer = Tokenizer.from_file(str(path))
         self.vocab_size = self._tokenizer.get_vocab_size()
         self.name = name_or_path
+        self.path = path  # identity.tokenizer_identity hashes it into every checkpoint
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids

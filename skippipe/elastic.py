@@ -50,8 +50,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scheduler.plan import Plan
-from skippipe.checkpoint import LATEST, checkpoint_root, checkpoint_step, latest_checkpoint
+from skippipe.checkpoint import LATEST, checkpoint_meta, checkpoint_root, checkpoint_step, latest_checkpoint, read_state
 from skippipe.config import Config, load_config
+from skippipe.rundir import claim_run_dir
 from topology.errors import ConfigError
 from topology.network import Topology
 
@@ -233,7 +234,7 @@ def carry_over(folder: Path, new_plan: Plan, make_stream: Callable[[int, int], o
             _link(folder / name, out / name)
     old_states = {}
     for node in data_nodes(old_plan):
-        state = torch.load(folder / f"data{node}.pt", map_location="cpu", weights_only=True)
+        state = read_state(folder / f"data{node}.pt", "cpu")  # a damaged file: one line naming it
         old_states[int(state["shard_index"])] = folder / f"data{node}.pt"
     new_data = data_nodes(new_plan)
     if len(new_data) == len(old_states):
@@ -250,7 +251,8 @@ def carry_over(folder: Path, new_plan: Plan, make_stream: Callable[[int, int], o
     (out / "config.yaml").write_bytes(config.read_bytes())
     new_plan.save(out / "plan.json")
     old_names, new_names = {n.name for n in old_plan.nodes}, {n.name for n in new_plan.nodes}
-    meta = {"step": step, "num_stages": new_plan.num_stages, "num_nodes": len(new_plan.nodes),
+    identity = {k: v for k, v in checkpoint_meta(folder).items() if k in ("model", "tokenizer")}
+    meta = {"step": step, "num_stages": new_plan.num_stages, "num_nodes": len(new_plan.nodes), **identity,
             "carried_over_from": folder.name, "lost": sorted(old_names - new_names),
             "joined": sorted(new_names - old_names), "data_shards": shards}
     (out / "meta.json").write_text(json.dumps(meta))  # last: a folder without meta.json is incomplete
@@ -269,21 +271,28 @@ def _latest_token(run_dir: Path) -> list | None:
     return [pointer.read_text().strip(), pointer.stat().st_mtime_ns]
 
 
-def decide_resume(run_dir: str | Path, explicit: bool, run_id: str | None) -> bool:
-    """Note [node loss], 'continue or start'. Rank 0 only: it writes run_dir/elastic.json."""
+def decide_resume(run_dir: str | Path, explicit: bool, run_id: str | None, overwrite: bool = False) -> bool:
+    """Note [node loss], 'continue or start'. Rank 0 only: it writes run_dir/elastic.json.
+
+    A new job (not a restart of this one) claims the run dir first (Note [run dir ownership] in rundir.py):
+    raises ConfigError when the dir holds another run and neither --resume nor `overwrite` is given.
+    """
     if explicit:
+        claim_run_dir(run_dir, resume=True, overwrite=overwrite)  # refuses --resume with --overwrite
         return True
-    if not run_id:
-        return False
     run_dir = Path(run_dir)
     marker = run_dir / MARKER
-    latest = _latest_token(run_dir)
     try:
-        seen = json.loads(marker.read_text())
+        seen = json.loads(marker.read_text()) if run_id else None
     except (OSError, ValueError):
         seen = None
-    if isinstance(seen, dict) and seen.get("run_id") == run_id:
+    if isinstance(seen, dict) and seen.get("run_id") == run_id:  # a restart of this job: its own run dir
+        latest = _latest_token(run_dir)
         return latest is not None and latest != seen.get("latest_at_start")
+    claim_run_dir(run_dir, resume=False, overwrite=overwrite)
+    if not run_id:
+        return False
+    latest = _latest_token(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_name(f".{MARKER}.tmp")
     tmp.write_text(json.dumps({"run_id": run_id, "latest_at_start": latest}))
@@ -334,8 +343,11 @@ def plan_for_world(cfg: Config, world: World, resume: bool, make_plan: Callable[
     return plan
 
 
-def join(cfg: Config, explicit_resume: bool, rank: int, world_size: int) -> World:
-    """Every rank: gather who is who, point the emulated link latency at it, agree on resuming."""
+def join(cfg: Config, explicit_resume: bool, rank: int, world_size: int, overwrite: bool = False) -> World:
+    """Every rank: gather who is who, point the emulated link latency at it, agree on resuming.
+
+    Rank 0 claims the run dir for a new job (decide_resume); a refusal reaches every rank as ConfigError.
+    """
     from skippipe.comm import all_gather_json, broadcast_json, peer_errors
     mine = {"node": node_identity(), "emulated": os.environ.get(EMULATED_ENV)}
     with peer_errors("gathering node identities"):  # JSON, not pickles (Note [no pickles from peers], comm.py)
@@ -349,7 +361,10 @@ def join(cfg: Config, explicit_resume: bool, rank: int, world_size: int) -> Worl
     decision: list = [None]
     if rank == 0:
         try:
-            decision = [("ok", decide_resume(cfg.train.run_dir, explicit_resume, os.environ.get("TORCHELASTIC_RUN_ID")))]
+            decision = [("ok", decide_resume(cfg.train.run_dir, explicit_resume, os.environ.get("TORCHELASTIC_RUN_ID"),
+                                             overwrite))]
+        except ValueError as exc:  # ConfigError: the run dir holds another run
+            decision = [("error", str(exc))]
         except OSError as exc:
             decision = [("error", f"{type(exc).__name__}: {exc}")]
     with peer_errors("agreeing on resuming"):

@@ -125,9 +125,16 @@ def export_hf(model: FullModel, out_dir: str | Path, tokenizer: str = "byte", co
     return out_dir
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, stages: Sequence[int] | None = None) -> Path:
-    """A run dir (or checkpoints/step_* folder) -> the Hugging Face folder."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, stages: Sequence[int] | None = None, *,
+                      overwrite: bool = False) -> Path:
+    """A run dir (or checkpoints/step_* folder) -> the Hugging Face folder.
+
+    `out_dir` must be new or empty unless `overwrite` (rundir.claim_output_dir); checked after the
+    checkpoint loads, so a bad checkpoint is reported first. Raises ConfigError (one line).
+    """
     from skippipe.omission import checkpoint_summary, load_full_model
+    from skippipe.rundir import claim_output_dir
     model, cfg, folder = load_full_model(checkpoint)
+    claim_output_dir(out_dir, overwrite=overwrite)
     return export_hf(model, out_dir, cfg.data.tokenizer, cfg.data.context or model.spec.context, stages,
                      checkpoint_summary(folder))

@@ -32,10 +32,11 @@ import torch
 
 from skippipe.checkpoint import checkpoint_meta, checkpoint_root, checkpoint_step, latest_checkpoint, load_weights
 from skippipe.config import Config, load_config
-from skippipe.data import load_corpus
+from skippipe.data import load_corpus, load_tokenizer
+from skippipe.identity import check_tokenizer, recorded_spec
 from skippipe.model import FullModel
 from topology.errors import ConfigError
-from topology.model_spec import ModelSpec, load_model_spec
+from topology.model_spec import ModelSpec
 
 PLACEMENTS = ("even", "random", "first", "last")
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -105,12 +106,16 @@ def load_full_model(path: str | Path, device: torch.device | str = "cpu") -> tup
     """(model with every stage's trained weights, the run's resolved config, the checkpoint folder).
 
     Reads only the weight files of the checkpoint layout (skippipe/checkpoint.py), never the optimizer
-    state: the evaluator and the exporter need neither the optimizer nor the data position.
+    state: the evaluator and the exporter need neither the optimizer nor the data position. The model is
+    built from the spec the checkpoint records (Note [self-describing checkpoints] in identity.py), and
+    the run's tokenizer must still be the one it recorded. Raises ConfigError (one line) for a missing,
+    damaged, foreign or non-finite checkpoint, or a changed tokenizer file.
     """
     folder = checkpoint_folder(path)
     cfg = load_config(folder / "config.yaml")
     meta = checkpoint_meta(folder)
-    spec = load_model_spec(cfg.model)
+    spec = recorded_spec(meta, folder, cfg.model)
+    check_tokenizer(meta, load_tokenizer(cfg.data.tokenizer), folder)
     model = FullModel(spec, meta["num_stages"], cfg.train.seed)
     for stage_index, stage in enumerate(model.stages):
         # A missing, damaged or foreign weights file is a one-line ConfigError naming it.

@@ -8,6 +8,7 @@ mean token cross entropy. Both modes draw the same data, so their losses and gra
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -19,14 +20,17 @@ import torch.distributed as dist
 from scheduler.constraints import check
 from scheduler.plan import Plan
 from skippipe import single
-from skippipe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from skippipe.checkpoint import checkpoint_meta, latest_checkpoint, load_checkpoint, save_checkpoint
 from skippipe.comm import all_gather_json, broadcast_json, connect_peers, peer_errors, wait_for
 from skippipe.config import Config, load_config, save_config
 from skippipe.context import Context, pick_device
 from skippipe.data import TokenStream, load_corpus
+from skippipe.finite import NonFiniteError, is_finite, nonfinite_microbatches, step_message
+from skippipe.identity import check_model, check_tokenizer, checkpoint_identity, recorded_spec
 from skippipe.metrics import Metrics
 from skippipe.model import FullModel, Stage
 from skippipe.optim import build_optimizer, lr_at, set_lr
+from skippipe.rundir import check_resume_settings, claim_run_dir
 from skippipe.sync import average_stage_gradients, clip_gradients, stage_visits
 from skippipe.worker import IterationResult, Worker
 from topology.errors import ConfigError
@@ -104,11 +108,16 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = False,
-          on_gradients: Callable[[int, dict[int, torch.nn.Module]], None] | None = None) -> list[dict]:
+          on_gradients: Callable[[int, dict[int, torch.nn.Module]], None] | None = None,
+          overwrite: bool = False) -> list[dict]:
     """Run cfg.train.steps iterations of `plan`; distributed when `ctx` is given, else single-process.
 
     Returns the per-step records (every rank gets them). `on_gradients(step, stages)` sees the final
     gradients of the stages this process holds, before the optimizer step (tests compare them).
+    A fresh single-process run claims its run dir (rundir.claim_run_dir; `overwrite` replaces a run
+    there); a distributed one was claimed by rank 0 at start-up (elastic.decide_resume). Raises
+    ConfigError on bad input or a changed fixed setting on resume (Note [fixed on resume] in rundir.py),
+    NonFiniteError at a non-finite step under train.nonfinite=stop (Note [non-finite steps] in finite.py).
     """
     distributed = ctx is not None
     rank = ctx.rank if distributed else 0
@@ -121,12 +130,21 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
     if context > spec.context:
         raise ConfigError(f"data.context {context} exceeds the model's context {spec.context}; lower it")
     run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = meta = None
+    if resume:  # Note [fixed on resume] (rundir.py): refuse before anything is loaded or written
+        folder = latest_checkpoint(run_dir)
+        meta, saved = checkpoint_meta(folder), load_config(folder / "config.yaml")
+        recorded = recorded_spec(meta, folder, saved.model)
+        check_model(recorded, spec, folder=folder, model_setting=cfg.model)
+        check_resume_settings(saved, cfg, saved_context=saved.data.context or recorded.context, context=context,
+                              where=folder)
     seed, timeout = cfg.train.seed, (ctx.timeout if distributed else None)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
 
     corpus = load_corpus(cfg.data.corpus, context, cfg.data.tokenizer, cfg.data.val_fraction, spec.vocab_size)
+    if resume:
+        check_tokenizer(meta, corpus.tokenizer, folder)
     if distributed:
         stages = {ctx.stage: Stage(spec, ctx.stage, plan.num_stages, seed, device)}
         streams = data_streams(plan, corpus, [ctx.node.id], seed)
@@ -145,13 +163,18 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
 
     start_step = 0
     if resume:
-        folder = latest_checkpoint(run_dir)
         start_step = load_checkpoint(folder, stages, optimizers, streams, rank, device)
-        saved = load_config(folder / "config.yaml")
         if (saved.optim.decay_steps or saved.train.steps) != (cfg.optim.decay_steps or cfg.train.steps) and rank == 0:
             print(f"warning: the learning-rate schedule spans {saved.optim.decay_steps or saved.train.steps} steps in "
                   f"the checkpoint and {cfg.optim.decay_steps or cfg.train.steps} now; set optim.decay_steps to keep it",
                   file=sys.stderr)
+    if not distributed:
+        claim_run_dir(run_dir, resume=resume, overwrite=overwrite)  # Note [run dir ownership] (rundir.py)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not val_batches and rank == 0:
+        print(f"warning: no validation batch: {_why_no_validation(cfg, corpus, plan.microbatch_size)}; "
+              f"val_loss is not measured (null in metrics.jsonl, 'val n/a' in the log)", file=sys.stderr, flush=True)
+    identity = checkpoint_identity(spec, corpus.tokenizer)
     metrics = Metrics(run_dir, rank == 0, cfg.train.steps, start_step)
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
@@ -176,23 +199,35 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
         grad_norm = clip_gradients(stages, cfg.optim.grad_clip, counted, distributed, timeout)
         if on_gradients is not None:
             on_gradients(step, stages)
-        for optimizer in optimizers.values():
-            optimizer.step()
+        # Note [non-finite steps] (finite.py): the norm is global, so every rank takes the same branch.
+        skipped = not math.isfinite(grad_norm)
+        if skipped and cfg.train.nonfinite == "stop":
+            raise NonFiniteError(step_message(step, None, grad_norm, _where_nonfinite(stages, result, ctx), run_dir))
+        if not skipped:
+            for optimizer in optimizers.values():
+                optimizer.step()
         last = step == cfg.train.steps
         val_loss = None
-        if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+        if val_batches and (last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
             val_loss = (_shared_value(worker.evaluate(val_batches), device, timeout) if distributed
                         else single.evaluate(model, val_batches, device))
         logged = last or step % cfg.train.log_every == 0
+        val_due = last or bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
         record = _record(step, lr, grad_norm, result, time.perf_counter() - started, wall, ctx, device,
                          tokens_per_step, plan.num_microbatches, with_timeline=logged)
         record["val_loss"] = val_loss
+        if not is_finite(record["loss"]) and cfg.train.nonfinite == "stop":  # finite gradients, non-finite loss
+            raise NonFiniteError(step_message(step, record["loss"], grad_norm, _where_nonfinite(stages, result, ctx),
+                                              run_dir))
+        if skipped or not is_finite(record["loss"]):
+            record["skipped"] = skipped
         records.append(record)
-        metrics.log(record, print_line=logged)
+        metrics.log(record, print_line=logged, val_due=val_due)
         if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             barrier = (lambda: _barrier(device, timeout)) if distributed else (lambda: None)
             write = ({ctx.stage} if ctx.is_stage_leader else set()) if distributed else None
-            folder = save_checkpoint(run_dir, step, stages, optimizers, streams, plan, cfg, rank, write, barrier)
+            folder = save_checkpoint(run_dir, step, stages, optimizers, streams, plan, cfg, rank, write, barrier,
+                                     identity=identity)
             metrics.info(f"saved checkpoint {folder}")
     plot = metrics.close()
     if plot is not None:
@@ -213,12 +248,45 @@ def _report_parameters(metrics: Metrics, plan: Plan, stages: dict, ctx: Context 
         metrics.info(f"{where}stage {stage} | {count:,} parameters (and their AdamW state)")
 
 
+def _why_no_validation(cfg: Config, corpus, microbatch_size: int) -> str:
+    """Why a run has no full validation batch, and how to get one."""
+    if cfg.train.eval_batches == 0:
+        return "train.eval_batches is 0; set it to 1 or more to measure a validation loss"
+    windows = max(0, (len(corpus.val) - 1) // corpus.context)
+    return (f"the held-out split has {windows} window(s) of {corpus.context} tokens, fewer than one microbatch of "
+            f"{microbatch_size}; raise data.val_fraction (now {cfg.data.val_fraction}) or use a larger corpus")
+
+
+def _where_nonfinite(stages: dict, result: IterationResult, ctx: Context | None) -> list[str]:
+    """Which microbatches' losses and which stages' gradients are non-finite, over every rank.
+
+    Called by every rank together, only when a step has already gone non-finite: the gather costs nothing
+    on healthy steps."""
+    bad_stages = sorted(s for s, m in stages.items()
+                        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in m.parameters()))
+    mine = {"microbatches": nonfinite_microbatches(result.losses), "stages": bad_stages}
+    parts = [mine]
+    if ctx is not None:
+        with peer_errors("gathering where the step went non-finite"):
+            parts = all_gather_json(mine)
+    microbatches = sorted({mb for part in parts for mb in part["microbatches"]})
+    bad = sorted({s for part in parts for s in part["stages"]})
+    where = []
+    if microbatches:
+        where.append(f"loss non-finite in microbatch(es) {', '.join(map(str, microbatches[:8]))}"
+                     + (" ..." if len(microbatches) > 8 else ""))
+    if bad:
+        where.append(f"gradients non-finite in stage(s) {', '.join(map(str, bad))}")
+    return where
+
+
 def _barrier(device: torch.device, timeout) -> None:
     wait_for(dist.all_reduce(torch.zeros(1, device=device), async_op=True), timeout, "waiting for every rank")
 
 
 def _shared_value(value: float | None, device: torch.device, timeout) -> float:
-    """A value known on one rank, on every rank (the others contribute zero to a sum)."""
+    """A value known on one rank, on every rank (the others contribute zero to a sum; the caller makes sure
+    some rank measured it, so a zero here is never a stand-in for "not measured")."""
     tensor = torch.tensor([value or 0.0], dtype=torch.float64, device=device)
     wait_for(dist.all_reduce(tensor, async_op=True), timeout, "sharing the validation loss")
     return float(tensor)
