@@ -12,7 +12,6 @@ run's config.yaml model, as it reads now, and say so in one warning line (README
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 from topology.errors import ConfigError
@@ -31,20 +30,20 @@ def checkpoint_identity(spec: ModelSpec, tokenizer) -> dict:
     return {"model": spec.to_dict(), "tokenizer": tokenizer_identity(tokenizer)}
 
 
-def recorded_spec(meta: dict, folder: Path, model_setting: str) -> ModelSpec:
-    """The model spec a checkpoint holds; for an old checkpoint, `model_setting` as it reads now (a warning).
+def recorded_spec(meta: dict, folder: Path, model_setting: str) -> tuple[ModelSpec, str | None]:
+    """(the model spec a checkpoint holds, None); for an old checkpoint, (`model_setting` as it reads now,
+    the warning to print once the checkpoint has loaded: an error on the way stays the only line).
 
     Raises ConfigError when the recorded spec is malformed.
     """
     if "model" not in meta:
-        print(f"warning: {folder / 'meta.json'} records no model spec (a checkpoint from before specs were "
-              f"recorded); building the model from its config's model {model_setting!r} as that reads now",
-              file=sys.stderr, flush=True)
-        return load_model_spec(model_setting)
+        return load_model_spec(model_setting), (
+            f"warning: {folder / 'meta.json'} records no model spec (a checkpoint from before specs were "
+            f"recorded); built the model from its config's model {model_setting!r} as that reads now")
     if not isinstance(meta["model"], dict):
         raise ConfigError(f"{folder / 'meta.json'}: model must be a mapping, got {meta['model']!r}; the checkpoint "
                           f"is damaged")
-    return model_spec_from_dict(meta["model"], where=f"{folder / 'meta.json'} model")
+    return model_spec_from_dict(meta["model"], where=f"{folder / 'meta.json'} model"), None
 
 
 def check_model(recorded: ModelSpec, now: ModelSpec, *, folder: Path, model_setting: str) -> None:

@@ -24,6 +24,7 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,12 +115,14 @@ def load_full_model(path: str | Path, device: torch.device | str = "cpu") -> tup
     folder = checkpoint_folder(path)
     cfg = load_config(folder / "config.yaml")
     meta = checkpoint_meta(folder)
-    spec = recorded_spec(meta, folder, cfg.model)
+    spec, fallback = recorded_spec(meta, folder, cfg.model)
     check_tokenizer(meta, load_tokenizer(cfg.data.tokenizer), folder)
     model = FullModel(spec, meta["num_stages"], cfg.train.seed)
     for stage_index, stage in enumerate(model.stages):
         # A missing, damaged or foreign weights file is a one-line ConfigError naming it.
         load_weights(stage, folder / f"stage{stage_index}.safetensors")
+    if fallback:
+        print(fallback, file=sys.stderr, flush=True)
     return model.to(device).eval(), cfg, folder
 
 

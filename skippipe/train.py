@@ -134,7 +134,7 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
     if resume:  # Note [fixed on resume] (rundir.py): refuse before anything is loaded or written
         folder = latest_checkpoint(run_dir)
         meta, saved = checkpoint_meta(folder), load_config(folder / "config.yaml")
-        recorded = recorded_spec(meta, folder, saved.model)
+        recorded, fallback = recorded_spec(meta, folder, saved.model)
         check_model(recorded, spec, folder=folder, model_setting=cfg.model)
         check_resume_settings(saved, cfg, saved_context=saved.data.context or recorded.context, context=context,
                               where=folder)
@@ -164,6 +164,8 @@ def train(cfg: Config, plan: Plan, ctx: Context | None = None, resume: bool = Fa
     start_step = 0
     if resume:
         start_step = load_checkpoint(folder, stages, optimizers, streams, rank, device)
+        if fallback and rank == 0:
+            print(fallback, file=sys.stderr, flush=True)
         if (saved.optim.decay_steps or saved.train.steps) != (cfg.optim.decay_steps or cfg.train.steps) and rank == 0:
             print(f"warning: the learning-rate schedule spans {saved.optim.decay_steps or saved.train.steps} steps in "
                   f"the checkpoint and {cfg.optim.decay_steps or cfg.train.steps} now; set optim.decay_steps to keep it",
