@@ -63,7 +63,7 @@ def plot_study(report: dict, path: str | Path, placements: Sequence[str] = ("eve
             if placement == "random":
                 left.fill_between(x, [r["ppl_min"] for r in mine], [r["ppl_max"] for r in mine],
                                   color=colours[name], alpha=0.1)
-        curve = run["curve"]
+        curve = [c for c in run["curve"] if c["loss"] is not None]  # null: a step skipped as non-finite
         right.plot([c["tokens"] for c in curve], [c["loss"] for c in curve], color=colours[name], lw=0.8, alpha=0.5,
                    label=f"{run['label']}, train")
         val = [(c["tokens"], c["val_loss"]) for c in curve if c["val_loss"] is not None]

@@ -22,6 +22,8 @@ def main() -> None:
     p.add_argument("--keep", type=float, help="export only this fraction of the stages (stage 0 always kept)")
     p.add_argument("--placement", default="even", help="which stages --keep keeps: even|random|first|last")
     p.add_argument("--seed", type=int, default=0, help="the draw of --placement random")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (its files of the same "
+                   "names are replaced); without it a non-empty --out is refused")
     args = p.parse_args()
     with cli_errors():
         from skippipe.checkpoint import checkpoint_folder, checkpoint_meta
@@ -33,7 +35,7 @@ def main() -> None:
             check_placement(args.placement)
             num_stages = checkpoint_meta(checkpoint_folder(args.checkpoint))["num_stages"]
             stages = kept_stages(num_stages, args.keep, args.placement, args.seed)
-        out = export_checkpoint(args.checkpoint, args.out, stages)
+        out = export_checkpoint(args.checkpoint, args.out, stages, overwrite=args.overwrite)
         print(f"wrote {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, skippipe.json)"
               + (f" with stages {stages}" if stages else ""))
 

@@ -35,6 +35,8 @@ def parse_args():
     p.add_argument("--run-dir", help="where the two runs go (default: runs/omission-study)")
     p.add_argument("--seeds", type=int, default=3, help="draws of the random placement")
     p.add_argument("--sequential", action="store_true", help="train one run after the other, all threads each")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs in --run-dir and the --out/--plot "
+                   "files (without it, a run dir that holds a run or an existing report is refused)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for both runs, e.g. optim.lr=1e-3")
     return p.parse_args()
 
@@ -47,6 +49,7 @@ def train_both(args, run_root: Path) -> None:
         cmd = [sys.executable, str(ROOT / "scripts/train.py"), "--config", args.config, "--single-process",
                "--skip-ratio", str(skip_ratio), "--run-dir", str(run_root / name), *args.overrides]
         cmd += ["--steps", str(args.steps)] if args.steps else []
+        cmd += ["--overwrite"] if args.overwrite else []
         (run_root / name).mkdir(parents=True, exist_ok=True)
         log = open(run_root / name / "train.log", "w")
         print(f"training {name}: {' '.join(cmd[1:])} (log: {log.name})", flush=True)
@@ -71,6 +74,14 @@ def main() -> None:
 
         cfg = load_config(args.config, args.overrides)  # bad input fails here, before any training
         run_root = Path(args.run_dir or ROOT / "runs/omission-study")
+        from skippipe.rundir import claim_output_file, run_contents
+        for name in RUNS:  # refuse before anything is written (Note [run dir ownership], skippipe/rundir.py)
+            held = None if args.overwrite else run_contents(run_root / name)
+            if held:
+                raise ConfigError(f"--run-dir {run_root} holds {held} in {name}/; pass another --run-dir, or "
+                                  f"--overwrite to replace both runs")
+        claim_output_file(args.out, overwrite=args.overwrite, flag="--out")
+        claim_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
         start = time.time()
         train_both(args, run_root)
         trained = time.time() - start

@@ -78,6 +78,7 @@ class TrainConfig:
     # Start from these weights (a run dir from scripts/import_hf.py or training, or a Hugging Face
     # LlamaForCausalLM folder) instead of the seeded init; ignored when resuming.
     init_from: str | None = None
+    nonfinite: str = "stop"  # a NaN/infinite loss or gradient norm: stop the run, or skip the step's update
 
 
 @dataclass
@@ -108,6 +109,8 @@ class Config:
                 raise ConfigError(f"{key} must not be negative, got {value}")
         if not 0 <= s.skip_ratio < 1:
             raise ConfigError(f"schedule.skip_ratio must be in [0, 1), got {s.skip_ratio}; e.g. --skip-ratio 0.25")
+        if t.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.nonfinite must be stop or skip, got {t.nonfinite!r}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
         if o.decay_steps is not None and o.decay_steps <= 0:

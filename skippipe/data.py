@@ -58,10 +58,10 @@ class HFTokenizer:
             path = path / "tokenizer.json"
         if not path.is_file() and not path.suffix == ".json":
             path = Path(_cached_hub_file(name_or_path, "tokenizer.json", repo_type="model"))
-        self._tokenizer = read_tokenizer_file(path)
-        self.path = path
+        self._tokenizer = read_tokenizer_file(path)  # wrapped in loaders.loading: a bad file is one line
         self.vocab_size = self._tokenizer.get_vocab_size()
         self.name = name_or_path
+        self.path = path  # identity.tokenizer_identity hashes it into every checkpoint
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from skippipe.model import FullModel
 from topology.errors import ConfigError
-from topology.model_spec import ModelSpec, load_model_spec
+from topology.model_spec import ModelSpec
 
 
 def read_hf_config(folder: str | Path) -> dict:
@@ -131,10 +131,13 @@ def load_stage_weights(source: str | Path, stages: dict[int, torch.nn.Module], s
         theirs = spec_from_hf_config(read_hf_config(source), spec.name, str(source / "config.json"))
         index, name_of = hf_stage_source(source)
     else:
-        from skippipe.checkpoint import checkpoint_folder
+        from skippipe.checkpoint import checkpoint_folder, checkpoint_meta
         from skippipe.config import load_config
+        from skippipe.identity import recorded_spec
         folder = checkpoint_folder(source)
-        theirs = load_model_spec(load_config(folder / "config.yaml").model)
+        # The spec the checkpoint records (Note [self-describing checkpoints] in identity.py); an old
+        # checkpoint without one: its config's model, as the other readers do.
+        theirs, _ = recorded_spec(checkpoint_meta(folder), folder, load_config(folder / "config.yaml").model)
         index, name_of = _safetensors_index(sorted(folder.glob("stage*.safetensors"))), (lambda key: key)
     if {**theirs.to_dict(), "name": spec.name} != spec.to_dict():
         raise ConfigError(f"train.init_from {source} holds model {theirs.name!r} of other shapes than {spec.name!r}; "
@@ -185,8 +188,13 @@ def import_hf(model_dir: str | Path, run_dir: str | Path, *, num_stages: int | N
             save_file(weights, str(folder / f"stage{index}.safetensors"), metadata={"stage": str(index), "step": "0"})
         save_config(cfg, tmp / "config.yaml")
         save_config(cfg, folder / "config.yaml")
+        from skippipe.data import load_tokenizer
+        from skippipe.identity import checkpoint_identity
+        tokenizer = tmp / "tokenizer.json" if (tmp / "tokenizer.json").is_file() else "byte"
+        identity = checkpoint_identity(spec, load_tokenizer(str(tokenizer)))
+        identity["tokenizer"]["name"] = cfg.data.tokenizer  # where it lies once the folder is renamed into place
         (folder / "meta.json").write_text(json.dumps({"step": 0, "num_stages": num_stages, "num_nodes": None,
-                                                      "imported_from": str(model_dir)}))
+                                                      **identity, "imported_from": str(model_dir)}))
         (tmp / "checkpoints" / "latest").write_text("step_000000\n")
         if run_dir.is_dir():
             run_dir.rmdir()

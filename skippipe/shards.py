@@ -2,7 +2,7 @@
 
     DIR/train.bin   the training tokens, uint16 when the vocabulary fits (< 65536 ids), else uint32
     DIR/val.bin     the validation tokens (the same split as skippipe.data.split_ranges)
-    DIR/meta.json   format and version, dtype, token counts, vocabulary, tokenizer identity, source
+    DIR/meta.json   format and version, dtype, token counts, vocabulary, tokenizer identity (identity.tokenizer_identity), source
     DIR/tokenizer.json   a copy of the BPE tokenizer the tokens were made with (absent for 'byte')
 
 Note [one data path]: every corpus goes through here. `scripts/prepare_data.py` writes DIR once; a
@@ -31,6 +31,7 @@ import torch
 
 from skippipe.data import (BUILTIN, DOCUMENT_SEPARATOR, HF_PREFIX, ByteTokenizer, HFTokenizer, _read_hf_dataset,
                            builtin_text, load_tokenizer, split_ranges)
+from skippipe.identity import tokenizer_identity
 from skippipe.tokenizer import file_sha256
 from topology.errors import ConfigError
 from topology.yamlio import read_json
@@ -38,6 +39,7 @@ from topology.yamlio import read_json
 FORMAT = "skippipe-tokens"
 FORMAT_VERSION = 1
 META = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"  # the BPE tokenizer's copy; meta.json's tokenizer record names its sha256
 PIECE_CHARS = 1 << 16  # characters per .txt piece: many small texts keep encode_batch parallel and lean
 BATCH_CHARS = 4 << 20  # characters tokenized per encode_batch call (bounds the Encodings held)
 COPY_TOKENS = 8 << 20  # tokens per block when copying the split out
@@ -225,13 +227,10 @@ def prepare(source, tokenizer: str, out_dir: str | Path, *, context: int = 1024,
             counts[name] = sum(len(r) for r in ranges)
         del tokens
         (tmp / "all.bin").unlink()
-        identity = {"name": "byte", "sha256": None}
         if isinstance(tok, HFTokenizer):
-            shutil.copyfile(tok.path, tmp / "tokenizer.json")
-            identity = {"name": "bpe", "sha256": file_sha256(tok.path), "file": "tokenizer.json",
-                        "source": str(tokenizer)}
+            shutil.copyfile(tok.path, tmp / TOKENIZER_FILE)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype.name,
-                "vocab_size": tok.vocab_size, "tokenizer": identity,
+                "vocab_size": tok.vocab_size, "tokenizer": tokenizer_identity(tok),
                 "num_tokens": {"train": counts["train"], "val": counts["val"], "total": num_tokens},
                 "source": _source_text(source), "text_bytes": text_bytes,
                 "split": {"context": context, "val_fraction": val_fraction, "blocks": len(val_ranges)},
@@ -262,7 +261,8 @@ def read_meta(folder: str | Path) -> dict:
     counts = meta.get("num_tokens")
     if (meta.get("dtype") not in ("uint16", "uint32") or not isinstance(counts, dict)
             or not all(isinstance(counts.get(k), int) and counts[k] >= 0 for k in ("train", "val"))
-            or not isinstance(meta.get("vocab_size"), int) or not isinstance(meta.get("tokenizer"), dict)):
+            or not isinstance(meta.get("vocab_size"), int) or not isinstance(meta.get("tokenizer"), dict)
+            or not isinstance(meta["tokenizer"].get("sha256"), (str, type(None)))):
         raise ConfigError(f"{folder / META}: dtype, num_tokens, vocab_size or tokenizer is missing or malformed; "
                           "re-create it with scripts/prepare_data.py")
     return meta
@@ -282,6 +282,15 @@ def _map(path: Path, dtype: np.dtype, count: int) -> torch.Tensor:
     return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", shape=(count,)))
 
 
+def run_tokenizer(corpus, tokenizer: str) -> str:
+    """The tokenizer a run with data.corpus=`corpus` and data.tokenizer=`tokenizer` trains with: a prepared
+    BPE folder's own tokenizer.json when `tokenizer` is 'byte' (the default), else `tokenizer`. The run
+    records it (config.yaml, the checkpoint's identity), so evaluation and export load the same one."""
+    if tokenizer == "byte" and is_prepared(corpus) and read_meta(corpus)["tokenizer"].get("sha256") is not None:
+        return str(Path(corpus) / TOKENIZER_FILE)
+    return tokenizer
+
+
 def open_prepared(folder: str | Path, context: int, tokenizer: str = "byte"):
     """(train tokens, validation tokens, tokenizer) of a prepared folder, memory-mapped.
 
@@ -292,20 +301,21 @@ def open_prepared(folder: str | Path, context: int, tokenizer: str = "byte"):
     folder = Path(folder)
     meta = read_meta(folder)
     identity = meta["tokenizer"]
-    if identity.get("name") == "byte":
+    if identity.get("sha256") is None:  # the byte tokenizer: no file (identity.tokenizer_identity)
         if tokenizer != "byte":
             raise ConfigError(f"{folder} was prepared with the byte tokenizer but data.tokenizer is {tokenizer!r}; "
                               "set data.tokenizer=byte or prepare the corpus with that tokenizer")
         tok = load_tokenizer("byte")
     else:
-        own = folder / identity.get("file", "tokenizer.json")
-        if not own.is_file() or file_sha256(own) != identity.get("sha256"):
+        own = folder / TOKENIZER_FILE
+        if not own.is_file() or file_sha256(own) != identity["sha256"]:
             raise ConfigError(f"{own} is missing or is not the tokenizer meta.json names (sha256 differs); "
                               "re-create the folder with scripts/prepare_data.py")
-        if tokenizer != "byte" and (not Path(tokenizer).is_file() or file_sha256(tokenizer) != identity["sha256"]):
+        # The run's own tokenizer when it names one (the same file, by sha256): its name is what the run records.
+        tok = load_tokenizer(str(own) if tokenizer == "byte" else tokenizer)
+        if file_sha256(tok.path) != identity["sha256"]:
             raise ConfigError(f"data.tokenizer {tokenizer!r} is not the tokenizer {folder} was prepared with "
                               f"(sha256 {identity['sha256'][:12]}...); leave data.tokenizer unset to use the folder's")
-        tok = load_tokenizer(str(own))
     if tok.vocab_size != meta["vocab_size"]:
         raise ConfigError(f"{folder / META}: vocab_size {meta['vocab_size']} but its tokenizer has {tok.vocab_size}")
     dtype = np.dtype(meta["dtype"])

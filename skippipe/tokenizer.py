@@ -16,6 +16,7 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from skippipe.loaders import loading
 from topology.errors import ConfigError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -58,19 +59,16 @@ def read_tokenizer_file(path: str | Path):
     """A ``tokenizers.Tokenizer`` from a tokenizer.json; a missing or damaged file is a one-line ConfigError.
 
     The library raises a bare ``Exception`` for every kind of bad file (empty, truncated, not a
-    tokenizer): it is turned into a message naming the file.
+    tokenizer): loaders.loading turns it into a message naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"tokenizer file not found: {path}; pass a tokenizer.json "
                           f"(scripts/train_tokenizer.py makes one) or 'byte'")
     tk = _tokenizers()
-    try:
+    with loading(path, "tokenizer.json", "pass a tokenizer.json saved by the tokenizers library "
+                 "(scripts/train_tokenizer.py makes one), or data.tokenizer=byte"):
         return tk.Tokenizer.from_file(str(path))
-    except Exception as exc:  # the library's errors have no type of their own
-        detail = " ".join(str(exc).split())[:160]
-        raise ConfigError(f"{path}: not a readable tokenizer.json ({detail}); "
-                          f"re-create it with scripts/train_tokenizer.py") from None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -113,6 +113,10 @@ def edit_checkpoint(run_dir: Path, edits: list[dict]) -> None:
                 for key in ("exp_avg", "exp_avg_sq"):
                     moments[key] = torch.cat([moments[key], moments[key][:1]])
             torch.save(state, folder / arg)
+        elif kind == "nan":  # the file's first tensor gets a NaN: what a diverged run would have saved
+            weights = load_file(str(folder / arg))
+            weights[sorted(weights)[0]].view(-1)[0] = float("nan")
+            save_file(weights, str(folder / arg))
         elif kind == "tensor":  # {file: a torch.save'd tensor in place of the expected dict}
             for name in arg:
                 torch.save(torch.zeros(3), folder / name)

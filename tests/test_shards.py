@@ -30,7 +30,7 @@ def prepared(tmp_path_factory) -> Path:
 
 def test_prepared_files_hold_the_in_memory_split(prepared):
     meta = read_meta(prepared)
-    assert meta["dtype"] == "uint16" and meta["tokenizer"] == {"name": "byte", "sha256": None}
+    assert meta["dtype"] == "uint16" and meta["tokenizer"] == {"name": "byte", "vocab_size": 256, "sha256": None}
     tokens = ByteTokenizer().encode_tensor(builtin_text())
     train, val = split_tokens(tokens, 64)
     mapped_train, mapped_val, _ = open_prepared(prepared, 64)
@@ -139,3 +139,29 @@ def test_bpe_prepared_tokens_are_the_tokenizers_ids_of_each_piece(tmp_path):
     assert sorted(torch.cat([train, val]).tolist()) == sorted(expected)
     assert tok.decode(expected) == "\n\n".join(["First document.\nWith lines  and  spaces.\n" * 300]
                                                + [f"doc {i} ünïcode" for i in range(50)])
+
+
+def test_a_bpe_prepared_run_records_the_folders_tokenizer_identity_and_resumes(tmp_path):
+    """The prepared folder's meta.json and the checkpoint hold one tokenizer record (identity.tokenizer_identity):
+    same vocabulary and sha256; the run names the folder's tokenizer.json, and the same command resumes."""
+    from skippipe.checkpoint import latest_checkpoint, load_full_model
+    from skippipe.shards import text_pieces
+    from skippipe.tokenizer import train_bpe
+    train_bpe(text_pieces("builtin"), 600).save(str(tmp_path / "tok.json"))
+    prepare("builtin", str(tmp_path / "tok.json"), tmp_path / "data", context=32)
+
+    def run(steps: int, resume: bool = False) -> list[dict]:
+        cfg = load_config(ROOT / "configs/train/debug.yaml", [
+            "model=llama-tiny-4k", "data.context=32", "schedule.skip_ratio=0.25", f"train.steps={steps}",
+            "train.eval_batches=1", f"train.run_dir={tmp_path / 'run'}", "train.single_process=true",
+            f"data.corpus={tmp_path / 'data'}"])
+        return train(cfg, plan_for_run(cfg, resume) if resume else make_plan(cfg), resume=resume)
+
+    run(1)
+    recorded = json.loads((latest_checkpoint(tmp_path / "run") / "meta.json").read_text())["tokenizer"]
+    prepared = read_meta(tmp_path / "data")["tokenizer"]
+    assert set(recorded) == set(prepared) == {"name", "vocab_size", "sha256"}
+    assert recorded["vocab_size"] == prepared["vocab_size"] == 600 and recorded["sha256"] == prepared["sha256"]
+    assert recorded["name"] == str(tmp_path / "data" / "tokenizer.json") and prepared["name"] == str(tmp_path / "tok.json")
+    assert [r["step"] for r in run(2, resume=True)] == [2]
+    assert load_full_model(tmp_path / "run")[1].data.tokenizer == recorded["name"]

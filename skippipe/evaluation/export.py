@@ -156,10 +156,17 @@ def export_hf(model: FullModel, out_dir: str | Path, *, tokenizer: str = "byte",
     return out_dir
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, stages: Sequence[int] | None = None) -> Path:
-    """A run dir (or checkpoints/step_* folder) -> the Hugging Face folder."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, stages: Sequence[int] | None = None, *,
+                      overwrite: bool = False) -> Path:
+    """A run dir (or checkpoints/step_* folder) -> the Hugging Face folder.
+
+    `out_dir` must be new or empty unless `overwrite` (rundir.claim_output_dir); checked after the
+    checkpoint loads, so a bad checkpoint is reported first. Raises ConfigError (one line).
+    """
     from skippipe.checkpoint import load_full_model
     from skippipe.evaluation.omission import checkpoint_summary
+    from skippipe.rundir import claim_output_dir
     model, cfg, folder = load_full_model(checkpoint)
+    claim_output_dir(out_dir, overwrite=overwrite)
     return export_hf(model, out_dir, tokenizer=cfg.data.tokenizer, context=cfg.data.context or model.spec.context,
                      stages=stages, provenance=checkpoint_summary(folder))
