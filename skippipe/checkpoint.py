@@ -5,7 +5,7 @@
         stage{s}.optim.pt      AdamW state of stage s
         data{node}.pt          the token stream of data node `node` (its generator is its whole position)
         rng{rank}.pt           torch RNG state of each process
-        plan.json, config.yaml, meta.json
+        plan.json, config.yaml, meta.json  (meta: step, stages, nodes, model spec, tokenizer identity)
     RUN_DIR/checkpoints/latest   the name of the newest complete checkpoint
 
 Every file is written to a temporary name and renamed, and `latest` moves only after every rank has
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from skippipe.config import Config, load_config, save_config
+from skippipe.finite import check_finite_weights
 from skippipe.model import FullModel
 from topology.errors import ConfigError
 from topology.plan import Plan
@@ -84,10 +86,12 @@ def _point_latest(root: Path, folder: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, *, step: int, stages: dict[int, torch.nn.Module], optimizers: dict,
                     streams: dict, plan: Plan, cfg: Config, rank: int = 0, write_stages: set[int] | None = None,
-                    barrier: Callable[[], None] = lambda: None, plan_version: int = 0) -> Path:
+                    barrier: Callable[[], None] = lambda: None, identity: dict | None = None,
+                    plan_version: int = 0) -> Path:
     """Every process calls this with what it holds (its stages, their optimizers, its data nodes' streams);
     `write_stages` limits the stage files it writes (None: all it holds); `barrier` waits for every process.
-    `plan_version` (0: the run's first plan; +1 per re-plan while training) goes into meta.json beside the
+    `identity` (identity.checkpoint_identity: the model spec and tokenizer) goes into meta.json.
+    `plan_version` (0: the run's first plan; +1 per re-plan while training) goes there too, beside the
     plan in force (plan.json). Returns the checkpoint folder."""
     root = checkpoint_root(run_dir)
     folder = root / f"step_{step:06d}"
@@ -114,7 +118,7 @@ def save_checkpoint(run_dir: str | Path, *, step: int, stages: dict[int, torch.n
         plan.save(folder / "plan.json")
         save_config(cfg, folder / "config.yaml")
         meta = {"step": step, "num_stages": plan.num_stages, "num_nodes": len(plan.nodes),
-                "plan_version": plan_version}
+                "plan_version": plan_version, **(identity or {})}
         atomic_write(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
         _point_latest(root, folder)
     barrier()
@@ -170,6 +174,7 @@ def read_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, to
 def load_weights(module: torch.nn.Module, path: Path, device: torch.device | str = "cpu") -> None:
     """Load a stage's safetensors file into `module`; wrong names or shapes are a one-line ConfigError."""
     weights = read_weights(path, device)
+    check_finite_weights(weights, path)  # Note [non-finite steps]: never resume from or read such weights
     try:
         module.load_state_dict(weights)
     except RuntimeError as exc:
@@ -258,16 +263,24 @@ def load_full_model(path: str | Path, device: torch.device | str = "cpu") -> tup
     """(model with every stage's trained weights, in eval mode; the run's resolved config; the checkpoint folder).
 
     `path`: a run dir or a checkpoints/step_* folder. Reads only the weight files, never the optimizer
-    state: evaluation and export need neither the optimizer nor the data position.
+    state: evaluation and export need neither the optimizer nor the data position. The model is built
+    from the spec the checkpoint records (Note [self-describing checkpoints] in identity.py), and the
+    run's tokenizer must still be the one it recorded. Raises ConfigError (one line) for a missing,
+    damaged, foreign or non-finite checkpoint, or a changed tokenizer file.
     """
-    from topology.model_spec import load_model_spec
+    from skippipe.data import load_tokenizer
+    from skippipe.identity import check_tokenizer, recorded_spec
     folder = checkpoint_folder(path)
     cfg = load_config(folder / "config.yaml")
     meta = checkpoint_meta(folder)
-    model = FullModel(load_model_spec(cfg.model), meta["num_stages"], cfg.train.seed)
+    spec, fallback = recorded_spec(meta, folder, cfg.model)
+    check_tokenizer(meta, load_tokenizer(cfg.data.tokenizer), folder)
+    model = FullModel(spec, meta["num_stages"], cfg.train.seed)
     for stage_index, stage in enumerate(model.stages):
-        # A missing, damaged or foreign weights file is a one-line ConfigError naming it.
+        # A missing, damaged, foreign or non-finite weights file is a one-line ConfigError naming it.
         load_weights(stage, stage_weights_file(folder, stage_index))
+    if fallback:
+        print(fallback, file=sys.stderr, flush=True)
     return model.to(device).eval(), cfg, folder
 
 
@@ -308,10 +321,13 @@ def derive_checkpoint(folder: Path, *, plan: Plan, data: dict[int, Path | dict],
 
     The folder is step_N-replanK (K: the first free number). Every stage's weights and optimizer state
     are `folder`'s (linked); `data` gives each of `plan`'s data nodes its stream: a data file (linked) or
-    a state dict (saved). config.yaml is `folder`'s; meta.json (step, num_stages, num_nodes and `meta`)
-    is written last, since a folder without it is incomplete. ConfigError when a stage file is missing.
+    a state dict (saved). config.yaml and the model and tokenizer identity are `folder`'s; meta.json (step,
+    num_stages, num_nodes, identity and `meta`) is written last, since a folder without it is incomplete.
+    ConfigError when a stage file is missing.
     """
-    step = checkpoint_step(folder)
+    old_meta = checkpoint_meta(folder)
+    step = old_meta["step"]
+    identity = {k: v for k, v in old_meta.items() if k in ("model", "tokenizer")}
     root = folder.parent
     base = f"step_{step:06d}"
     number = 1
@@ -331,7 +347,7 @@ def derive_checkpoint(folder: Path, *, plan: Plan, data: dict[int, Path | dict],
             torch.save(source, data_file(out, node))
     (out / "config.yaml").write_bytes((folder / "config.yaml").read_bytes())
     plan.save(out / "plan.json")
-    full = {"step": step, "num_stages": plan.num_stages, "num_nodes": len(plan.nodes), **meta}
+    full = {"step": step, "num_stages": plan.num_stages, "num_nodes": len(plan.nodes), **identity, **meta}
     (out / "meta.json").write_text(json.dumps(full))
     _point_latest(root, out)
     return out

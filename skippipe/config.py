@@ -105,6 +105,10 @@ class TrainConfig:
     precision: str = "auto"  # fp32 | bf16 | auto (bf16 on CUDA, fp32 on CPU); Note [mixed precision]
     activation_checkpointing: str = "none"  # none | layer: keep each layer's input, recompute in backward
     peak_tflops: float | None = None  # the device's peak for MFU; None: known GPUs by name, none on CPU
+    # Start from these weights (a run dir from scripts/import_hf.py or training, or a Hugging Face
+    # LlamaForCausalLM folder) instead of the seeded init; ignored when resuming.
+    init_from: str | None = None
+    nonfinite: str = "stop"  # a NaN/infinite loss or gradient norm: stop the run, or skip the step's update
 
 
 @dataclass
@@ -156,6 +160,8 @@ class Config:
         if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every):
             raise ConfigError("schedule.layerdrop replaces the plan's paths: train it on a full pipeline "
                               "(skip_ratio 0, full_fraction 0, full_every 0)")
+        if t.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.nonfinite must be stop or skip, got {t.nonfinite!r}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
         if o.decay_steps is not None and o.decay_steps <= 0:

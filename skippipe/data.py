@@ -4,16 +4,16 @@ Nothing here downloads anything. The default corpus is the English documentation
 ``pydoc_data.topics``; local ``.txt`` and ``.jsonl`` files (or directories of them) work too, and a
 Hugging Face dataset or tokenizer is used only when asked for and only from the local cache.
 
-Note [data determinism]: the corpus is tokenized into one tensor; the last ``val_fraction`` of it is the
-validation split. Each data node (stage-0 replica) reads a contiguous shard of the training split and
+Note [data determinism]: the corpus is tokenized into one token sequence (memory-mapped: Note [one data
+path] in shards.py); ``val_fraction`` of it, spread over up to 20 blocks, is the validation split. Each data node (stage-0 replica) reads a contiguous shard of the training split and
 draws random windows from a generator seeded by (seed, shard_index). The generator's state is the
 stream's whole state, so a resumed run draws exactly the batches the uninterrupted run would have.
 """
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,19 +52,16 @@ class HFTokenizer:
     """A ``tokenizers`` tokenizer from a local tokenizer.json, or one in the Hugging Face cache."""
 
     def __init__(self, name_or_path: str):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ConfigError(f"tokenizer {name_or_path!r} needs the 'tokenizers' package; "
-                              "pip install tokenizers, or use the byte tokenizer") from None
+        from skippipe.tokenizer import read_tokenizer_file
         path = Path(name_or_path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        if not path.is_file():
+        if not path.is_file() and not path.suffix == ".json":
             path = Path(_cached_hub_file(name_or_path, "tokenizer.json", repo_type="model"))
-        self._tokenizer = Tokenizer.from_file(str(path))
+        self._tokenizer = read_tokenizer_file(path)  # wrapped in loaders.loading: a bad file is one line
         self.vocab_size = self._tokenizer.get_vocab_size()
         self.name = name_or_path
+        self.path = path  # identity.tokenizer_identity hashes it into every checkpoint
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -94,33 +91,6 @@ def builtin_text() -> str:
     return DOCUMENT_SEPARATOR.join(topics[key] for key in sorted(topics))
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    texts = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{line_number}: malformed JSON ({exc.msg}); one JSON object per line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f"{path}:{line_number}: expected an object with a string 'text' field")
-            texts.append(record["text"])
-    return texts
-
-
-def _read_file(path: Path) -> list[str]:
-    try:
-        if path.suffix == ".jsonl":
-            return _read_jsonl(path)
-        if path.suffix == ".txt":
-            return [path.read_text(encoding="utf-8")]
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; convert it or pass another file") from None
-    raise ConfigError(f"{path}: unsupported corpus file type {path.suffix!r}; use .txt or .jsonl")
-
-
 def _read_hf_dataset(spec: str) -> list[str]:
     """``hf:<name>[:<split>[:<field>]]`` from the local datasets cache only."""
     name, split, field = (spec[len(HF_PREFIX):].split(":") + ["train", "text"])[:3]
@@ -146,28 +116,15 @@ def _read_hf_dataset(spec: str) -> list[str]:
 
 
 def read_documents(source: str | Path | Sequence[str | Path] = BUILTIN) -> list[str]:
-    """Documents from one source or several: 'builtin', a .txt/.jsonl file, a directory of them, or hf:..."""
-    if isinstance(source, (list, tuple)):
-        return [doc for item in source for doc in read_documents(item)]
-    text = str(source)
-    if text == BUILTIN:
-        return [builtin_text()]
-    if text.startswith(HF_PREFIX):
-        return _read_hf_dataset(text)
-    path = Path(text)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl") and p.is_file())
-        if not files:
-            raise ConfigError(f"{path}: no .txt or .jsonl files in this directory; add some or pass a file")
-        return [doc for file in files for doc in _read_file(file)]
-    if not path.exists():
-        raise ConfigError(f"corpus file not found: {path}; pass an existing .txt/.jsonl file, "
-                          f"a directory of them, or '{BUILTIN}'")
-    return _read_file(path)
+    """Documents from one source or several: 'builtin', a .txt/.jsonl file, a directory of them, a saved
+    Hugging Face dataset folder, or hf:... (whole, in memory: tokenizer training and tests use it)."""
+    from skippipe.shards import _documents
+    return ["".join(pieces) for pieces in _documents(source)]
 
 
-def split_tokens(tokens: torch.Tensor, context: int, val_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation): validation is the tail of each of up to 20 equal blocks, each at least a window.
+def split_ranges(num_tokens: int, context: int, val_fraction: float = 0.05) -> tuple[list[range], list[range]]:
+    """(train ranges, validation ranges) of token positions: validation is the tail of each of up to 20
+    equal blocks, each at least a window of ``context + 1`` tokens.
 
     Held-out text is spread over the corpus rather than taken from its end: the built-in corpus ends in
     whitespace-padded tables that are far easier to predict than the prose before them.
@@ -175,7 +132,6 @@ def split_tokens(tokens: torch.Tensor, context: int, val_fraction: float = 0.05)
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     window = context + 1
-    num_tokens = len(tokens)
     if num_tokens == 0:
         raise ConfigError("the corpus is empty; pass a corpus with text in it")
     if num_tokens < 2 * window:
@@ -188,9 +144,15 @@ def split_tokens(tokens: torch.Tensor, context: int, val_fraction: float = 0.05)
     train, val = [], []
     for b in range(num_blocks):
         end = num_tokens if b == num_blocks - 1 else (b + 1) * block
-        train.append(tokens[b * block:end - held])
-        val.append(tokens[end - held:end])
-    return torch.cat(train), torch.cat(val)
+        train.append(range(b * block, end - held))
+        val.append(range(end - held, end))
+    return train, val
+
+
+def split_tokens(tokens: torch.Tensor, context: int, val_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) tokens by :func:`split_ranges`."""
+    train, val = split_ranges(len(tokens), context, val_fraction)
+    return (torch.cat([tokens[r.start:r.stop] for r in train]), torch.cat([tokens[r.start:r.stop] for r in val]))
 
 
 class TokenStream:
@@ -280,14 +242,26 @@ class Corpus:
 
 def load_corpus(source: str | Path | Sequence[str | Path] = BUILTIN, *, context: int = 64, tokenizer: str = "byte",
                 val_fraction: float = 0.05, vocab_size: int | None = None) -> Corpus:
-    """Read, tokenize and split a corpus; ``vocab_size`` (the model's) is checked against the tokenizer."""
-    tok = load_tokenizer(tokenizer)
+    """A corpus split into training and validation tokens, memory-mapped (Note [one data path], shards.py).
+
+    A prepared folder is mapped as it is; any other source is prepared into a temporary folder first.
+    ``vocab_size`` (the model's) must hold every id of the tokenizer, else ConfigError.
+    """
+    from skippipe.shards import is_prepared, open_prepared, prepare
+    if is_prepared(source):
+        train, val, tok = open_prepared(source, context, tokenizer)
+    else:
+        tok = load_tokenizer(tokenizer)  # a bad tokenizer fails before the corpus is read
+        _check_vocab(tok, vocab_size)
+        with tempfile.TemporaryDirectory(prefix="skippipe-corpus-") as tmp:
+            prepare(source, tokenizer, Path(tmp) / "tokens", context=context, val_fraction=val_fraction)
+            # The maps keep the files alive after the folder is removed (POSIX unlink semantics).
+            train, val, tok = open_prepared(Path(tmp) / "tokens", context, tokenizer)
+    _check_vocab(tok, vocab_size)
+    return Corpus(train, val, tok, context)
+
+
+def _check_vocab(tok: ByteTokenizer | HFTokenizer, vocab_size: int | None) -> None:
     if vocab_size is not None and tok.vocab_size > vocab_size:
         raise ConfigError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens but the model's vocab_size is "
                           f"{vocab_size}; use a model with vocab_size >= {tok.vocab_size} or another tokenizer")
-    text = DOCUMENT_SEPARATOR.join(read_documents(source))
-    tokens = tok.encode_tensor(text)
-    if len(tokens) == 0:
-        raise ConfigError(f"the corpus {source} is empty; pass files with text in them")
-    train, val = split_tokens(tokens, context, val_fraction)
-    return Corpus(train, val, tok, context)

@@ -49,11 +49,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from topology.plan import Plan
 from scheduler.problem import Problem
 from skippipe.checkpoint import checkpoint_step, data_files_by_shard, derive_checkpoint, latest_checkpoint, latest_token
 from skippipe.config import Config, load_config
 from skippipe.planning import build_problem, job_topology
+from skippipe.rundir import claim_run_dir
 from topology.errors import ConfigError
 from topology.network import Topology
 from topology.plan import Plan
@@ -229,21 +229,28 @@ def carry_over(folder: Path, new_plan: Plan, *, make_stream: Callable[[int, int]
 
 # -- the decisions rank 0 takes at every (re)start -------------------------------------------------------
 
-def decide_resume(run_dir: str | Path, explicit: bool, run_id: str | None) -> bool:
-    """Note [node loss], 'continue or start'. Rank 0 only: it writes run_dir/elastic.json."""
+def decide_resume(run_dir: str | Path, explicit: bool, run_id: str | None, overwrite: bool = False) -> bool:
+    """Note [node loss], 'continue or start'. Rank 0 only: it writes run_dir/elastic.json.
+
+    A new job (not a restart of this one) claims the run dir first (Note [run dir ownership] in rundir.py):
+    raises ConfigError when the dir holds another run and neither --resume nor `overwrite` is given.
+    """
     if explicit:
+        claim_run_dir(run_dir, resume=True, overwrite=overwrite)  # refuses --resume with --overwrite
         return True
-    if not run_id:
-        return False
     run_dir = Path(run_dir)
     marker = run_dir / MARKER
-    latest = latest_token(run_dir)
     try:
-        seen = json.loads(marker.read_text())
+        seen = json.loads(marker.read_text()) if run_id else None
     except (OSError, ValueError):
         seen = None
-    if isinstance(seen, dict) and seen.get("run_id") == run_id:
+    if isinstance(seen, dict) and seen.get("run_id") == run_id:  # a restart of this job: its own run dir
+        latest = latest_token(run_dir)
         return latest is not None and latest != seen.get("latest_at_start")
+    claim_run_dir(run_dir, resume=False, overwrite=overwrite)
+    if not run_id:
+        return False
+    latest = latest_token(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_name(f".{MARKER}.tmp")
     tmp.write_text(json.dumps({"run_id": run_id, "latest_at_start": latest}))
@@ -295,9 +302,10 @@ def plan_for_world(cfg: Config, world: World, *, resume: bool, make_plan: Callab
     return plan
 
 
-def join(cfg: Config, *, explicit_resume: bool, rank: int, world_size: int) -> World:
+def join(cfg: Config, *, explicit_resume: bool, rank: int, world_size: int, overwrite: bool = False) -> World:
     """Every rank: gather who is who and agree on resuming (collective). The launcher picks the transport
-    from the result (World.rank_nodes)."""
+    from the result (World.rank_nodes). Rank 0 claims the run dir for a new job (decide_resume, `overwrite`);
+    a refusal reaches every rank as ConfigError."""
     from skippipe.comm import all_gather_json, broadcast_json, peer_errors
     mine = {"node": node_identity(), "emulated": os.environ.get(EMULATED_ENV)}
     with peer_errors("gathering node identities"):  # JSON, not pickles (Note [no pickles from peers], comm.py)
@@ -308,7 +316,10 @@ def join(cfg: Config, *, explicit_resume: bool, rank: int, world_size: int) -> W
     decision: list = [None]
     if rank == 0:
         try:
-            decision = [("ok", decide_resume(cfg.train.run_dir, explicit_resume, os.environ.get("TORCHELASTIC_RUN_ID")))]
+            decision = [("ok", decide_resume(cfg.train.run_dir, explicit_resume, os.environ.get("TORCHELASTIC_RUN_ID"),
+                                             overwrite))]
+        except ValueError as exc:  # ConfigError: the run dir holds another run
+            decision = [("error", str(exc))]
         except OSError as exc:
             decision = [("error", f"{type(exc).__name__}: {exc}")]
     with peer_errors("agreeing on resuming"):

@@ -15,6 +15,8 @@ between one process and a distributed run is here, behind the same methods:
     gather_rows(t, what), gather_json(x, what)  every process's value, in rank order
     barrier()                             wait for every process
     rank, device, write_stages            rank 0 reports; the stages whose checkpoint files it writes
+    claims_run_dir                        whether the trainer claims the run dir (rank 0 of a distributed
+                                          job claims it at start-up: elastic.decide_resume)
     where()                               who this process is, for the log
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ class LocalExecutor:
     """
     rank = 0
     write_stages = None  # every stage: this process holds them all
+    claims_run_dir = True  # Note [run dir ownership] in rundir.py
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -126,6 +129,8 @@ class DistributedExecutor:
     """One stage per rank (ctx.stage), the rank's node's actions in plan order (worker.Worker); every wait
     on a peer bounded by ctx.timeout. Collective methods must be called by every rank in the same order."""
 
+    claims_run_dir = False  # rank 0 claimed it before the plan was shared (elastic.decide_resume)
+
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.rank, self.device = ctx.rank, ctx.device
@@ -187,7 +192,8 @@ class DistributedExecutor:
         wait_for(dist.all_reduce(tensor, async_op=True), self.ctx.timeout, "all-reducing the gradient norm")
 
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """The full model's loss, known on stage 0's lowest rank, on every rank (the others add zero)."""
+        """The full model's loss, known on stage 0's lowest rank, on every rank (the others add zero; the
+        trainer calls this only with batches, so a zero here never stands in for "not measured")."""
         value = self.worker.evaluate(batches)
         tensor = torch.tensor([value or 0.0], dtype=torch.float64, device=self.device)
         wait_for(dist.all_reduce(tensor, async_op=True), self.ctx.timeout, "sharing the validation loss")

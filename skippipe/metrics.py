@@ -2,26 +2,36 @@
 
 metrics.jsonl holds one object per step: step, loss, lr, grad_norm, iteration_s, tokens_per_s,
 idle_share, per-rank compute / wait / idle seconds, model_flops_per_token, peak_tflops, mfu (null without
-a known peak), per-rank tokens_per_s_per_rank and mfu_per_rank (skippipe/flops.py), val_loss when evaluated, and the per-rank timeline
+a known peak), per-rank tokens_per_s_per_rank and mfu_per_rank (skippipe/flops.py), val_loss when measured
+(null otherwise: never a number that was not measured; Note [non-finite steps] in finite.py for `skipped`),
+and the per-rank timeline
 of the step's actions (seconds from rank 0's iteration start; exact on one machine, shifted by clock
 skew across machines).
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
+from topology.errors import ConfigError
 
-def format_line(record: dict, total_steps: int) -> str:
+
+def format_line(record: dict, total_steps: int, val_due: bool = False) -> str:
+    """The step's log line; `val_due`: an evaluation was due this step (shown as 'val n/a' if not measured)."""
     parts = [f"step {record['step']:>{len(str(total_steps))}}/{total_steps}", f"loss {record['loss']:.4f}"]
     if record.get("val_loss") is not None:
         parts.append(f"val {record['val_loss']:.4f}")
+    elif val_due:
+        parts.append("val n/a")
     parts += [f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",
               f"{record['tokens_per_s']:,.0f} tok/s", f"iter {record['iteration_s']:.3f} s",
               f"idle {record['idle_share']:.0%}"]
     if record.get("mfu") is not None:  # null without a known peak (a CPU): never a made-up figure
         parts.append(f"MFU {format_share(record['mfu'])}")
+    if record.get("skipped"):
+        parts.append("update skipped (non-finite, train.nonfinite=skip)")
     return " | ".join(parts)
 
 
@@ -55,16 +65,17 @@ class Metrics:
         else:
             print(text, flush=True)
 
-    def log(self, record: dict, print_line: bool = True) -> None:
+    def log(self, record: dict, print_line: bool = True, val_due: bool = False) -> None:
+        """Print (when `print_line`) and append one step's record; NaN and infinity are written as null."""
         if not self.enabled:
             return
         if print_line:
-            self.info(format_line(record, self.total_steps))
+            self.info(format_line(record, self.total_steps, val_due))
         with self.path.open("a") as out:
-            out.write(json.dumps(record) + "\n")
+            out.write(json.dumps(_json_safe(record)) + "\n")
         if self._tb is not None:
             for key in ("loss", "val_loss", "lr", "grad_norm", "iteration_s", "tokens_per_s", "idle_share", "mfu"):
-                if record.get(key) is not None:
+                if record.get(key) is not None and math.isfinite(record[key]):
                     self._tb.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", record[key], record["step"])
         if self._bar is not None:
             self._bar.update(1)
@@ -79,11 +90,29 @@ class Metrics:
         return plot_losses(self.path, self.run_dir / "loss.png")
 
 
+def _json_safe(record: dict) -> dict:
+    """NaN/infinity are not JSON: a non-finite top-level number becomes null (the step says `skipped`)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a damaged line is a ConfigError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: line {number} is not JSON ({exc.msg}); the metrics file is damaged: "
+                              f"repair or remove that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ConfigError(f"{path}: line {number} is not a step record; repair or remove that line")
+        records.append(record)
+    return records
 
 
 def plot_losses(metrics_path: str | Path, out: str | Path) -> Path | None:
@@ -98,7 +127,9 @@ def plot_losses(metrics_path: str | Path, out: str | Path) -> Path | None:
     if not records:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", lw=1)
+    measured = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]  # null: a skipped step
+    if measured:
+        ax.plot(*zip(*measured), label="train loss", lw=1)
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss (full model)")

@@ -6,7 +6,7 @@ Note [re-plan while training]: the decisions, in order.
   reference for `patience` steps. Every rank decides alike, so no extra collective runs on a quiet step.
 - Re-estimate (rank 0): the links and node speeds are re-estimated from the action timelines of the
   steps that drifted (the streak, at most `window`) (skippipe/estimate.py), starting from the estimate in force (first: the job's
-  topology), and written to run_dir/topology.estimated.yaml (loads back with --topology).
+  topology), and written to run_dir/replans/topology.estimated.yaml (loads back with --topology).
 - Re-solve (rank 0): the same strategy, shape and seed, on the estimate, with the node-to-stage
   placement fixed (scheduler Problem.fixed_placement): no weights or optimizer state move, so the switch
   costs one solve and one broadcast. The new plan is taken only if the simulator predicts it faster than
@@ -68,7 +68,7 @@ class Replanner:
         recent = list(self.history)[-max(1, self.detector.streak):]
         estimate, changes = estimate_topology(plan, recent, prior=self.topology, cost=cost,
                                               name=f"{self.topology.name.split('@')[0]}@step{step}")
-        path = save_topology(estimate, self.run_dir / "topology.estimated.yaml")
+        path = save_topology(estimate, self.run_dir / "replans" / "topology.estimated.yaml")
         self.topology = estimate
         problem = build_problem(self.cfg, estimate, fixed_placement=placement_of(plan), stage_sizes=None,
                                 num_stages=plan.num_stages, microbatch_size=plan.microbatch_size,

@@ -11,6 +11,7 @@ losses and gradients agree. Nothing here depends on which executor runs the plan
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -25,11 +26,15 @@ from skippipe.config import Config, load_config, save_config
 from skippipe.context import Context, pick_device
 from skippipe.data import TokenStream, load_corpus
 from skippipe.executors import DistributedExecutor, LocalExecutor
+from skippipe.finite import NonFiniteError, is_finite, nonfinite_microbatches, step_message
 from skippipe.flops import mfu, model_flops_per_token, node_flops, peak_tflops
+from skippipe.identity import check_model, check_tokenizer, checkpoint_identity, recorded_spec
 from skippipe.metrics import Metrics
 from skippipe.optim import build_optimizer, lr_at, set_lr
 from skippipe.path_schedule import plan_schedule
 from skippipe.precision import resolve_precision
+from skippipe.rundir import check_resume_settings, claim_run_dir
+from skippipe.shards import run_tokenizer
 from skippipe.sync import average_stage_gradients, clip_gradients, stage_visits
 from skippipe.worker import IterationResult
 from topology.errors import ConfigError
@@ -62,24 +67,29 @@ def count_parameters(module: torch.nn.Module) -> int:
 class Trainer:
     """cfg.train.steps iterations of `plan` on `executor`.
 
-    `resume`: continue from the run dir's newest checkpoint. `on_gradients(step, stages)` sees the final
-    gradients of the stages this process holds, before the optimizer step (tests compare them).
-    `replanner`: the re-plan hook (skippipe/replan.py, Note [re-plan while training]); None: made from
-    cfg.schedule.replan when enabled, else the plan stays as it is for the whole run.
-    Raises ConfigError for a plan solved for another model or a context longer than the model's.
+    `resume`: continue from the run dir's newest checkpoint. `overwrite`: a fresh run replaces a run in
+    the run dir (Note [run dir ownership] in rundir.py; a distributed run's dir was claimed by rank 0 at
+    start-up, elastic.decide_resume). `on_gradients(step, stages)` sees the final gradients of the stages
+    this process holds, before the optimizer step (tests compare them). `replanner`: the re-plan hook
+    (skippipe/replan.py, Note [re-plan while training]); None: made from cfg.schedule.replan when enabled,
+    else the plan stays as it is for the whole run.
+    Raises ConfigError for a plan solved for another model, a context longer than the model's, an occupied
+    run dir or a changed fixed setting on resume (Note [fixed on resume] in rundir.py); NonFiniteError at
+    a non-finite step under train.nonfinite=stop (Note [non-finite steps] in finite.py).
     """
 
     def __init__(self, cfg: Config, plan: Plan, executor: Executor, *, resume: bool = False,
-                 on_gradients: GradientHook | None = None, replanner=None):
+                 overwrite: bool = False, on_gradients: GradientHook | None = None, replanner=None):
         self.cfg, self.plan, self.executor = cfg, plan, executor
-        self.resume, self.on_gradients = resume, on_gradients
+        self.resume, self.overwrite, self.on_gradients = resume, overwrite, on_gradients
         self.replanner = replanner
         self.start_step = 0
         self.plan_version = 0  # +1 per re-plan while training
 
     def setup(self) -> None:
-        """Model, data streams, optimizers and validation batches; the checkpoint when resuming; the run's
-        config and plan saved in the run dir (rank 0)."""
+        """Model, data streams, optimizers and validation batches; the checkpoint when resuming (its fixed
+        settings, model spec and tokenizer checked first); the run dir claimed; the run's config and plan
+        saved in it (rank 0)."""
         cfg, plan, executor = self.cfg, self.plan, self.executor
         spec = load_model_spec(cfg.model)
         if plan.model and plan.model != spec.name:
@@ -89,17 +99,33 @@ class Trainer:
         if self.context > spec.context:
             raise ConfigError(f"data.context {self.context} exceeds the model's context {spec.context}; lower it")
         self.run_dir = Path(cfg.train.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # A prepared folder's own tokenizer when none is named: the saved config, the checkpoint's identity,
+        # evaluation and export all name the one the run trains with.
+        cfg.data.tokenizer = run_tokenizer(cfg.data.corpus, cfg.data.tokenizer)
+        folder = meta = fallback = None
+        if self.resume:  # Note [fixed on resume] (rundir.py): refuse before anything is loaded or written
+            folder = latest_checkpoint(self.run_dir)
+            meta, saved = checkpoint_meta(folder), load_config(folder / "config.yaml")
+            recorded, fallback = recorded_spec(meta, folder, saved.model)
+            check_model(recorded, spec, folder=folder, model_setting=cfg.model)
+            check_resume_settings(saved, cfg, saved_context=saved.data.context or recorded.context,
+                                  context=self.context, where=folder)
         seed = cfg.train.seed
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         corpus = load_corpus(cfg.data.corpus, context=self.context, tokenizer=cfg.data.tokenizer,
                              val_fraction=cfg.data.val_fraction, vocab_size=spec.vocab_size)
+        if self.resume:
+            check_tokenizer(meta, corpus.tokenizer, folder)
+        self.identity = checkpoint_identity(spec, corpus.tokenizer)
         self.spec = spec
         self.precision = resolve_precision(cfg.train.precision, executor.device)
         self.stages = executor.build(plan, spec, seed=seed, context=self.context, precision=self.precision)
         for module in self.stages.values():
             module.checkpoint_layers = cfg.train.activation_checkpointing == "layer"
+        if cfg.train.init_from and not self.resume:
+            from skippipe.hf_import import load_stage_weights
+            load_stage_weights(cfg.train.init_from, self.stages, spec)
         self.streams = data_streams(plan, corpus, executor.data_nodes(plan), seed)
         self.optimizers = {s: build_optimizer(m, cfg.optim) for s, m in self.stages.items()}
         self.schedule = plan_schedule(cfg, plan)
@@ -111,17 +137,23 @@ class Trainer:
         # The plan's microbatch size, not the config's: the plan is the contract (it may come from --plan).
         self.tokens_per_step = plan.num_microbatches * plan.microbatch_size * self.context
         self.throughput = self._throughput()
-        self.resumed_from = None
+        self.resumed_from = folder
         if self.resume:
-            self.resumed_from = folder = latest_checkpoint(self.run_dir)
             self.start_step = load_checkpoint(folder, stages=self.stages, optimizers=self.optimizers,
                                               streams=self.streams, rank=executor.rank, device=executor.device)
-            self.plan_version = int(checkpoint_meta(folder).get("plan_version", 0))
-            saved = load_config(folder / "config.yaml")
+            self.plan_version = int(meta.get("plan_version", 0))
+            if fallback and executor.rank == 0:
+                print(fallback, file=sys.stderr, flush=True)
             was, now = saved.optim.decay_steps or saved.train.steps, cfg.optim.decay_steps or cfg.train.steps
             if was != now and executor.rank == 0:
                 print(f"warning: the learning-rate schedule spans {was} steps in the checkpoint and {now} now; "
                       f"set optim.decay_steps to keep it", file=sys.stderr)
+        if executor.claims_run_dir:
+            claim_run_dir(self.run_dir, resume=self.resume, overwrite=self.overwrite)  # Note [run dir ownership]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.val_batches and executor.rank == 0:
+            print(f"warning: no validation batch: {_why_no_validation(cfg, corpus, plan.microbatch_size)}; "
+                  f"val_loss is not measured (null in metrics.jsonl, 'val n/a' in the log)", file=sys.stderr, flush=True)
         if executor.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
             plan.save(self.run_dir / "plan.json")
@@ -153,15 +185,45 @@ class Trainer:
                                    sum_over_ranks=executor.sum_over_ranks)
         if self.on_gradients is not None:
             self.on_gradients(step, stages)
-        for optimizer in self.optimizers.values():
-            optimizer.step()
-        val_loss = executor.evaluate(self.val_batches) if self._due(step, cfg.train.eval_every) else None
+        # Note [non-finite steps] (finite.py): the norm is global, so every process takes the same branch.
+        skipped = not math.isfinite(grad_norm)
+        if skipped and cfg.train.nonfinite == "stop":
+            raise NonFiniteError(step_message(step, None, grad_norm, self._where_nonfinite(result), self.run_dir))
+        if not skipped:
+            for optimizer in self.optimizers.values():
+                optimizer.step()
+        val_due = self._due(step, cfg.train.eval_every)
+        val_loss = executor.evaluate(self.val_batches) if val_due and self.val_batches else None
         record = self._record(step, lr=lr, grad_norm=grad_norm, result=result,
                               iteration_s=time.perf_counter() - started, wall=wall,
                               with_timeline=self._due(step, cfg.train.log_every) or self.replanner is not None)
-        record["val_loss"] = val_loss
+        record["val_loss"] = val_loss  # None (null) when not measured: never a stand-in number
         record["plan_version"] = self.plan_version  # the plan this step ran
+        if not is_finite(record["loss"]) and cfg.train.nonfinite == "stop":  # finite gradients, non-finite loss
+            raise NonFiniteError(step_message(step, record["loss"], grad_norm, self._where_nonfinite(result),
+                                              self.run_dir))
+        if skipped or not is_finite(record["loss"]):
+            record["skipped"] = skipped
         return record
+
+    def _where_nonfinite(self, result: IterationResult) -> list[str]:
+        """Which microbatches' losses and which stages' gradients are non-finite, over every process.
+
+        Collective, called only once a step has gone non-finite (every process then calls it together):
+        healthy steps pay nothing for it."""
+        bad_stages = sorted(s for s, m in self.stages.items()
+                            if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in m.parameters()))
+        mine = {"microbatches": nonfinite_microbatches(result.losses), "stages": bad_stages}
+        parts = self.executor.gather_json(mine, "gathering where the step went non-finite")
+        microbatches = sorted({mb for part in parts for mb in part["microbatches"]})
+        bad = sorted({s for part in parts for s in part["stages"]})
+        where = []
+        if microbatches:
+            where.append(f"loss non-finite in microbatch(es) {', '.join(map(str, microbatches[:8]))}"
+                         + (" ..." if len(microbatches) > 8 else ""))
+        if bad:
+            where.append(f"gradients non-finite in stage(s) {', '.join(map(str, bad))}")
+        return where
 
     def train(self) -> list[dict]:
         """setup(), then every step to cfg.train.steps: logged, checkpointed. Returns the records (every
@@ -186,12 +248,13 @@ class Trainer:
             records.append(record)
             if self.replanner is not None and step < cfg.train.steps:
                 self._maybe_replan(step, record, metrics)
-            metrics.log(record, print_line=self._due(step, cfg.train.log_every))
+            metrics.log(record, print_line=self._due(step, cfg.train.log_every),
+                        val_due=self._due(step, cfg.train.eval_every))
             if self._due(step, cfg.train.checkpoint_every):
                 folder = save_checkpoint(self.run_dir, step=step, stages=self.stages, optimizers=self.optimizers,
                                          streams=self.streams, plan=self.plan, cfg=cfg, rank=executor.rank,
                                          write_stages=executor.write_stages, barrier=executor.barrier,
-                                         plan_version=self.plan_version)
+                                         identity=self.identity, plan_version=self.plan_version)
                 metrics.info(f"saved checkpoint {folder}")
         plot = metrics.close()
         if plot is not None:
@@ -221,7 +284,8 @@ class Trainer:
             self.plan, self.schedule = new, plan_schedule(self.cfg, new)
             self.plan_version += 1
             if self.executor.rank == 0:
-                new.save(self.run_dir / f"plan.v{self.plan_version}.json")
+                (self.run_dir / "replans").mkdir(exist_ok=True)
+                new.save(self.run_dir / "replans" / f"plan.v{self.plan_version}.json")
         self.replanner.took_force(new is not None)
         info = payload.get("info", {})
         record["replan"] = {"reason": reason, "switched": new is not None, "plan_version": self.plan_version,
@@ -285,9 +349,19 @@ class Trainer:
         }
 
 
-def train(cfg: Config, plan: Plan, ctx: Context | None = None, *, resume: bool = False,
+def _why_no_validation(cfg: Config, corpus, microbatch_size: int) -> str:
+    """Why a run has no full validation batch, and how to get one."""
+    if cfg.train.eval_batches == 0:
+        return "train.eval_batches is 0; set it to 1 or more to measure a validation loss"
+    windows = max(0, (len(corpus.val) - 1) // corpus.context)
+    return (f"the held-out split has {windows} window(s) of {corpus.context} tokens, fewer than one microbatch of "
+            f"{microbatch_size}; raise data.val_fraction (now {cfg.data.val_fraction}) or use a larger corpus")
+
+
+def train(cfg: Config, plan: Plan, ctx: Context | None = None, *, resume: bool = False, overwrite: bool = False,
           on_gradients: GradientHook | None = None, replanner=None) -> list[dict]:
     """Trainer(...).train() on this rank's stage when `ctx` is given, else path-faithful on cfg.train.device.
     The one place the executor is chosen; returns the per-step records."""
     executor = DistributedExecutor(ctx) if ctx is not None else LocalExecutor(pick_device(cfg.train.device))
-    return Trainer(cfg, plan, executor, resume=resume, on_gradients=on_gradients, replanner=replanner).train()
+    return Trainer(cfg, plan, executor, resume=resume, overwrite=overwrite, on_gradients=on_gradients,
+                   replanner=replanner).train()

@@ -33,7 +33,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "malformed"
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text())["cases"]
-SCRIPTS = {"train": "scripts/train.py", "evaluate": "scripts/evaluate.py", "export": "scripts/export.py"}
+SCRIPTS = {"train": "scripts/train.py", "evaluate": "scripts/evaluate.py", "export": "scripts/export.py",
+           "prepare_data": "scripts/prepare_data.py", "train_tokenizer": "scripts/train_tokenizer.py",
+           "import_hf": "scripts/import_hf.py"}
 
 
 def checksums(*folders: Path) -> dict[str, str]:
@@ -111,6 +113,10 @@ def edit_checkpoint(run_dir: Path, edits: list[dict]) -> None:
                 for key in ("exp_avg", "exp_avg_sq"):
                     moments[key] = torch.cat([moments[key], moments[key][:1]])
             torch.save(state, folder / arg)
+        elif kind == "nan":  # the file's first tensor gets a NaN: what a diverged run would have saved
+            weights = load_file(str(folder / arg))
+            weights[sorted(weights)[0]].view(-1)[0] = float("nan")
+            save_file(weights, str(folder / arg))
         elif kind == "tensor":  # {file: a torch.save'd tensor in place of the expected dict}
             for name in arg:
                 torch.save(torch.zeros(3), folder / name)
@@ -174,8 +180,9 @@ def test_the_corpus_is_complete():
     files = {p.name for p in CORPUS.iterdir() if p.is_file() and p.name != "cases.yaml"}
     assert files == used, f"unused: {sorted(files - used)}; missing: {sorted(used - files)}"
     kinds = {c["id"].split("-")[0] for c in CASES}
-    assert {"config", "topo", "plan", "model", "ckpt"} <= kinds
-    assert {c["command"].split()[0] for c in CASES} == {"train", "evaluate", "export", "scheduler", "topology"}
+    assert {"config", "topo", "plan", "model", "ckpt", "tok", "data", "hf"} <= kinds
+    assert {c["command"].split()[0] for c in CASES} == {"train", "evaluate", "export", "scheduler", "topology",
+                                                        "prepare_data", "train_tokenizer", "import_hf"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])

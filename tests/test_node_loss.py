@@ -106,8 +106,12 @@ def test_decide_resume(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step_000002\n")
     assert decide_resume(run, explicit=False, run_id="job1")  # restarted after saving one
-    assert not decide_resume(run, explicit=False, run_id="job2")  # another job in an old run dir starts afresh
-    assert not decide_resume(run, explicit=False, run_id="job2")
+    # Another job in an old run dir is refused (Note [run dir ownership], rundir.py), unless it overwrites.
+    with pytest.raises(ConfigError, match="holds a run up to step 2; pass --resume to continue it"):
+        decide_resume(run, explicit=False, run_id="job2")
+    assert not decide_resume(run, explicit=False, run_id="job2", overwrite=True)  # the old run's files go
+    assert not (run / "checkpoints").exists()
+    assert not decide_resume(run, explicit=False, run_id="job2")  # restarted before its first checkpoint
 
 
 def _save_single(cfg, plan: Plan) -> Path:

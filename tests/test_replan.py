@@ -108,7 +108,7 @@ def test_switch_is_recorded_in_metrics_log_and_checkpoint(switched_runs):
     assert [r["plan_version"] for r in rows] == [0, 1, 1]
     assert rows[0]["replan"]["reason"] == "scripted" and rows[0]["replan"]["switched"]
     assert rows[0]["replan"]["from_step"] == SWITCH_AFTER + 1
-    assert Plan.load(run_dir / "plan.v1.json").to_dict() == second.to_dict()
+    assert Plan.load(run_dir / "replans" / "plan.v1.json").to_dict() == second.to_dict()
     folder = latest_checkpoint(run_dir)
     assert checkpoint_meta(folder)["plan_version"] == 1
     assert Plan.load(folder / "plan.json").to_dict() == second.to_dict()  # the plan in force

@@ -34,6 +34,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", default="reports/emulate.json", help="the report (JSON); Gantt PNGs beside it")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     p.add_argument("--nice", type=int, default=-19, help="scheduling priority of the emulated nodes (0: as others)")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs in --work-dir and the --out report "
+                   "(without it, a run dir that holds a run or an existing report is refused)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. schedule.num_microbatches=12")
     return p
 
@@ -58,11 +60,20 @@ def run(args: argparse.Namespace) -> None:
     if not ratios:
         raise ValueError("--skip-ratios is empty; e.g. --skip-ratios 0.25,0")
     out = Path(args.out)
+    from skippipe.rundir import claim_output_file, run_contents
+    for ratio in ratios:  # refuse before the cluster is built (Note [run dir ownership], skippipe/rundir.py)
+        run_dir = Path(args.work_dir) / f"skip{ratio:g}"
+        held = None if args.overwrite else run_contents(run_dir)
+        if held:
+            raise ValueError(f"--work-dir {args.work_dir} holds {held} in {run_dir.name}/; pass another --work-dir, "
+                             f"or --overwrite to replace its runs")
+    claim_output_file(out, overwrite=args.overwrite, flag="--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = run_benchmark(args.topology, skip_ratios=ratios, steps=args.steps, profile=args.profile,
                            config=args.config, work_dir=args.work_dir, bandwidth_scale=args.bandwidth_scale,
                            reference_model=args.reference_model, latency_scale=args.latency_scale,
-                           overrides=args.overrides, plots_dir=out.parent, timeout_s=args.timeout, nice=args.nice)
+                           overrides=args.overrides, plots_dir=out.parent, timeout_s=args.timeout, nice=args.nice,
+                           overwrite=args.overwrite)
     report["command"] = shlex.join(["scripts/emulate_cluster.py", *sys.argv[1:]])
     out.write_text(json.dumps(report, indent=1))
     for key, value in report.get("ratio_to_full", {}).items():

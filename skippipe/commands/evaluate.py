@@ -25,6 +25,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--json", help="write {\"results\": [...]} here (default: no JSON)")
     p.add_argument("--csv", help="write one row per (keep, placement) here (default: no CSV)")
     p.add_argument("--plot", help="write a PNG of perplexity against kept fraction here (default: no plot)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json/--csv/--plot files that exist "
+                   "(without it an existing one is refused)")
     return p
 
 
@@ -39,6 +41,9 @@ def main() -> None:
         placements = [omission.check_placement(p.strip()) for p in args.placement.split(",") if p.strip()]
         if args.seeds < 1 or args.batch_size < 1 or (args.batches is not None and args.batches < 1):
             raise ConfigError("--seeds, --batches and --batch-size must be positive")
+        from skippipe.rundir import claim_output_file
+        for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+            claim_output_file(path, overwrite=args.overwrite, flag=flag)
         model, cfg, folder = load_full_model(args.checkpoint, pick_device(args.device))
         batches = omission.held_out_batches(cfg, model.spec, args.batch_size, args.batches)
         print(f"{folder} | {cfg.model} | {model.num_stages} stages | "

@@ -17,6 +17,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--keep", type=float, help="export only this fraction of the stages (stage 0 always kept; default: all stages)")
     p.add_argument("--placement", default="even", help="which stages --keep keeps: even|random|first|last")
     p.add_argument("--seed", type=int, default=0, help="the draw of --placement random")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (its files of the same "
+                   "names are replaced); without it a non-empty --out is refused")
     return p
 
 
@@ -32,7 +34,7 @@ def main() -> None:
             check_placement(args.placement)
             num_stages = checkpoint_meta(checkpoint_folder(args.checkpoint))["num_stages"]
             stages = kept_stages(num_stages, args.keep, args.placement, args.seed)
-        out = export_checkpoint(args.checkpoint, args.out, stages)
+        out = export_checkpoint(args.checkpoint, args.out, stages, overwrite=args.overwrite)
         files = ", ".join(str(out / name) for name in
                           ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "skippipe.json"))
         print(f"wrote {files}" + (f" (stages {stages})" if stages else ""))

@@ -38,6 +38,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--run-dir", help="where the runs go (default: runs/omission-<setting>)")
     p.add_argument("--seeds", type=int, default=3, help="draws of the random placement (default: 3)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default: 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs in --run-dir and the --out/--plot "
+                   "files (without it, a run dir that holds a run or an existing report is refused)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. optim.lr=1e-3")
     return p
 
@@ -52,7 +54,7 @@ def train_all(runs: dict, args, run_root: Path) -> None:
             name, run = waiting.pop(0)
             cmd = [*train_command(), "--config", args.config, "--single-process",
                    "--run-dir", str(run_root / name), "--steps", str(run.steps), *run.overrides, *args.overrides,
-                   "train.num_threads=1"]
+                   "train.num_threads=1", *(["--overwrite"] if args.overwrite else [])]
             (run_root / name).mkdir(parents=True, exist_ok=True)
             log = open(run_root / name / "train.log", "w")
             print(f"training {name}: {' '.join(cmd[1:])}", flush=True)
@@ -112,6 +114,14 @@ def main() -> None:
         times = study.network_times(setting["stages"], setting["skip_ratio"])
         runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants)
         run_root = Path(args.run_dir or f"runs/omission-{setting['name']}")
+        from skippipe.rundir import claim_output_file, run_contents
+        for name in runs:  # refuse before anything is written (Note [run dir ownership], skippipe/rundir.py)
+            held = None if args.overwrite else run_contents(run_root / name)
+            if held:
+                raise ConfigError(f"--run-dir {run_root} holds {held} in {name}/; pass another --run-dir, or "
+                                  f"--overwrite to replace its runs")
+        claim_output_file(args.out, overwrite=args.overwrite, flag="--out")
+        claim_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
         train_all(runs, args, run_root)
         trained = time.time() - start
         import torch

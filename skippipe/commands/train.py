@@ -6,7 +6,9 @@
 
 Every rank plays the plan node with its rank. Rank 0 solves the plan (or loads --plan) and shares it;
 every rank checks it against the world size. Settings: defaults < --config YAML < dotted overrides such
-as optim.lr=3e-4 < the flags below. --resume continues from the run dir's newest checkpoint, with its plan.
+as optim.lr=3e-4 < the flags below. --resume continues from the run dir's newest checkpoint, with its plan;
+a fresh run into a run dir that holds a run is refused unless --overwrite (Note [run dir ownership],
+skippipe/rundir.py).
 Node loss: launch elastic (--nnodes MIN:MAX --max-restarts K) with SKIPPIPE_NODE=<topology node name> per
 machine; survivors re-plan and go on from the last checkpoint (Note [node loss], skippipe/elastic.py).
 """
@@ -39,6 +41,8 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, help="model init, data order and solver seed (train.seed; default: the config's, else 0)")
     p.add_argument("--run-dir", help="metrics, config, plan and checkpoints go here, relative to the current directory (train.run_dir; default: the config's, else runs/default)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    p.add_argument("--overwrite", action="store_true", help="a fresh run in a run dir that holds a run: delete "
+                   "that run's metrics, config, plan and checkpoints first (without it, the start is refused)")
     p.add_argument("--single-process", action="store_true", help="path-faithful mode: whole model, one device")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.log_every=10")
     return p
@@ -88,10 +92,12 @@ def main() -> None:
         from skippipe.trainer import train
 
         cfg = load_config(args.config, args.overrides + flag_overrides(args))
+        if args.resume and args.overwrite:
+            raise ConfigError("--resume continues the run in the run dir and --overwrite deletes it; pass one of them")
         if cfg.train.single_process:
             plan = plan_for_run(cfg, args.resume)
             check(plan)
-            train(cfg, plan, resume=args.resume)
+            train(cfg, plan, resume=args.resume, overwrite=args.overwrite)
             return
         launched = env_rank()
         if launched is None:
@@ -106,7 +112,7 @@ def main() -> None:
         init_process_group(device, timeout_s=cfg.train.comm_timeout_s)
         try:
             # Who is which node, and whether this (re)start continues the job from its checkpoint.
-            world = join(cfg, explicit_resume=args.resume, rank=rank, world_size=world_size)
+            world = join(cfg, explicit_resume=args.resume, rank=rank, world_size=world_size, overwrite=args.overwrite)
             isend = transport(rank, world.rank_nodes)
             if cfg.schedule.topology == "measure" and not cfg.schedule.plan and not world.resume:
                 from skippipe.profiling import profile_for_run  # every rank measures; rank 0 solves on the result

@@ -218,11 +218,12 @@ class EmulatedCluster:
 def run_benchmark(topology_path: str, *, skip_ratios: list[float], steps: int, profile: bool, config: str,
                   work_dir: str | Path, bandwidth_scale: float | None = None, reference_model: str = "llama-500m",
                   latency_scale: float = 1.0, overrides: list[str] = (), plots_dir: str | Path | None = None,
-                  timeout_s: float = 1800, nice: int = -19) -> dict:
+                  timeout_s: float = 1800, nice: int = -19, overwrite: bool = False) -> dict:
     """Train for `steps` at each skip ratio on one emulated cluster; the report of the issue's end-to-end run.
 
     With `profile`, every run starts with `--topology measure` (rank 0 solves on what was measured);
     otherwise it solves on the shaped topology. See skippipe/emulation/emulate_report.py for the figures.
+    `overwrite`: pass --overwrite to scripts/train.py (replace runs already in the work dir's run dirs).
     """
     from skippipe.config import load_config
     from skippipe.emulation.emulate_report import gantt_for_run, summarise_run
@@ -241,7 +242,8 @@ def run_benchmark(topology_path: str, *, skip_ratios: list[float], steps: int, p
             run_dir = work_dir / f"skip{ratio:g}"
             topo_arg = "measure" if profile else str(work_dir / "topology.shaped.yaml")
             wall = cluster.train(run_dir, ["--config", config, "--skip-ratio", str(ratio), "--steps", str(steps),
-                                           "--topology", topo_arg, *overrides], timeout_s)
+                                           "--topology", topo_arg, *overrides,
+                                           *(["--overwrite"] if overwrite else [])], timeout_s)
             summary = summarise_run(run_dir, shaped, model)
             summary["wall_s"] = wall
             if plots_dir is not None:

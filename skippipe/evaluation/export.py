@@ -3,7 +3,9 @@
     OUT/config.json              LlamaConfig (written as JSON: exporting does not need transformers)
     OUT/model.safetensors        every stage's weights under Hugging Face names (model.hf_state_dict)
     OUT/tokenizer.json           the run's tokenizer (see Note [byte tokenizer])
-    OUT/tokenizer_config.json    PreTrainedTokenizerFast, so AutoTokenizer finds it
+    OUT/tokenizer_config.json    PreTrainedTokenizerFast, so AutoTokenizer finds it, with BOS/EOS/pad declared
+    OUT/special_tokens_map.json  the same BOS/EOS/pad, for tools that read this file
+    OUT/generation_config.json   bos/eos/pad ids, so generation stops at EOS and batches pad
     OUT/skippipe.json            where it came from: checkpoint, step, kept stages and layers
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,8 +18,15 @@ Note [byte tokenizer]: skippipe's default tokenizer has no files: token id = UTF
 writes it as a `tokenizers` BPE model whose 256 entries are the byte tokens <0x00>..<0xFF> (id = byte),
 with no merges and byte fallback on, so every character falls back to its UTF-8 bytes and decoding fuses
 them back. This is the byte-fallback scheme of the LLaMa/SentencePiece tokenizers, so transformers and
-anything else that reads tokenizer.json encode exactly like skippipe.data.ByteTokenizer. The byte
-tokenizer has no BOS/EOS/pad tokens (all 256 ids are bytes), and the export declares none.
+anything else that reads tokenizer.json encode exactly like skippipe.data.ByteTokenizer.
+
+Note [declared special tokens]: evaluation harnesses need a BOS or EOS token to start a rolling
+log-likelihood and to stop generation, and batched pipelines need a pad token; each must be an id of
+the model's vocabulary. A BPE tokenizer from scripts/train_tokenizer.py has <|bos|>, <|eos|>, <|pad|>
+(skippipe/tokenizer.py). All 256 ids of the byte tokenizer are bytes, so the export declares the ASCII
+control bytes made for the purpose: STX <0x02> (start of text) as BOS, ETX <0x03> (end of text) as EOS,
+NUL <0x00> as pad. The skippipe corpora never contain them, so no text the model saw means otherwise.
+Encoding adds none of them, as in training, so an exported tokenizer encodes exactly as skippipe did.
 """
 from __future__ import annotations
 
@@ -33,9 +42,14 @@ from topology.errors import ConfigError
 from topology.model_spec import ModelSpec
 
 
-def hf_config(spec: ModelSpec, num_layers: int | None = None, context: int | None = None) -> dict:
+BYTE_SPECIALS = {"bos": ("<0x02>", 2), "eos": ("<0x03>", 3), "pad": ("<0x00>", 0)}  # Note [declared special tokens]
+
+
+def hf_config(spec: ModelSpec, num_layers: int | None = None, context: int | None = None,
+              special: dict[str, tuple[str, int]] | None = None) -> dict:
     """config.json for LlamaForCausalLM. Both rope spellings: rope_parameters (transformers 5) and
-    rope_theta (4.x), so the folder loads with either."""
+    rope_theta (4.x), so the folder loads with either. ``special``: {'bos'|'eos'|'pad': (token, id)}."""
+    special = special or {}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -57,9 +71,9 @@ def hf_config(spec: ModelSpec, num_layers: int | None = None, context: int | Non
         "tie_word_embeddings": spec.tie_embeddings,
         "initializer_range": 0.02,
         "use_cache": True,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
+        "bos_token_id": special.get("bos", (None, None))[1],
+        "eos_token_id": special.get("eos", (None, None))[1],
+        "pad_token_id": special.get("pad", (None, None))[1],
         "torch_dtype": "float32",
     }
 
@@ -77,15 +91,28 @@ def byte_tokenizer():
     return tokenizer
 
 
-def export_tokenizer(tokenizer_name: str, out_dir: Path, context: int) -> None:
+def export_tokenizer(tokenizer_name: str, out_dir: Path, context: int, vocab_size: int) -> dict[str, tuple[str, int]]:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; returns the declared
+    {'bos'|'eos'|'pad': (token, id)} (Note [declared special tokens]). Raises ConfigError when a
+    special token's id is outside the model's vocabulary."""
     if tokenizer_name == "byte":
-        byte_tokenizer().save(str(out_dir / "tokenizer.json"))
+        tokenizer, special = byte_tokenizer(), dict(BYTE_SPECIALS)
     else:
         from skippipe.data import HFTokenizer
-        HFTokenizer(tokenizer_name)._tokenizer.save(str(out_dir / "tokenizer.json"))
+        from skippipe.tokenizer import special_token_ids
+        tokenizer = HFTokenizer(tokenizer_name)._tokenizer
+        special = special_token_ids(tokenizer)
+    outside = {role: tid for role, (_, tid) in special.items() if not 0 <= tid < vocab_size}
+    if outside:
+        raise ConfigError(f"special token ids {outside} are outside the model's vocabulary of {vocab_size}")
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    names = {f"{role}_token": token for role, (token, _) in special.items()}
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context,
-        "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+        "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
+        **names}, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(names, indent=2) + "\n")
+    return special
 
 
 def kept_state_dict(model: FullModel, stages: Sequence[int]) -> tuple[dict, list[int]]:
@@ -113,23 +140,34 @@ def export_hf(model: FullModel, out_dir: str | Path, *, tokenizer: str = "byte",
     if 0 not in stages:
         raise ConfigError(f"kept stages {stages} must include stage 0 (embedding and LM head)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    spec = model.spec
+    # The tokenizer first: a tokenizer without BOS/EOS fails before any weights are written.
+    special = export_tokenizer(tokenizer, out_dir, context or spec.context, spec.vocab_size)
     weights, layers = kept_state_dict(model, stages)
     # Own contiguous storage per tensor: safetensors refuses shared or strided views.
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
-    spec = model.spec
-    (out_dir / "config.json").write_text(json.dumps(hf_config(spec, len(layers), context), indent=2) + "\n")
-    export_tokenizer(tokenizer, out_dir, context or spec.context)
+    (out_dir / "config.json").write_text(json.dumps(hf_config(spec, len(layers), context, special), indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": special["bos"][1], "eos_token_id": special["eos"][1], "pad_token_id": special["pad"][1]},
+        indent=2) + "\n")
     (out_dir / "skippipe.json").write_text(json.dumps({
         **(provenance or {}), "model": spec.to_dict(), "num_stages": model.num_stages,
         "kept_stages": stages, "kept_layers": layers, "tokenizer": tokenizer}, indent=2) + "\n")
     return out_dir
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, stages: Sequence[int] | None = None) -> Path:
-    """A run dir (or checkpoints/step_* folder) -> the Hugging Face folder."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, stages: Sequence[int] | None = None, *,
+                      overwrite: bool = False) -> Path:
+    """A run dir (or checkpoints/step_* folder) -> the Hugging Face folder.
+
+    `out_dir` must be new or empty unless `overwrite` (rundir.claim_output_dir); checked after the
+    checkpoint loads, so a bad checkpoint is reported first. Raises ConfigError (one line).
+    """
     from skippipe.checkpoint import load_full_model
     from skippipe.evaluation.omission import checkpoint_summary
+    from skippipe.rundir import claim_output_dir
     model, cfg, folder = load_full_model(checkpoint)
+    claim_output_dir(out_dir, overwrite=overwrite)
     return export_hf(model, out_dir, tokenizer=cfg.data.tokenizer, context=cfg.data.context or model.spec.context,
                      stages=stages, provenance=checkpoint_summary(folder))

@@ -3,6 +3,7 @@ kept fraction (left) and its validation loss against predicted wall-clock on the
 Both panels are drawn from the report's own tables (skippipe/experiments/omission_study.py)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 COLOURS = {"skip": "tab:blue", "full": "tab:red", "full_equal_time": "tab:orange", "layerdrop": "tab:green"}
@@ -23,7 +24,10 @@ def plot_study(report: dict, path: str | Path) -> None:
             if mine:
                 left.plot([r["keep"] for r in mine], [r["ppl"] for r in mine], style, marker="o", color=colour,
                           alpha=1.0 if placement == "even" else 0.5, label=f"{run['label']}, {placement}")
-        val = [(c["network_s"] / 3600, c["val_loss"]) for c in run["curve"] if c["val_loss"] is not None]
+        # null: not measured at that step; a step skipped as non-finite (train.nonfinite=skip) has a null
+        # training loss, and a non-finite validation loss is no point on a curve either
+        val = [(c["network_s"] / 3600, c["val_loss"]) for c in run["curve"]
+               if c["val_loss"] is not None and math.isfinite(c["val_loss"])]
         if val:
             right.plot(*zip(*val), "o-", color=colour, label=run["label"])
     a = report["answers"]

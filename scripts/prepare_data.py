@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""`python scripts/prepare_data.py ...` from a checkout, the same as the installed `skippipe-prepare-data`.
+
+The command lives in skippipe/commands/prepare_data.py; this wrapper only makes the checkout importable first,
+so that the script works without installing the package.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from skippipe.commands.prepare_data import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
