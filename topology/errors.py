@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """Bad user input: a message that says what is wrong and how to fix it."""
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"file not found: {exc.filename}; check the path"
     if isinstance(exc, IsADirectoryError):
@@ -43,7 +43,7 @@ def cli_errors():
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, KeyError, yaml.YAMLError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
 

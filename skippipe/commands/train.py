@@ -17,7 +17,7 @@ import contextlib
 import os
 import sys
 
-from topology.errors import ArgumentParser, ConfigError, cli_errors
+from topology.errors import ArgumentParser, ConfigError, cli_errors, one_line
 
 
 class Parser(ArgumentParser):
@@ -126,6 +126,13 @@ def main() -> None:
             # in flight could itself hang.
             print(f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
             os._exit(1)
+        except (ValueError, OSError, KeyError) as exc:
+            # Bad input found after the process group formed (an occupied run dir, a changed setting on
+            # resume): the one line (rank 0), then leave at once. A normal exit would tear down gloo
+            # while other ranks wait in a collective on this one: std::terminate, SIGABRT on some ranks.
+            if rank == 0:
+                print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+            os._exit(2)
         dist.destroy_process_group()
 
 
