@@ -242,6 +242,9 @@ class Trainer:
                          f"model YAML (as llama-tiny-fp32 does) or train.precision to match")
         if self.resumed_from is not None:
             metrics.info(f"resumed from {self.resumed_from} after step {self.start_step}")
+            if self.start_step >= cfg.train.steps:
+                metrics.info(f"nothing to train: the run is already at step {self.start_step} and --steps is "
+                             f"{cfg.train.steps}; pass a larger --steps to train on")
         records = []
         for step in range(self.start_step + 1, cfg.train.steps + 1):
             record = self.train_step(step)
