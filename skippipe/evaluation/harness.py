@@ -16,7 +16,8 @@ Note [comparable perplexity]: the rolling task's documents are the held-out spli
 ROLLING_WINDOWS * context tokens, and lm-eval scores each in disjoint windows of the export's
 model_max_length (= the training context), the first conditioned on BOS. The evaluator scores the same
 split in disjoint windows of `context` tokens. The two differ only in the first token of each window (BOS
-vs. nothing before the window) and at document edges, so byte perplexities agree to about 1%.
+vs. nothing before the window) and at document edges, so byte perplexities agree closely (measured:
+within 0.4% on the 300-step debug model, README).
 """
 from __future__ import annotations
 
