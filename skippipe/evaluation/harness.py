@@ -90,7 +90,7 @@ def evaluator_figures(model, batches, stages: list[int], num_bytes: int) -> dict
 def lm_eval_report(checkpoint: str | Path, work: str | Path, *, keep: float, docs: int, batch_size: int,
                    device: str, seed: int, overwrite: bool = False) -> dict:
     """Export full and `keep`-depth folders into `work`, run lm-eval on both, and return the report
-    ({'exports': {'full'|'keep': {'path', 'stages', 'lm_eval': {task: metrics}, 'evaluator': {...}}}, ...}).
+    ({'exports': {'full'|'keep_<keep>': {'path', 'stages', 'lm_eval': {task: metrics}, 'evaluator': {...}}}, ...}).
 
     Raises ConfigError for a bad checkpoint, a non-empty `work` (without `overwrite`), too little
     held-out text, or a missing lm-eval.
