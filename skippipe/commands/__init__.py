@@ -26,6 +26,7 @@ COMMANDS = {
     "prepare-data": ("skippipe.commands.prepare_data", "tokenize a corpus once into memory-mapped token files"),
     "import-hf": ("skippipe.commands.import_hf", "a local Hugging Face LlamaForCausalLM folder as a model spec and a step-0 checkpoint"),
     "measure-data": ("skippipe.commands.measure_data", "prepare and train from a large vs a small prepared corpus: MB/s, memory, first step"),
+    "lm-eval-check": ("skippipe.commands.lm_eval_check", "lm-evaluation-harness, unmodified and offline, on a full and a half-depth export"),
     "gpu-check": ("skippipe.commands.gpu_check", "stage throughput, MFU and memory at real shapes on a GPU; training on it against the CPU"),
     "topology": ("topology.cli", "show a network, or simulate a plan on it (also python -m topology)"),
     "scheduler": ("scheduler.cli", "solve, validate and compare plans (also python -m scheduler)"),
