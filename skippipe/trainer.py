@@ -136,7 +136,9 @@ class Trainer:
                             if len(b[0]) == plan.microbatch_size]  # full batches only: message shapes are fixed
         # The plan's microbatch size, not the config's: the plan is the contract (it may come from --plan).
         self.tokens_per_step = plan.num_microbatches * plan.microbatch_size * self.context
-        self.throughput = self._throughput()
+        device = executor.device
+        self.peak_tflops = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                                       self.precision.name, cfg.train.peak_tflops)
         self.resumed_from = folder
         if self.resume:
             self.start_step = load_checkpoint(folder, stages=self.stages, optimizers=self.optimizers,
@@ -194,7 +196,7 @@ class Trainer:
                 optimizer.step()
         val_due = self._due(step, cfg.train.eval_every)
         val_loss = executor.evaluate(self.val_batches) if val_due and self.val_batches else None
-        record = self._record(step, lr=lr, grad_norm=grad_norm, result=result,
+        record = self._record(step, plan=plan, lr=lr, grad_norm=grad_norm, result=result,
                               iteration_s=time.perf_counter() - started, wall=wall,
                               with_timeline=self._due(step, cfg.train.log_every) or self.replanner is not None)
         record["val_loss"] = val_loss  # None (null) when not measured: never a stand-in number
@@ -308,27 +310,26 @@ class Trainer:
             for where, stage, count in part:
                 metrics.info(f"{where}stage {stage} | {count:,} parameters (and their AdamW state)")
 
-    def _throughput(self) -> dict:
-        """This process's share of an iteration (Note [model FLOPs] in flops.py): model FLOPs, tokens through
-        its stages, the model's FLOPs per token and the device's peak TFLOP/s (None: MFU is null)."""
-        plan, device, context = self.plan, self.executor.device, self.context
+    def _throughput(self, plan: Plan) -> dict:
+        """This process's share of an iteration run with `plan` (Note [model FLOPs] in flops.py): model FLOPs,
+        tokens through its stages and the model's FLOPs per token. Counted from the step's own plan: a
+        full-depth step (path_schedule.py) or a re-planned one does other work than the run's first plan."""
+        context = self.context
         nodes = set(self.executor.data_nodes(plan)) if isinstance(self.executor, DistributedExecutor) else None
         per_node = node_flops(plan, self.spec, context)
         flops = sum(v for n, v in per_node.items() if nodes is None or n in nodes)
         # tokens through this rank's stage; the single process runs every microbatch once, end to end
         visits = (sum(n in nodes for p in plan.paths for n in p.nodes) if nodes is not None
                   else plan.num_microbatches)
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         return {"flops": flops, "tokens": visits * plan.microbatch_size * context,
-                "flops_per_token": model_flops_per_token(self.spec, context),
-                "peak": peak_tflops(name, self.precision.name, self.cfg.train.peak_tflops)}
+                "flops_per_token": model_flops_per_token(self.spec, context)}
 
-    def _record(self, step: int, *, lr: float, grad_norm: float, result: IterationResult, iteration_s: float,
+    def _record(self, step: int, *, plan: Plan, lr: float, grad_norm: float, result: IterationResult, iteration_s: float,
                 wall: float, with_timeline: bool) -> dict:
         """The step's metrics, gathered from every process: one small collective, plus the action timelines
         on logged steps (a JSON gather is two more collectives, which cost latency on a slow network)."""
         loss_sum = sum(float(v) for v in result.losses.values())
-        throughput = self.throughput
+        throughput = self._throughput(plan)
         mine = torch.tensor([loss_sum, result.compute_s, result.wait_s, iteration_s, wall, throughput["flops"],
                              throughput["tokens"]], dtype=torch.float64, device=self.executor.device)
         rows = [row.tolist() for row in self.executor.gather_rows(mine, "gathering the step's metrics")]
@@ -337,7 +338,7 @@ class Trainer:
         origin = rows[0][4]
         iteration = max(r[3] for r in rows)
         idle = [max(0.0, r[3] - r[1]) for r in rows]
-        peak = throughput["peak"]
+        peak = self.peak_tflops
         return {
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "iteration_s": iteration,
             "tokens_per_s": self.tokens_per_step / iteration,

@@ -59,3 +59,22 @@ def test_a_cpu_run_logs_throughput_and_a_null_mfu_unless_given_a_peak(tmp_path):
     # MFU = the step's model FLOPs over (iteration seconds x peak): 2 microbatches of 1 sequence of 16 tokens.
     assert peaked["mfu"] == pytest.approx(2 * 1 * 16 * peaked["model_flops_per_token"]
                                           / (peaked["iteration_s"] * 0.01e12), rel=1e-9)
+
+
+def test_each_step_counts_the_flops_of_the_plan_it_ran(tmp_path):
+    """A run whose plan varies by step (LayerDrop, path_schedule.py) logs each step's own model FLOPs,
+    not those of the run's first plan."""
+    from skippipe.path_schedule import plan_schedule
+    model = tmp_path / "tiny.yaml"
+    model.write_text("name: f\ndim: 32\nnum_layers: 4\nnum_heads: 2\nffn_dim: 64\ncontext: 16\nvocab_size: 256\n")
+    cfg = Config(model=str(model))
+    cfg.data.context, cfg.train.steps, cfg.train.eval_batches, cfg.train.num_threads = 16, 6, 1, 1
+    cfg.train.run_dir, cfg.train.peak_tflops, cfg.schedule.layerdrop = str(tmp_path / "run"), 0.01, 0.5
+    cfg.schedule.num_stages = 4
+    plan = hand_plan("0 1 2 3", ["0@0 1@1 2@2 3@3"] * 4)
+    records = train(cfg, plan)
+    schedule, spec = plan_schedule(cfg, plan), load_model_spec(str(model))
+    expected = [sum(node_flops(schedule.plan_at(r["step"]), spec, 16).values()) for r in records]
+    logged = [r["mfu"] * r["iteration_s"] * 0.01e12 for r in records]
+    assert logged == pytest.approx(expected, rel=1e-9)
+    assert len(set(expected)) > 1  # the draws differ, so a count from the first plan alone would fail
