@@ -56,6 +56,10 @@ class Context:
     # `factor` times as long (an injected wait after it). A straggling node, for the emulated cluster's
     # scheduled events (skippipe/emulation/events.py); chosen at launch (SLOWDOWN_ENV), None in real runs.
     slowdown: tuple[int, float] | None = None
+    # action kind (F, L, B) -> the seconds it takes at least (an injected wait after a faster one): the
+    # emulated cluster's compute, scaled like its bandwidths (Note [emulated compute] in
+    # skippipe/emulation/emulate.py); chosen at launch (COMPUTE_ENV), None in real runs.
+    compute_floor_s: dict[str, float] | None = None
 
     @property
     def stage(self) -> int:
@@ -101,8 +105,33 @@ def slowdown_from_env() -> tuple[int, float] | None:
     return value
 
 
+COMPUTE_ENV = "SKIPPIPE_COMPUTE_S"  # "F=0.41,L=0.02,B=0.82", read by the launcher (scripts/train.py)
+
+
+def compute_floor_from_env() -> dict[str, float] | None:
+    """SKIPPIPE_COMPUTE_S="F=0.41,L=0.02,B=0.82" -> {"F": 0.41, "L": 0.02, "B": 0.82}: every forward, loss
+    and backward of this rank takes at least that many seconds; None when unset. ConfigError for a malformed
+    value."""
+    text = os.environ.get(COMPUTE_ENV, "").strip()
+    if not text:
+        return None
+    floors: dict[str, float] = {}
+    for item in text.split(","):
+        kind, _, seconds = item.partition("=")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if kind.strip() not in ("F", "L", "B") or not value >= 0 or kind.strip() in floors:
+            raise ConfigError(f"{COMPUTE_ENV}={text!r}: expected KIND=SECONDS for each of F, L and B at most "
+                              f"once, seconds >= 0, e.g. F=0.41,L=0.02,B=0.82")
+        floors[kind.strip()] = value
+    return floors
+
+
 def build_context(plan: Plan, device: torch.device, timeout_s: float, *, isend: Send = dist.isend,
-                  slowdown: tuple[int, float] | None = None) -> Context:
+                  slowdown: tuple[int, float] | None = None, compute_floor_s: dict[str, float] | None = None
+                  ) -> Context:
     """Map this rank to its plan node and create one data-parallel group per stage; `isend` is the
     transport the launcher chose (Note [transport]). ConfigError when the world size is not the plan's.
 
@@ -122,7 +151,7 @@ def build_context(plan: Plan, device: torch.device, timeout_s: float, *, isend: 
             groups[stage] = group
     return Context(rank=rank, world_size=world_size, node=plan.node_of_rank(rank), device=device, timeout=timeout,
                    stage_ranks=stage_ranks, stage_groups=groups, node_rank={n.id: n.rank for n in plan.nodes},
-                   isend=isend, slowdown=slowdown)
+                   isend=isend, slowdown=slowdown, compute_floor_s=compute_floor_s)
 
 
 def env_rank() -> tuple[int, int, int] | None:

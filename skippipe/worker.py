@@ -88,6 +88,10 @@ class Worker:
                 outgoing = inputs.grad if inputs is not None else None
             self._sync()
             end = time.time()
+            floor = (self.ctx.compute_floor_s or {}).get(action.kind, 0.0)
+            if end - start < floor:  # the emulated cluster's compute (Note [emulated compute])
+                time.sleep(floor - (end - start))
+                end = time.time()
             if stretch > 0:  # a straggler: the action takes `factor` times as long
                 time.sleep(stretch * (end - start))
                 end = time.time()

@@ -86,7 +86,8 @@ def main() -> None:
         from topology.plan import Plan
         from skippipe.comm import PeerError
         from skippipe.config import load_config
-        from skippipe.context import build_context, env_rank, init_process_group, pick_device, slowdown_from_env
+        from skippipe.context import (build_context, compute_floor_from_env, env_rank, init_process_group,
+                                      pick_device, slowdown_from_env)
         from skippipe.elastic import join, node_identity, plan_for_world
         from skippipe.planning import make_plan, plan_for_run, share_plan
         from skippipe.trainer import train
@@ -119,7 +120,8 @@ def main() -> None:
                 cfg.schedule.topology = str(profile_for_run(cfg, rank=rank, world_size=world_size, isend=isend))
             plan = share_plan(lambda: plan_for_world(cfg, world, resume=world.resume, make_plan=make_plan), rank)
             check(plan, world_size=world_size)
-            ctx = build_context(plan, device, cfg.train.comm_timeout_s, isend=isend, slowdown=slowdown_from_env())
+            ctx = build_context(plan, device, cfg.train.comm_timeout_s, isend=isend, slowdown=slowdown_from_env(),
+                                compute_floor_s=compute_floor_from_env())
             train(cfg, plan, ctx, resume=world.resume)
         except PeerError as exc:
             # A dead or silent peer: say so and leave at once; tearing down groups with messages

@@ -19,6 +19,16 @@ every bandwidth by the ratio of their message sizes (`auto_bandwidth_scale`) mak
 take as long on the emulated link as the reference model's hop on the real one; compute, which the tiny
 model does in a millisecond, then is a small part of the iteration, as in a geo-distributed job.
 
+Note [emulated compute]: with real compute only links matter (the tiny model computes in milliseconds), so a
+straggling node changes nothing measurable. For benchmarks where compute must weigh as it does for the
+reference model (scripts/adaptation.py), `emulated_topology(compute_scale=...)` scales every node's FLOP/s
+by the ratio of the two models' FLOPs per sample (`auto_compute_scale`), and each rank is told, through
+context.COMPUTE_ENV, the seconds its forward, loss and backward take by the cost model on that emulated
+topology (`compute_floors`); a faster real action waits out the rest (worker.py). The ranks sleep rather than
+compute, so 8 of them share 2 cores without contending. Hops and compute then take what the reference
+model's would on the real network, times 1 / time scale when bandwidths and FLOP/s are multiplied and
+latencies divided by the same factor (a shorter benchmark with the same plan and the same ratios).
+
 Note [priority]: the agents and ranks run at nice -19. On a shared machine, other jobs' CPU load otherwise
 adds a scheduling delay to every hop (a delayed send's timer thread, gloo's I/O thread on both ends, the
 receiving rank: each waits for a core), which no real cluster of dedicated nodes has: at a load average
@@ -38,9 +48,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from skippipe.emulation.events import LinkEvents, node_env
+from skippipe.emulation.events import LinkEvents, event_env
 from skippipe.emulation.latency import ENV as LATENCY_ENV, NODE_ENV, write_latency_file
 from skippipe.emulation.netns import EmulatedNetwork, netns_unavailable_reason, remove_stale
+from skippipe.context import COMPUTE_ENV
+from topology.cost import CostModel, layer_forward_flops
 from topology.model_spec import ModelSpec
 from topology.network import Node, Topology
 
@@ -53,13 +65,32 @@ def auto_bandwidth_scale(model: ModelSpec, reference: ModelSpec) -> float:
     return (model.context * model.dim * model.dtype_bytes) / (reference.context * reference.dim * reference.dtype_bytes)
 
 
-def emulated_topology(configured: Topology, bandwidth_scale: float, latency_scale: float = 1.0) -> Topology:
-    """The topology as emulated: bandwidths times `bandwidth_scale`, latencies times `latency_scale`."""
-    if not bandwidth_scale > 0 or not latency_scale >= 0:
-        raise ValueError(f"scales must be positive (bandwidth {bandwidth_scale}, latency {latency_scale})")
-    nodes = [Node(n.id, n.name, n.region, n.flops, n.memory_gb) for n in configured.nodes]
+def auto_compute_scale(model: ModelSpec, reference: ModelSpec) -> float:
+    """Forward FLOPs per sample of all `model`'s layers over those of `reference` (Note [emulated compute]):
+    a stage of `model` on a node whose FLOP/s are scaled by this takes as long as the same share of
+    `reference`'s layers on the real node."""
+    return (model.num_layers * layer_forward_flops(model)) / (reference.num_layers * layer_forward_flops(reference))
+
+
+def emulated_topology(configured: Topology, bandwidth_scale: float, latency_scale: float = 1.0,
+                      compute_scale: float = 1.0) -> Topology:
+    """The topology as emulated: bandwidths times `bandwidth_scale`, latencies times `latency_scale`, node
+    FLOP/s times `compute_scale` (which only the ranks given `compute_floors` honour). ValueError for a
+    scale that is not positive (latency: negative)."""
+    if not bandwidth_scale > 0 or not latency_scale >= 0 or not compute_scale > 0:
+        raise ValueError(f"scales must be positive (bandwidth {bandwidth_scale}, latency {latency_scale}, "
+                         f"compute {compute_scale})")
+    nodes = [Node(n.id, n.name, n.region, n.flops * compute_scale, n.memory_gb) for n in configured.nodes]
     return Topology(f"{configured.name}-emulated", nodes, configured.latency_ms * latency_scale,
                     configured.bandwidth_gbit_s * bandwidth_scale)
+
+
+def compute_floors(cost: CostModel, stage_of_node: list[int]) -> dict[int, dict[str, str]]:
+    """node -> the COMPUTE_ENV its ranks get: the cost model's seconds of a forward, loss and backward of
+    the node's stage (`stage_of_node[node]`) on the node (Note [emulated compute])."""
+    return {node: {COMPUTE_ENV: f"F={cost.forward_s[stage, node]:.6f},L={cost.loss_s[node]:.6f},"
+                                f"B={cost.backward_s(stage, node):.6f}"}
+            for node, stage in enumerate(stage_of_node)}
 
 
 def write_topology(path: str | Path, topology: Topology) -> Path:
@@ -143,11 +174,12 @@ class EmulatedCluster:
         return env
 
     def train(self, run_dir: str | Path, script_args: list[str], timeout_s: float = 1800, *,
-              events: list | None = None) -> float:
+              events: list | None = None, compute_env: dict[int, dict[str, str]] | None = None) -> float:
         """Run scripts/train.py on every node with `script_args` (+ --run-dir); return the wall seconds.
 
         `events`: scheduled link and node events (skippipe/emulation/events.py); the links they changed
-        are shaped back to the topology's figures when the job ends.
+        are shaped back to the topology's figures when the job ends. `compute_env`: node -> extra environment
+        of its processes (`compute_floors`).
 
         Each agent's output goes to run_dir/logs/<node>.log. A failing node ends the whole job; the error
         names it and shows the end of its log.
@@ -160,7 +192,9 @@ class EmulatedCluster:
         run_id = f"emu-{self.net.tag}-{self._jobs}"
         args = [*script_args, "--run-dir", str(run_dir)]
         procs, files = [], []
-        extra_env = node_env(events or [])
+        extra_env = {i: dict((compute_env or {}).get(i, {})) for i in range(self.topology.num_nodes)}
+        for i, env in event_env(events or []).items():
+            extra_env[i].update(env)
         scheduled = LinkEvents(events or [], self.net, run_dir)
         started = time.monotonic()
         try:

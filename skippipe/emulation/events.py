@@ -49,7 +49,7 @@ class NodeEvent:
 Event = LinkEvent | NodeEvent
 
 
-def node_env(events: list[Event]) -> dict[int, dict[str, str]]:
+def event_env(events: list[Event]) -> dict[int, dict[str, str]]:
     """node index -> the environment variables its processes need for `events` (the straggler's)."""
     out: dict[int, dict[str, str]] = {}
     for event in events:
