@@ -59,6 +59,10 @@ class ScheduleConfig:
     full_fraction: float = 0.0
     # One iteration in full_every runs every microbatch at full depth (0: never); single-process only.
     full_every: int = 0
+    # Up to this many plans of the same placement and (within 2%) the same predicted iteration time, one
+    # per iteration in turn: more distinct stage sets (scheduler/rotation.py; 1: the plan only);
+    # single-process only.
+    rotate: int = 1
     # LayerDrop instead of the plan's paths (single-process only): each microbatch keeps stage 0 and each
     # other stage with the probability that gives the expected depth of this skip ratio, natural order.
     layerdrop: float = 0.0
@@ -153,13 +157,15 @@ class Config:
             raise ConfigError(f"schedule.skip_ratio must be in [0, 1), got {s.skip_ratio}; e.g. --skip-ratio 0.25")
         if not 0 <= s.full_fraction <= 1:
             raise ConfigError(f"schedule.full_fraction must be in [0, 1], got {s.full_fraction}; e.g. 0.125")
+        if s.rotate < 1:
+            raise ConfigError(f"schedule.rotate must be a positive integer, got {s.rotate!r}; 1 turns it off, e.g. 8")
         if s.full_every < 0:
             raise ConfigError(f"schedule.full_every must not be negative, got {s.full_every}; 0 turns it off")
         if not 0 <= s.layerdrop < 1:
             raise ConfigError(f"schedule.layerdrop must be in [0, 1), got {s.layerdrop}; e.g. 0.33 (a skip ratio)")
-        if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every):
+        if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every or s.rotate > 1):
             raise ConfigError("schedule.layerdrop replaces the plan's paths: train it on a full pipeline "
-                              "(skip_ratio 0, full_fraction 0, full_every 0)")
+                              "(skip_ratio 0, full_fraction 0, full_every 0, rotate 1)")
         if t.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite must be stop or skip, got {t.nonfinite!r}")
         if t.device not in ("auto", "cpu", "cuda"):

@@ -3,12 +3,14 @@
     schedule = plan_schedule(cfg, plan)      # skippipe/trainer.py calls this in setup()
     step_plan = schedule.plan_at(step)       # 1-based step
 
-Three schedules (README, "Inference with stages omitted"; issue 14):
+The schedules (README, "Inference with stages omitted"; issue 14):
 
 - the plan itself, every step (the default; `schedule.full_fraction` is already inside the plan:
   scheduler/depth.py);
+- `schedule.rotate` plans in turn, one per step: the plan and others of its placement and predicted
+  time with other paths (scheduler/rotation.py);
 - one iteration in `schedule.full_every` at full depth: the plan with every microbatch on its full
-  route (scheduler.depth.all_full_depth, same placement), the others the plan;
+  route (scheduler.depth.all_full_depth, same placement), the others the plan (or the rotation);
 - LayerDrop (`schedule.layerdrop`, the field's standard way to train for depth robustness; Fan et al.
   2019, "Reducing Transformer Depth on Demand with Structured Dropout"): every microbatch keeps stage 0
   and each other stage independently with probability p = (L - 1) / (S - 1), where L is the path length
@@ -29,25 +31,28 @@ from topology.plan import Plan, Route
 
 
 class PlanSchedule:
-    """The plan of each step: `base`, or every `full_every`-th step `full`, or LayerDrop draws around
-    `base` with per-stage keep probability `keep_prob` (None: no LayerDrop)."""
+    """The plan of each step: `base` (or the `rotation`'s plans in turn, `base` first), or every
+    `full_every`-th step `full`, or LayerDrop draws around `base` with per-stage keep probability
+    `keep_prob` (None: no LayerDrop)."""
 
     def __init__(self, base: Plan, *, full: Plan | None = None, full_every: int = 0,
-                 keep_prob: float | None = None, seed: int = 0):
+                 keep_prob: float | None = None, seed: int = 0, rotation: list[Plan] | None = None):
         self.base, self.full, self.full_every = base, full, full_every
         self.keep_prob, self.seed = keep_prob, seed
+        self.rotation = rotation or [base]
 
     @property
     def varies(self) -> bool:
         """Whether some step runs another plan than `base`."""
-        return self.keep_prob is not None or (self.full is not None and self.full_every > 0)
+        return (self.keep_prob is not None or (self.full is not None and self.full_every > 0)
+                or len(self.rotation) > 1)
 
     def plan_at(self, step: int) -> Plan:
         if self.keep_prob is not None:
             return self._layerdrop(step)
         if self.full is not None and self.full_every > 0 and step % self.full_every == 0:
             return self.full
-        return self.base
+        return self.rotation[(step - 1) % len(self.rotation)]
 
     def _layerdrop(self, step: int) -> Plan:
         rng = random.Random(f"layerdrop/{self.seed}/{step}")  # str seeds are stable across processes
@@ -73,9 +78,12 @@ def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
     s = cfg.schedule
     if s.layerdrop:
         return PlanSchedule(plan, keep_prob=layerdrop_keep_prob(plan.num_stages, s.layerdrop), seed=cfg.train.seed)
-    if s.full_every:
-        from scheduler.depth import all_full_depth
-        from skippipe.planning import build_problem, job_topology
-        full = all_full_depth(build_problem(cfg, job_topology(cfg)), plan)
-        return PlanSchedule(plan, full=full, full_every=s.full_every)
-    return PlanSchedule(plan)
+    if not s.full_every and s.rotate == 1:
+        return PlanSchedule(plan)
+    from scheduler.depth import all_full_depth
+    from scheduler.rotation import rotation
+    from skippipe.planning import build_problem, job_topology
+    problem = build_problem(cfg, job_topology(cfg))
+    full = all_full_depth(problem, plan) if s.full_every else None
+    plans = rotation(problem, plan, s.rotate, strategy=s.strategy) if s.rotate > 1 else None
+    return PlanSchedule(plan, full=full, full_every=s.full_every, rotation=plans)

@@ -36,11 +36,6 @@ from topology.simulator import simulate
 MIN_GAIN = 0.05  # a new plan must be predicted at least 5% faster than the one in force to replace it
 
 
-def placement_of(plan: Plan) -> list[int]:
-    """node id -> stage of `plan`."""
-    return [node.stage for node in sorted(plan.nodes, key=lambda n: n.id)]
-
-
 class Replanner:
     """The trainer's re-plan hook (Note [re-plan while training]); `topology` is the job's topology the
     first plan was solved for (or measured on), one node per plan node (the trainer checks)."""
@@ -70,7 +65,7 @@ class Replanner:
                                               name=f"{self.topology.name.split('@')[0]}@step{step}")
         path = save_topology(estimate, self.run_dir / "replans" / "topology.estimated.yaml")
         self.topology = estimate
-        problem = build_problem(self.cfg, estimate, fixed_placement=placement_of(plan), stage_sizes=None,
+        problem = build_problem(self.cfg, estimate, fixed_placement=plan.placement(), stage_sizes=None,
                                 num_stages=plan.num_stages, microbatch_size=plan.microbatch_size,
                                 num_microbatches=plan.num_microbatches, skip_ratio=plan.skip_ratio)
         current = simulate(plan.workload(), cost=problem.cost, memory=problem.memory).iteration_s

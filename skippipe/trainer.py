@@ -130,8 +130,9 @@ class Trainer:
         self.optimizers = {s: build_optimizer(m, cfg.optim) for s, m in self.stages.items()}
         self.schedule = plan_schedule(cfg, plan)
         if self.schedule.varies and not isinstance(executor, LocalExecutor):
-            raise ConfigError("schedule.full_every and schedule.layerdrop switch plans between steps, which only "
-                              "the single-process mode supports; pass --single-process or use schedule.full_fraction")
+            raise ConfigError("schedule.full_every, schedule.rotate and schedule.layerdrop switch plans between "
+                              "steps, which only the single-process mode supports; pass --single-process or use "
+                              "schedule.full_fraction")
         self.val_batches = [b for b in corpus.val_batches(plan.microbatch_size, cfg.train.eval_batches)
                             if len(b[0]) == plan.microbatch_size]  # full batches only: message shapes are fixed
         # The plan's microbatch size, not the config's: the plan is the contract (it may come from --plan).
@@ -242,6 +243,12 @@ class Trainer:
                          f"{precision.name} run sends {precision.wire_bytes}-byte ones, so the plan's predicted times "
                          f"count other bytes than the wire carries; set dtype_bytes: {precision.wire_bytes} in the "
                          f"model YAML (as llama-tiny-fp32 does) or train.precision to match")
+        if len(self.schedule.rotation) > 1:
+            from scheduler.rotation import distinct_stage_sets
+            rotation = self.schedule.rotation
+            metrics.info(f"rotating {len(rotation)} plans, one per step ({distinct_stage_sets(rotation)} distinct stage "
+                         f"sets; {distinct_stage_sets([self.plan])} in the first plan), predicted "
+                         + ", ".join(f"{p.predicted['iteration_s']:.3f}" for p in rotation) + " s per iteration")
         if self.resumed_from is not None:
             metrics.info(f"resumed from {self.resumed_from} after step {self.start_step}")
             if self.start_step >= cfg.train.steps:

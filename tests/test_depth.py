@@ -1,5 +1,6 @@
-"""Full-depth work in a skipping plan (scheduler/depth.py) and the per-step plan schedules
-(skippipe/path_schedule.py): valid plans, predicted costs, LayerDrop's expected depth."""
+"""Full-depth work in a skipping plan (scheduler/depth.py), plans rotated across iterations
+(scheduler/rotation.py) and the per-step plan schedules (skippipe/path_schedule.py): valid plans,
+predicted costs, LayerDrop's expected depth."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.constraints import check
+from scheduler.constraints import check, violations
 from scheduler.depth import all_full_depth, average_iteration_s, full_depth_count, mix_full_depth
 from scheduler.problem import Problem
+from scheduler.rotation import TOLERANCE, distinct_stage_sets, rotation
 from scheduler.solve import solve
 from skippipe.config import load_config
 from skippipe.path_schedule import PlanSchedule, layerdrop_keep_prob, plan_schedule
@@ -106,3 +108,44 @@ def test_a_route_the_schedule_draws_names_real_nodes():
                            "order": {}, "predicted": {}})
     plan = PlanSchedule(base, keep_prob=1.0).plan_at(1)
     assert plan.paths == [Route(0, 0, (0, 1, 3), (0, 1, 2))]
+
+
+def test_a_rotation_keeps_placement_validity_and_time_and_adds_stage_sets(problem):
+    base = solve(problem, "skippipe")
+    plans = rotation(problem, base, 4)
+    assert plans[0] is base and len(plans) > 1
+    assert len({tuple(sorted((p.microbatch, p.stages) for p in plan.paths)) for plan in plans}) == len(plans)
+    for plan in plans:
+        assert plan.placement() == base.placement()
+        assert violations(plan) == []  # CC1-CC4, TC1, TC2
+        assert plan.predicted["iteration_s"] <= base.predicted["iteration_s"] * (1 + TOLERANCE)
+    assert distinct_stage_sets(plans) > distinct_stage_sets([base])
+    assert [p.paths for p in rotation(problem, base, 4)] == [p.paths for p in plans]  # deterministic
+    strict = rotation(problem, base, 4, tolerance=-1.0)  # nothing is faster than -100%: the plan alone
+    assert strict == [base]
+
+
+def test_rotate_runs_the_plans_in_turn_and_full_every_still_wins():
+    cfg = load_config(ROOT / "configs/train/debug.yaml",
+                      ["schedule.skip_ratio=0.25", "schedule.rotate=3", "schedule.full_every=4"])
+    from skippipe.planning import make_plan
+    plan = make_plan(cfg)
+    schedule = plan_schedule(cfg, plan)
+    plans = schedule.rotation
+    assert schedule.varies and plans[0] is plan and 1 < len(plans) <= 3
+    expected = [plans[(s - 1) % len(plans)] for s in range(1, 9)]
+    got = [schedule.plan_at(s) for s in range(1, 9)]
+    for step in (1, 2, 3, 5, 6, 7):
+        assert got[step - 1] is expected[step - 1]
+    for step in (4, 8):
+        assert all(p.stages == tuple(range(cfg.schedule.num_stages)) for p in got[step - 1].paths)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["schedule.rotate=0"], "schedule.rotate must be a positive integer"),
+    (["schedule.rotate=true"], "schedule.rotate: expected int"),
+    (["schedule.layerdrop=0.25", "schedule.rotate=2"], "layerdrop replaces the plan's paths"),
+])
+def test_bad_rotation_settings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs/train/debug.yaml", overrides)

@@ -15,7 +15,7 @@ from scheduler.problem import Problem
 from scheduler.solve import solve
 from skippipe.checkpoint import checkpoint_meta, latest_checkpoint
 from skippipe.metrics import read_metrics
-from skippipe.replan import Replanner, placement_of
+from skippipe.replan import Replanner
 from skippipe.trainer import train
 from tests.spawn import spawn_ranks
 from tests.test_drift import changed, emulated_problem, emulated_topology, timelines_on
@@ -38,7 +38,7 @@ class Scripted:
         return "scripted" if record["step"] == self.at else None
 
     def propose(self, plan: Plan, *, reason: str, step: int):
-        assert placement_of(self.plan) == placement_of(plan)
+        assert self.plan.placement() == plan.placement()
         return self.plan, {"note": "scripted"}
 
     def took_force(self, switched: bool) -> None:
@@ -51,7 +51,7 @@ def two_plans(cfg) -> tuple[Plan, Plan]:
     fields = dict(model=spec, microbatch_size=4, num_stages=4, num_microbatches=6, memory=3, skip_ratio=0.25)
     first = solve(Problem(topo, **fields), "skippipe")
     busiest = Counter((n, m) for p in first.paths for n, m in zip(p.nodes, p.nodes[1:])).most_common(1)[0][0]
-    second = solve(Problem(changed(topo, link=busiest, factor=0.01), fixed_placement=placement_of(first), **fields),
+    second = solve(Problem(changed(topo, link=busiest, factor=0.01), fixed_placement=first.placement(), **fields),
                    "skippipe")
     return first, second
 
@@ -81,7 +81,7 @@ def switched_runs(tmp_path_factory):
 
 def test_the_two_plans_differ_only_in_paths_and_order(switched_runs):
     _, _, first, second = switched_runs
-    assert placement_of(first) == placement_of(second)
+    assert first.placement() == second.placement()
     assert violations(first) == [] and violations(second) == []
     assert [p.nodes for p in first.paths] != [p.nodes for p in second.paths]
 
@@ -149,7 +149,7 @@ def test_replanner_on_synthetic_timelines_switches_to_a_faster_plan_with_the_sam
             break
     assert fired is not None and step == 5 + cfg.schedule.replan.patience
     new, info = hook.propose(plan, reason=fired, step=step)
-    assert new is not None and placement_of(new) == placement_of(plan) and violations(new) == []
+    assert new is not None and new.placement() == plan.placement() and violations(new) == []
     assert info["new_plan_predicted_s"] < info["current_plan_predicted_s"]
     estimate = load_topology(info["estimate"])
     a, b = busiest

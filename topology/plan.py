@@ -104,6 +104,10 @@ class Plan:
     def num_microbatches(self) -> int:
         return len(self.paths)
 
+    def placement(self) -> list[int]:
+        """node id -> its stage: what a re-plan or a rotation keeps fixed (Problem.fixed_placement)."""
+        return [node.stage for node in sorted(self.nodes, key=lambda n: n.id)]
+
     def stage_nodes(self, stage: int) -> list[int]:
         return [n.id for n in self.nodes if n.stage == stage]
 

@@ -31,7 +31,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--setting", help="mission (8 stages, skip 0.25) or paper (6 stages, skip 0.33) (default: none; then --stages and --skip-ratio)")
     p.add_argument("--stages", type=int, help="stages of the model (default: the setting's)")
     p.add_argument("--skip-ratio", type=float, help="skip ratio of the skip run (default: the setting's)")
-    p.add_argument("--remedy", default=None, help="remedy of the skip run: plain, every10 (default), every5, mix0.125")
+    p.add_argument("--remedy", default=None, help="remedy of the skip run: plain, every10 (default), every5, mix0.125, "
+                   "rotate8, every10_rotate8")
     p.add_argument("--variants", default="", help="comma-separated remedies trained as extra skip runs, e.g. plain")
     p.add_argument("--steps", type=int, help="training steps of the equal-token runs (default: the config's)")
     p.add_argument("--config", default="omission", help="training YAML or shipped config name of every run (default: omission)")

@@ -35,7 +35,6 @@ from skippipe.emulation.emulate import (EmulatedCluster, auto_bandwidth_scale, a
 from skippipe.emulation.events import LinkEvent, NodeEvent
 from skippipe.metrics import read_metrics
 from skippipe.planning import build_problem
-from skippipe.replan import placement_of
 from topology.load import load_topology
 from topology.model_spec import load_model_spec
 from topology.network import Node, Topology
@@ -60,7 +59,7 @@ def after_event(topology: Topology, event) -> Topology:
 
 def oracle_plan(cfg: Config, static: Plan, topology: Topology) -> Plan:
     """`static`'s placement, paths and order solved for `topology`."""
-    problem = build_problem(cfg, topology, fixed_placement=placement_of(static), stage_sizes=None)
+    problem = build_problem(cfg, topology, fixed_placement=static.placement(), stage_sizes=None)
     return solve(problem, cfg.schedule.strategy)
 
 
@@ -130,14 +129,14 @@ def run_adaptation(*, topology_path: str, config: str, work_dir: str | Path, ste
     cfg.schedule.topology = str(shaped_path)
     static = solve(build_problem(cfg, shaped), cfg.schedule.strategy)
     static.save(work_dir / "static.json")
-    compute_env = compute_floors(build_problem(cfg, shaped).cost, placement_of(static))
+    compute_env = compute_floors(build_problem(cfg, shaped).cost, static.placement())
     names = [n.name for n in shaped.nodes]
     report = {"topology": topology_path, "config": config, "steps": steps, "skip_ratio": skip_ratio,
               "reference_model": reference_model, "time_scale": time_scale,
               "compute_speedup": compute_speedup, "bandwidth_scale": scale,
               "latency_scale": 1.0 / time_scale, "compute_scale": compute_scale,
               "compute_floor_s": {names[i]: env for i, env in compute_env.items()},
-              "static_predicted_s": static.predicted["iteration_s"], "nice": nice, "placement": placement_of(static),
+              "static_predicted_s": static.predicted["iteration_s"], "nice": nice, "placement": static.placement(),
               "load_average_at_start": list(os.getloadavg()), "events": []}
     chosen = [(e, g) for e, g in choose_events(cfg, static, shaped, step=event_step, link_factor=link_factor,
                                                node_factor=node_factor) if e.kind in kinds]

@@ -23,10 +23,12 @@ SETTINGS = {"mission": {"stages": 8, "skip_ratio": 0.25},   # 8 stages x 3 layer
 # of 8, 30 per iteration, memory 3; 6 stages as 5,3,3,3,3,3 there, other stage counts even).
 NETWORK = {"topology": "gcp-12-regions", "nodes": 20, "model": "llama-500m",
            "microbatch_size": 8, "microbatches": 30, "memory": 3, "stage_sizes": {6: [5, 3, 3, 3, 3, 3]}}
-# Remedies of the skip run: full-depth work mixed in (scheduler/depth.py). The default, one iteration in
-# ten at full depth (the schedule of the paper authors' later training code), costs least on the
-# paper's network: mixing microbatches into every iteration re-routes slow links (README table).
-REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every": 5}, "mix0.125": {"full_fraction": 0.125}}
+# Remedies of the skip run: full-depth work mixed in (scheduler/depth.py) and plans rotated across
+# iterations (scheduler/rotation.py). The default, one iteration in ten at full depth (the schedule of
+# the paper authors' later training code), costs least on the paper's network: mixing microbatches into
+# every iteration re-routes slow links (README table).
+REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every": 5}, "mix0.125": {"full_fraction": 0.125},
+            "rotate8": {"rotate": 8}, "every10_rotate8": {"full_every": 10, "rotate": 8}}
 DEFAULT_REMEDY = "every10"
 
 
@@ -54,10 +56,11 @@ def setting_of(name: str | None, stages: int | None, skip_ratio: float | None) -
 
 def network_times(stages: int, skip_ratio: float) -> dict:
     """Predicted iteration seconds on NETWORK: the full pipeline, the skip plan, its placement at full
-    depth, and every remedy (REMEDIES); plus each remedy's cost over the plain skip plan. Deterministic
-    (solver seed 0); about ten seconds."""
+    depth, and every remedy (REMEDIES; a rotation's: the mean of its plans'); plus each remedy's cost over
+    the plain skip plan. Deterministic (solver seed 0); about a minute (the rotation's solves)."""
     from scheduler.depth import all_full_depth, average_iteration_s, mix_full_depth
     from scheduler.problem import Problem
+    from scheduler.rotation import distinct_stage_sets, rotation
     from scheduler.solve import solve
     from topology.load import load_topology
     from topology.model_spec import load_model_spec
@@ -74,13 +77,24 @@ def network_times(stages: int, skip_ratio: float) -> dict:
     skip_plan = solve(problem(skip_ratio), "skippipe")
     skip = skip_plan.predicted["iteration_s"]
     skip_full_depth = all_full_depth(problem(skip_ratio), skip_plan).predicted["iteration_s"]
+    rotations = {}  # plans per rotation length: the mean of their predicted times is the rotation's
     remedies = {}
     for name, remedy in REMEDIES.items():
+        extra = {}
         if "full_fraction" in remedy:
             seconds = mix_full_depth(problem(skip_ratio), "skippipe", remedy["full_fraction"]).predicted["iteration_s"]
         else:
-            seconds = average_iteration_s(skip, skip_full_depth, remedy.get("full_every", 0))
-        remedies[name] = {"iteration_s": float(seconds), "cost_over_plain": float(seconds / skip), **remedy}
+            skipping = skip
+            if remedy.get("rotate", 1) > 1:
+                count = remedy["rotate"]
+                if count not in rotations:
+                    rotations[count] = rotation(problem(skip_ratio), skip_plan, count)
+                plans = rotations[count]
+                skipping = sum(p.predicted["iteration_s"] for p in plans) / len(plans)
+                extra = {"rotated_plans": len(plans), "distinct_stage_sets": distinct_stage_sets(plans),
+                         "distinct_stage_sets_first_plan": distinct_stage_sets([skip_plan])}
+            seconds = average_iteration_s(skipping, skip_full_depth, remedy.get("full_every", 0))
+        remedies[name] = {"iteration_s": float(seconds), "cost_over_plain": float(seconds / skip), **remedy, **extra}
     return {**{k: v for k, v in NETWORK.items() if k != "stage_sizes"},
             "stage_sizes": NETWORK["stage_sizes"].get(stages), "full_iteration_s": float(full),
             "skip_iteration_s": float(skip), "skip_placement_full_depth_iteration_s": float(skip_full_depth),
