@@ -217,15 +217,17 @@ def prepare(source, tokenizer: str, out_dir: str | Path, *, context: int = 1024,
         if num_tokens == 0:
             raise ConfigError(f"the corpus {_source_text(source)} is empty; pass files with text in them")
         train_ranges, val_ranges = split_ranges(num_tokens, context, val_fraction)
-        tokens = np.memmap(tmp / "all.bin", dtype=dtype, mode="r")
         counts = {}
-        for name, ranges in (("train", train_ranges), ("val", val_ranges)):
-            with (tmp / f"{name}.bin").open("wb") as sink:
-                for r in ranges:
-                    for start in range(r.start, r.stop, COPY_TOKENS):
-                        sink.write(np.asarray(tokens[start:min(start + COPY_TOKENS, r.stop)]).tobytes())
-            counts[name] = sum(len(r) for r in ranges)
-        del tokens
+        # Plain reads, not a memory map: a mapped file's pages count in this process's resident memory,
+        # which would then grow with the corpus (1 GB of text: 800 MB peak against 340 MB for 10 MB).
+        with (tmp / "all.bin").open("rb") as tokens:
+            for name, ranges in (("train", train_ranges), ("val", val_ranges)):
+                with (tmp / f"{name}.bin").open("wb") as sink:
+                    for r in ranges:
+                        tokens.seek(r.start * dtype.itemsize)
+                        for start in range(r.start, r.stop, COPY_TOKENS):
+                            sink.write(tokens.read((min(start + COPY_TOKENS, r.stop) - start) * dtype.itemsize))
+                counts[name] = sum(len(r) for r in ranges)
         (tmp / "all.bin").unlink()
         if isinstance(tok, HFTokenizer):
             shutil.copyfile(tok.path, tmp / TOKENIZER_FILE)

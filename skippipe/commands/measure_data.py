@@ -34,8 +34,9 @@ cfg = load_config("debug", ["model=llama-tiny-4k", "schedule.skip_ratio=0.25", "
     "train.eval_batches=1", "train.eval_every=0", "train.single_process=true", "data.context=64",
     f"data.corpus={sys.argv[1]}", f"train.run_dir={sys.argv[2]}"])
 train(cfg, make_plan(cfg), on_gradients=hook)
-rss = next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]
-print(json.dumps({**marks, "rss_after_20_steps_mb": int(rss) / 1024}))
+status = {l.split(":")[0]: int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith(("VmRSS", "RssAnon", "RssFile", "VmHWM"))}
+print(json.dumps({**marks, "rss_after_20_steps_mb": status["VmRSS"], "anonymous_rss_after_20_steps_mb": status["RssAnon"],
+                  "file_rss_after_20_steps_mb": status["RssFile"], "peak_rss_own_mb": status["VmHWM"]}))
 """
 
 
