@@ -233,6 +233,23 @@ def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tab
     assert skip["curve"][-1]["network_s"] == pytest.approx(4 * skip["predicted_iteration_s"])
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --evaluate-only: the same runs evaluated again give the same answers, and nothing is trained.
+    again = tmp_path / "again.json"
+    base = [sys.executable, str(ROOT / "scripts/omission_study.py"), "--setting", "paper", "--steps", "4", "--seeds",
+            "1", "--run-dir", str(tmp_path / "runs"), "--evaluate-only", f"model={tiny}", "train.eval_every=2",
+            "train.eval_batches=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*base, "--out", str(again)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    second = json.loads(again.read_text())
+    assert second["answers"] == a and second["train_seconds"] is None
+    assert [r["step"] for r in second["runs"]["skip"]["curve"]] == [r["step"] for r in skip["curve"]]
+    # A variant that was never trained is refused in one line, before anything is written.
+    out = subprocess.run([*base, "--variants", "plain", "--out", str(tmp_path / "third.json")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2 and out.stderr.startswith("error: --evaluate-only:") and "skip_plain" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "third.json").exists()
+
 
 def test_omission_study_refuses_an_unknown_setting_before_training(tmp_path, monkeypatch, capsys):
     code, err = run_main("omission_study", ["--setting", "huge", "--out", str(tmp_path / "r.json"),

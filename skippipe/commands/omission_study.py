@@ -39,6 +39,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--run-dir", help="where the runs go (default: runs/omission-<setting>)")
     p.add_argument("--seeds", type=int, default=3, help="draws of the random placement (default: 3)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default: 2)")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="train nothing: evaluate the runs already trained in --run-dir (each must be the study's run, "
+                        "at its last step) and write the report, e.g. after an interrupted evaluation (default: train)")
     p.add_argument("--overwrite", action="store_true", help="replace the runs in --run-dir and the --out/--plot "
                    "files (without it, a run dir that holds a run or an existing report is refused)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. optim.lr=1e-3")
@@ -71,6 +74,34 @@ def train_all(runs: dict, args, run_root: Path) -> None:
                     tail = (run_root / name / "train.log").read_text().strip().splitlines()[-1:]
                     raise ConfigError(f"the {name} run failed: {tail[0] if tail else 'no output'}")
                 print(f"trained {name}", flush=True)
+
+
+def check_trained(run_dir: Path, run, overrides: list[str]) -> None:
+    """--evaluate-only: `run_dir` holds the study's `run` (its overrides and `overrides` in its saved config,
+    a checkpoint at its last step); ConfigError saying what differs otherwise."""
+    from skippipe.config import load_config
+    from skippipe.rundir import run_contents
+    held = run_contents(run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--evaluate-only: {run_dir} holds {held or 'no run'}; train it first (drop --evaluate-only)")
+    cfg = load_config(saved)
+    for item in [*run.overrides, *overrides]:
+        key, _, value = item.partition("=")
+        expected = load_config(saved, [item])
+        if _value(expected, key) != _value(cfg, key):
+            raise ConfigError(f"--evaluate-only: {run_dir} was trained with {key}={_value(cfg, key)}, not {value}; "
+                              f"train the study's run there (drop --evaluate-only)")
+    if held != f"a run up to step {run.steps}":
+        raise ConfigError(f"--evaluate-only: {run_dir} holds {held}, not a run up to step {run.steps}; "
+                          f"train it first (drop --evaluate-only)")
+
+
+def _value(cfg, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def evaluate_run(name: str, run, run_root: Path, seeds: int) -> dict:
@@ -112,19 +143,24 @@ def main() -> None:
         cfg = load_config(args.config, shape + args.overrides)  # bad input fails here, before any training
         steps = args.steps or cfg.train.steps
         start = time.time()
-        times = study.network_times(setting["stages"], setting["skip_ratio"])
+        times = study.network_times(setting["stages"], setting["skip_ratio"], (remedy, *variants))
         runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants)
         run_root = Path(args.run_dir or f"runs/omission-{setting['name']}")
         from skippipe.rundir import claim_output_file, run_contents
-        for name in runs:  # refuse before anything is written (Note [run dir ownership], skippipe/rundir.py)
-            held = None if args.overwrite else run_contents(run_root / name)
-            if held:
-                raise ConfigError(f"--run-dir {run_root} holds {held} in {name}/; pass another --run-dir, or "
-                                  f"--overwrite to replace its runs")
+        if args.evaluate_only:
+            for name, run in runs.items():
+                check_trained(run_root / name, run, args.overrides)
+        else:
+            for name in runs:  # refuse before anything is written (Note [run dir ownership], skippipe/rundir.py)
+                held = None if args.overwrite else run_contents(run_root / name)
+                if held:
+                    raise ConfigError(f"--run-dir {run_root} holds {held} in {name}/; pass another --run-dir, "
+                                      f"--overwrite to replace its runs, or --evaluate-only to evaluate them")
         claim_output_file(args.out, overwrite=args.overwrite, flag="--out")
         claim_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
-        train_all(runs, args, run_root)
-        trained = time.time() - start
+        if not args.evaluate_only:
+            train_all(runs, args, run_root)
+        trained = None if args.evaluate_only else time.time() - start  # not measured when nothing trained
         import torch
         torch.set_num_threads(1)  # one thread: on a shared or busy CPU more threads slow evaluation manyfold
         results = {name: evaluate_run(name, run, run_root, args.seeds) for name, run in runs.items()}
@@ -139,7 +175,7 @@ def main() -> None:
         print(" | ".join(f"{k} {a[k]:.4f}" for k in ("q1_equal_time", "q1_equal_tokens", "q1_full_depth",
                                                        "full_over_trained_depth", "q2_skip_half_over_full",
                                                        "q3_full_half_over_full", "layerdrop_q2", "time_ratio"))
-              + f" | {report['total_seconds'] / 60:.1f} min | {args.out}")
+              + f" | {report['total_seconds'] / 60:.1f} min{' (evaluation only)' if args.evaluate_only else ''} | {args.out}")
 
 
 if __name__ == "__main__":

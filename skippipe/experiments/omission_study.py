@@ -54,10 +54,11 @@ def setting_of(name: str | None, stages: int | None, skip_ratio: float | None) -
     return {"name": name or f"{base['stages']}x{base['skip_ratio']}", **base}
 
 
-def network_times(stages: int, skip_ratio: float) -> dict:
+def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | None = None) -> dict:
     """Predicted iteration seconds on NETWORK: the full pipeline, the skip plan, its placement at full
-    depth, and every remedy (REMEDIES; a rotation's: the mean of its plans'); plus each remedy's cost over
-    the plain skip plan. Deterministic (solver seed 0); about a minute (the rotation's solves)."""
+    depth, and each of `remedies` (None: all of REMEDIES; a rotation's time is the mean of its plans'); plus
+    each remedy's cost over the plain skip plan. Deterministic (solver seed 0); seconds, about a minute
+    with a rotation (its solves)."""
     from scheduler.depth import all_full_depth, average_iteration_s, mix_full_depth
     from scheduler.problem import Problem
     from scheduler.rotation import distinct_stage_sets, rotation
@@ -79,8 +80,8 @@ def network_times(stages: int, skip_ratio: float) -> dict:
     skip_full_depth = all_full_depth(problem(skip_ratio), skip_plan).predicted["iteration_s"]
     rotations = {}  # plans per rotation length: the mean of their predicted times is the rotation's
     remedies = {}
-    for name, remedy in REMEDIES.items():
-        extra = {}
+    for name in remedies or REMEDIES:
+        remedy, extra = REMEDIES[name], {}
         if "full_fraction" in remedy:
             seconds = mix_full_depth(problem(skip_ratio), "skippipe", remedy["full_fraction"]).predicted["iteration_s"]
         else:
