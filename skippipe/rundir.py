@@ -116,9 +116,12 @@ def claim_output_file(path: str | Path | None, *, overwrite: bool, flag: str) ->
         raise ConfigError(f"{flag} {path} already exists; pass another path, or --overwrite to replace it")
 
 
-def _get(cfg: Config, key: str):
-    section, _, name = key.partition(".")
-    return getattr(getattr(cfg, section), name) if name else getattr(cfg, section)
+def setting_value(cfg: Config, key: str):
+    """The value of dotted `key` (``schedule.replan.enabled``) in `cfg`; AttributeError for an unknown key."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def check_resume_settings(saved: Config, cfg: Config, *, saved_context: int, context: int, where: Path) -> None:
@@ -131,7 +134,8 @@ def check_resume_settings(saved: Config, cfg: Config, *, saved_context: int, con
     for key in FIXED_ON_RESUME:
         if key == "model":
             continue
-        old, new = (saved_context, context) if key == "data.context" else (_get(saved, key), _get(cfg, key))
+        old, new = ((saved_context, context) if key == "data.context"
+                    else (setting_value(saved, key), setting_value(cfg, key)))
         if old != new:
             raise ConfigError(f"{key} is {old!r} in the checkpoint {where} but {new!r} now; a resumed run keeps "
                               f"it: drop the change (or pass {key}={old}), or start a new run in another --run-dir")

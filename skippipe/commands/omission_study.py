@@ -80,7 +80,7 @@ def check_trained(run_dir: Path, run, overrides: list[str]) -> None:
     """--evaluate-only: `run_dir` holds the study's `run` (its overrides and `overrides` in its saved config,
     a checkpoint at its last step); ConfigError saying what differs otherwise."""
     from skippipe.config import load_config
-    from skippipe.rundir import run_contents
+    from skippipe.rundir import run_contents, setting_value
     held = run_contents(run_dir)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -89,19 +89,12 @@ def check_trained(run_dir: Path, run, overrides: list[str]) -> None:
     for item in [*run.overrides, *overrides]:
         key, _, value = item.partition("=")
         expected = load_config(saved, [item])
-        if _value(expected, key) != _value(cfg, key):
-            raise ConfigError(f"--evaluate-only: {run_dir} was trained with {key}={_value(cfg, key)}, not {value}; "
-                              f"train the study's run there (drop --evaluate-only)")
+        if setting_value(expected, key) != setting_value(cfg, key):
+            raise ConfigError(f"--evaluate-only: {run_dir} was trained with {key}={setting_value(cfg, key)}, "
+                              f"not {value}; train the study's run there (drop --evaluate-only)")
     if held != f"a run up to step {run.steps}":
         raise ConfigError(f"--evaluate-only: {run_dir} holds {held}, not a run up to step {run.steps}; "
                           f"train it first (drop --evaluate-only)")
-
-
-def _value(cfg, key: str):
-    value = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def evaluate_run(name: str, run, run_root: Path, seeds: int) -> dict:
