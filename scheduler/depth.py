@@ -11,7 +11,8 @@ A full route is stage 0 on the microbatch's data node, then stages 1..S-1 in ord
 least-loaded replica (so TC1's even load holds); the simulator's greedy dispatch orders the mixed work. The chosen microbatch ids are
 recorded in the plan's ``constraints["full_depth"]``, where the validator (scheduler.constraints) reads
 them: those paths must have every stage, in order. A whole full-depth iteration (one in K, the schedule
-of the paper authors' later training code) is `all_full_depth`.
+of the paper authors' later training code) is `all_full_depth`; a shallow iteration (one in K solved at a
+higher skip ratio, the placement kept) is `shallow_depth`; `step_kind` says which a step runs.
 """
 from __future__ import annotations
 
@@ -87,8 +88,29 @@ def all_full_depth(problem: Problem, plan: Plan) -> Plan:
     return _rebuild(problem, plan, routes, [p.microbatch for p in routes])
 
 
-def average_iteration_s(skip_s: float, full_s: float, full_every: int) -> float:
-    """Mean iteration time when one iteration in `full_every` runs full depth (0: never)."""
-    if full_every <= 0:
-        return skip_s
-    return ((full_every - 1) * skip_s + full_s) / full_every
+def shallow_depth(problem: Problem, plan: Plan, skip_ratio: float, *, strategy: str = "skippipe") -> Plan:
+    """The plan the strategy solves at the higher `skip_ratio` with `plan`'s placement: the shallow
+    iteration of a one-in-K schedule (paths of path_length(S, skip_ratio) stages). A model trained only on
+    paths of L stages never trains the deeper omissions an evaluation at half depth asks for; LayerDrop's
+    random depths do (issue 14). ConfigError from the solver for an impossible setting."""
+    from scheduler.solve import solve  # scheduler.solve is above this module; import late
+    return solve(dataclasses.replace(problem, skip_ratio=skip_ratio, fixed_placement=plan.placement()), strategy)
+
+
+def step_kind(step: int, *, full_every: int = 0, shallow_every: int = 0) -> str:
+    """Which plan 1-based `step` runs: "full" every `full_every`-th step, else "shallow" when
+    (step - 1) % shallow_every == shallow_every // 2 (so one in 4 falls on odd steps, clear of a one in
+    10 full), else "base" (0 turns either off)."""
+    if full_every > 0 and step % full_every == 0:
+        return "full"
+    if shallow_every > 0 and (step - 1) % shallow_every == shallow_every // 2:
+        return "shallow"
+    return "base"
+
+
+def average_iteration_s(seconds: dict[str, float], *, full_every: int = 0, shallow_every: int = 0) -> float:
+    """Mean iteration seconds of a schedule, from each step kind's ("base", "full", "shallow": step_kind)
+    predicted seconds, over one period of the schedule (the least common multiple of its intervals)."""
+    period = math.lcm(max(full_every, 1), max(shallow_every, 1))
+    kinds = [step_kind(k, full_every=full_every, shallow_every=shallow_every) for k in range(1, period + 1)]
+    return sum(seconds[kind] for kind in kinds) / period

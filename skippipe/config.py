@@ -63,6 +63,10 @@ class ScheduleConfig:
     # per iteration in turn: more distinct stage sets (scheduler/rotation.py; 1: the plan only);
     # single-process only.
     rotate: int = 1
+    # One iteration in shallow_every runs the plan solved at skip ratio shallow_ratio with this placement
+    # (scheduler.depth.shallow_depth; 0: never): deeper omissions in training; single-process only.
+    shallow_every: int = 0
+    shallow_ratio: float = 0.5
     # LayerDrop instead of the plan's paths (single-process only): each microbatch keeps stage 0 and each
     # other stage with the probability that gives the expected depth of this skip ratio, natural order.
     layerdrop: float = 0.0
@@ -161,11 +165,16 @@ class Config:
             raise ConfigError(f"schedule.rotate must be a positive integer, got {s.rotate!r}; 1 turns it off, e.g. 8")
         if s.full_every < 0:
             raise ConfigError(f"schedule.full_every must not be negative, got {s.full_every}; 0 turns it off")
+        if s.shallow_every < 0:
+            raise ConfigError(f"schedule.shallow_every must not be negative, got {s.shallow_every}; 0 turns it off")
+        if s.shallow_every and not s.skip_ratio < s.shallow_ratio < 1:
+            raise ConfigError(f"schedule.shallow_ratio must be above schedule.skip_ratio ({s.skip_ratio}) and below 1, "
+                              f"got {s.shallow_ratio}; e.g. 0.5")
         if not 0 <= s.layerdrop < 1:
             raise ConfigError(f"schedule.layerdrop must be in [0, 1), got {s.layerdrop}; e.g. 0.33 (a skip ratio)")
-        if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every or s.rotate > 1):
+        if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every or s.rotate > 1 or s.shallow_every):
             raise ConfigError("schedule.layerdrop replaces the plan's paths: train it on a full pipeline "
-                              "(skip_ratio 0, full_fraction 0, full_every 0, rotate 1)")
+                              "(skip_ratio 0, full_fraction 0, full_every 0, rotate 1, shallow_every 0)")
         if t.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite must be stop or skip, got {t.nonfinite!r}")
         if t.device not in ("auto", "cpu", "cuda"):

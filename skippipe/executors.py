@@ -22,17 +22,18 @@ between one process and a distributed run is here, behind the same methods:
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from topology.plan import Plan
+from topology.plan import Plan, dependencies, sequential_order
 from skippipe.comm import all_gather_json, broadcast_json, connect_peers, peer_errors, wait_for
 from skippipe.context import Context
 from skippipe.model import FullModel, Stage
 from skippipe.precision import Precision, resolve_precision
-from skippipe.worker import IterationResult, Worker
+from skippipe.worker import IterationResult, Worker, run_action
 from topology.model_spec import ModelSpec
 
 Batches = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -73,25 +74,69 @@ class LocalExecutor:
         return make()
 
     def run_iteration(self, batches: Batches, plan: Plan | None = None, *, step: int | None = None) -> IterationResult:
-        """Forward and backward of every microbatch through the stages of its path in `plan` (None: the
-        built one; another plan of the same model may differ step by step: skippipe/path_schedule.py), in
-        microbatch order.
+        """Every node's actions of `plan` (None: the built one; another plan of the same model may differ step
+        by step: skippipe/path_schedule.py), each node in its plan order, as the distributed run executes them.
 
-        Hidden states are rounded between stages as the wire rounds them (Note [mixed precision])."""
+        Note [one process, every node]: each action is computed by worker.run_action, the distributed
+        worker's own code, on the message its producer would have sent (hidden states rounded to the wire
+        dtype: Note [mixed precision]), and each node accumulates its gradient in its own buffer, in its
+        own order. The stage's gradient is then the sum of its replicas' buffers, as the data-parallel
+        all-reduce makes it. So the two modes run the same float operations in the same order: their
+        losses and gradients are bit for bit equal where a stage has at most two replicas (a + b is
+        exact either way round; beyond two, the all-reduce's summation order is gloo's or NCCL's own).
+        Nodes take turns greedily; an order that can never finish is a RuntimeError naming the stuck nodes.
+        """
+        plan = plan or self.plan
         result = IterationResult(losses={})
-        precision = self.precision
-        for path in sorted((plan or self.plan).paths, key=lambda p: p.microbatch):
-            inputs, targets = batches[path.microbatch]
-            start = time.time()
-            with precision.autocast():
-                logits = self.model.forward_path(inputs.to(self.device), path.stages, boundary=precision.boundary)
-            loss = FullModel.loss(logits, targets.to(self.device))
-            loss.backward()  # unscaled: each stage divides by its own visit count afterwards
-            result.losses[path.microbatch] = loss.detach()
-            end = time.time()
-            result.compute_s += end - start
-            result.timeline.append((f"mb{path.microbatch}", start, end))
+        order = plan.order or sequential_order(plan.paths)
+        queues = {node: deque(actions) for node, actions in sorted(order.items())}
+        consumer = {a: b for path in plan.paths for a, _, b, _ in dependencies(path)}
+        stage_of = {n.id: n.stage for n in plan.nodes}
+        inbox: dict = {}  # consuming action -> the message its producer sent
+        saved: dict[int, dict] = {node: {} for node in queues}
+        grads: dict[int, list[torch.Tensor | None]] = {}  # node -> its replica's gradient buffers
+        while any(queues.values()):
+            progressed = False
+            for node, queue in queues.items():
+                stage = self.stages[stage_of[node]]
+                while queue and (queue[0] in inbox or (queue[0].kind == "F" and queue[0].stage == 0)):
+                    action = queue.popleft()
+                    inputs, targets = batches[action.microbatch]
+                    received = inbox.pop(action) if action in inbox else inputs.to(self.device)
+                    start = time.time()
+                    params = list(stage.parameters())
+                    for p, g in zip(params, grads.pop(node, None) or [None] * len(params)):
+                        p.grad = g  # this node's buffers (popped: autograd may then add in place)
+                    del g
+                    outgoing, loss = run_action(stage, action, received, targets=targets.to(self.device),
+                                                saved=saved[node], precision=self.precision)
+                    grads[node] = [p.grad for p in params]
+                    end = time.time()
+                    if loss is not None:
+                        result.losses[action.microbatch] = loss
+                    if outgoing is not None:
+                        inbox[consumer[action]] = outgoing.detach()  # what the wire carries: no graph
+                    result.compute_s += end - start
+                    result.timeline.append((str(action), start, end))
+                    progressed = True
+            if not progressed:
+                stuck = {node: str(queue[0]) for node, queue in queues.items() if queue}
+                raise RuntimeError(f"the plan's order cannot finish: nodes wait on each other at {stuck}")
+        self._sum_replicas(plan, grads)
         return result
+
+    def _sum_replicas(self, plan: Plan, grads: dict[int, list[torch.Tensor | None]]) -> None:
+        """Each stage's gradient := the sum of its nodes' buffers, in node order (None where none ran)."""
+        for stage_index, stage in self.stages.items():
+            total = None
+            for node in plan.stage_nodes(stage_index):
+                for_node = grads.get(node)
+                if for_node is None:
+                    continue
+                total = for_node if total is None else [
+                    a if b is None else b if a is None else a + b for a, b in zip(total, for_node)]
+            for p, g in zip(stage.parameters(), total or [None] * len(list(stage.parameters()))):
+                p.grad = g
 
     def sum_over_replicas(self, stage: int, flat: torch.Tensor) -> None:
         """One process holds one copy of each stage: its sum over replicas is itself."""

@@ -11,6 +11,9 @@ The schedules (README, "Inference with stages omitted"; issue 14):
   time with other paths (scheduler/rotation.py);
 - one iteration in `schedule.full_every` at full depth: the plan with every microbatch on its full
   route (scheduler.depth.all_full_depth, same placement), the others the plan (or the rotation);
+- one iteration in `schedule.shallow_every` shallower: the plan solved at skip ratio
+  `schedule.shallow_ratio`, same placement (scheduler.depth.shallow_depth), so training also sees the
+  deeper omissions that half-depth inference makes (scheduler.depth.step_kind says which step runs what);
 - LayerDrop (`schedule.layerdrop`, the field's standard way to train for depth robustness; Fan et al.
   2019, "Reducing Transformer Depth on Demand with Structured Dropout"): every microbatch keeps stage 0
   and each other stage independently with probability p = (L - 1) / (S - 1), where L is the path length
@@ -26,8 +29,9 @@ import dataclasses
 import random
 
 from scheduler.constraints import path_length
+from scheduler.depth import step_kind
 from skippipe.config import Config
-from topology.plan import Plan, Route
+from topology.plan import Plan, Route, sequential_order
 
 
 class PlanSchedule:
@@ -36,22 +40,24 @@ class PlanSchedule:
     `keep_prob` (None: no LayerDrop)."""
 
     def __init__(self, base: Plan, *, full: Plan | None = None, full_every: int = 0,
+                 shallow: Plan | None = None, shallow_every: int = 0,
                  keep_prob: float | None = None, seed: int = 0, rotation: list[Plan] | None = None):
-        self.base, self.full, self.full_every = base, full, full_every
-        self.keep_prob, self.seed = keep_prob, seed
+        self.base, self.keep_prob, self.seed = base, keep_prob, seed
+        self.full, self.full_every = full, full_every if full is not None else 0
+        self.shallow, self.shallow_every = shallow, shallow_every if shallow is not None else 0
         self.rotation = rotation or [base]
 
     @property
     def varies(self) -> bool:
         """Whether some step runs another plan than `base`."""
-        return (self.keep_prob is not None or (self.full is not None and self.full_every > 0)
-                or len(self.rotation) > 1)
+        return self.keep_prob is not None or self.full_every > 0 or self.shallow_every > 0 or len(self.rotation) > 1
 
     def plan_at(self, step: int) -> Plan:
         if self.keep_prob is not None:
             return self._layerdrop(step)
-        if self.full is not None and self.full_every > 0 and step % self.full_every == 0:
-            return self.full
+        kind = step_kind(step, full_every=self.full_every, shallow_every=self.shallow_every)
+        if kind != "base":
+            return self.full if kind == "full" else self.shallow
         return self.rotation[(step - 1) % len(self.rotation)]
 
     def _layerdrop(self, step: int) -> Plan:
@@ -62,7 +68,7 @@ class PlanSchedule:
             stages = [0] + [s for s in range(1, self.base.num_stages) if rng.random() < self.keep_prob]
             paths.append(Route(path.microbatch, path.data_node, tuple([path.data_node] + [first[s] for s in stages[1:]]),
                                tuple(stages)))
-        return dataclasses.replace(self.base, paths=paths)
+        return dataclasses.replace(self.base, paths=paths, order=sequential_order(paths))
 
 
 def layerdrop_keep_prob(num_stages: int, skip_ratio: float) -> float:
@@ -78,12 +84,14 @@ def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
     s = cfg.schedule
     if s.layerdrop:
         return PlanSchedule(plan, keep_prob=layerdrop_keep_prob(plan.num_stages, s.layerdrop), seed=cfg.train.seed)
-    if not s.full_every and s.rotate == 1:
+    if not s.full_every and not s.shallow_every and s.rotate == 1:
         return PlanSchedule(plan)
-    from scheduler.depth import all_full_depth
+    from scheduler.depth import all_full_depth, shallow_depth
     from scheduler.rotation import rotation
     from skippipe.planning import build_problem, job_topology
     problem = build_problem(cfg, job_topology(cfg))
     full = all_full_depth(problem, plan) if s.full_every else None
+    shallow = shallow_depth(problem, plan, s.shallow_ratio, strategy=s.strategy) if s.shallow_every else None
     plans = rotation(problem, plan, s.rotate, strategy=s.strategy) if s.rotate > 1 else None
-    return PlanSchedule(plan, full=full, full_every=s.full_every, rotation=plans)
+    return PlanSchedule(plan, full=full, full_every=s.full_every, shallow=shallow, shallow_every=s.shallow_every,
+                        rotation=plans)

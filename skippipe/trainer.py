@@ -130,9 +130,9 @@ class Trainer:
         self.optimizers = {s: build_optimizer(m, cfg.optim) for s, m in self.stages.items()}
         self.schedule = plan_schedule(cfg, plan)
         if self.schedule.varies and not isinstance(executor, LocalExecutor):
-            raise ConfigError("schedule.full_every, schedule.rotate and schedule.layerdrop switch plans between "
-                              "steps, which only the single-process mode supports; pass --single-process or use "
-                              "schedule.full_fraction")
+            raise ConfigError("schedule.full_every, schedule.shallow_every, schedule.rotate and schedule.layerdrop "
+                              "switch plans between steps, which only the single-process mode supports; pass "
+                              "--single-process or use schedule.full_fraction")
         self.val_batches = [b for b in corpus.val_batches(plan.microbatch_size, cfg.train.eval_batches)
                             if len(b[0]) == plan.microbatch_size]  # full batches only: message shapes are fixed
         # The plan's microbatch size, not the config's: the plan is the contract (it may come from --plan).

@@ -29,6 +29,42 @@ class IterationResult:
     timeline: list[tuple[str, float, float]] = field(default_factory=list)  # (action, start, end), time.time()
 
 
+Saved = dict[int, tuple[torch.Tensor | None, torch.Tensor]]  # microbatch -> (stage input, output) until its B
+
+
+def run_action(stage: Stage, action: Action, received: torch.Tensor, *, targets: torch.Tensor | None,
+               saved: Saved, precision: Precision) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One action's computation on `stage`: (what it sends on, in the wire dtype, or None; the loss for L).
+
+    `received`: the token ids (batch, seq_len) for F at stage 0, else the incoming message: hidden states
+    (batch, seq_len, dim) for F and L, their gradient for B. `targets` (batch, seq_len): L's token ids.
+    F keeps its input and output in `saved` for the microbatch's B; parameter gradients accumulate
+    unscaled (Note [gradient scaling] in sync.py). The distributed worker and the path-faithful executor
+    both call this, so the two modes compute bit for bit the same thing per action.
+    """
+    mb = action.microbatch
+    if action.kind == "F":
+        with precision.autocast():
+            if action.stage == 0:
+                inputs, hidden = None, stage.embed(received)
+            else:
+                inputs = received.requires_grad_()
+                hidden = precision.from_wire(inputs)
+            output = precision.to_wire(stage(hidden))
+        saved[mb] = (inputs, output)
+        return output, None
+    if action.kind == "L":
+        hidden = received.requires_grad_()
+        with precision.autocast():
+            logits = stage.head(precision.from_wire(hidden))
+        loss = FullModel.loss(logits, targets)
+        loss.backward()
+        return hidden.grad, loss.detach()
+    inputs, output = saved.pop(mb)
+    torch.autograd.backward(output, received)
+    return (inputs.grad if inputs is not None else None), None
+
+
 class Worker:
     """Executes one node's plan order (ctx.node) on its stage; messages of `message_shape` (microbatch size,
     context, model dim)."""
@@ -52,7 +88,7 @@ class Worker:
         result = IterationResult(losses={})
         slow = self.ctx.slowdown
         stretch = slow[1] - 1.0 if slow is not None and step is not None and step >= slow[0] else 0.0
-        saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # microbatch -> (stage input, output)
+        saved: Saved = {}
         messenger, device = self.messenger, self.ctx.device
         messenger.start_iteration()
         for action in self.actions:
@@ -63,29 +99,11 @@ class Worker:
             else:
                 received = messenger.recv(action)
             start = time.time()
-            precision = self.precision
-            if action.kind == "F":
-                with precision.autocast():
-                    if action.stage == 0:
-                        inputs, hidden = None, self.stage.embed(received)
-                    else:
-                        inputs = received.requires_grad_()
-                        hidden = precision.from_wire(inputs)
-                    output = precision.to_wire(self.stage(hidden))
-                saved[mb] = (inputs, output)
-                outgoing = output
-            elif action.kind == "L":
-                hidden = received.requires_grad_()
-                with precision.autocast():
-                    logits = self.stage.head(precision.from_wire(hidden))
-                loss = FullModel.loss(logits, batches[mb][1].to(device, non_blocking=True))
-                loss.backward()
-                result.losses[mb] = loss.detach()
-                outgoing = hidden.grad
-            else:
-                inputs, output = saved.pop(mb)
-                torch.autograd.backward(output, received)
-                outgoing = inputs.grad if inputs is not None else None
+            targets = batches[mb][1].to(device, non_blocking=True) if action.kind == "L" else None
+            outgoing, loss = run_action(self.stage, action, received, targets=targets, saved=saved,
+                                        precision=self.precision)
+            if loss is not None:
+                result.losses[mb] = loss
             self._sync()
             end = time.time()
             floor = (self.ctx.compute_floor_s or {}).get(action.kind, 0.0)

@@ -10,7 +10,7 @@ path order, which is always deadlock-free and holds one microbatch at a time.
 """
 from __future__ import annotations
 
-from topology.plan import Action, Plan, PlanNode, Route, Workload
+from topology.plan import Action, Plan, PlanNode, Route, Workload, sequential_order
 
 
 def route(microbatch: int, text: str) -> Route:
@@ -22,14 +22,6 @@ def route(microbatch: int, text: str) -> Route:
     stages = tuple(int(s) for s, _ in cells)
     nodes = tuple(int(n) for _, n in cells)
     return Route(microbatch, nodes[0] if data_node is None else data_node, nodes, stages)
-
-
-def sequential_order(routes: list[Route], num_nodes: int) -> dict[int, list[Action]]:
-    order: dict[int, list[Action]] = {n: [] for n in range(num_nodes)}
-    for r in sorted(routes, key=lambda r: r.microbatch):
-        for action, node in r.chain():
-            order.setdefault(node, []).append(action)
-    return order
 
 
 def parse_order(order: dict[int, str], num_nodes: int) -> dict[int, list[Action]]:
@@ -45,7 +37,7 @@ def hand_plan(stages: str, paths: list[str], *, skip_ratio: float = 0.0, memory:
         skip_ratio=skip_ratio, num_stages=max(node_stage) + 1,
         nodes=[PlanNode(i, f"n{i}", "r", s, i) for i, s in enumerate(node_stage)],
         paths=routes,
-        order=sequential_order(routes, n) if order is None else parse_order(order, n),
+        order={**{i: [] for i in range(n)}, **sequential_order(routes)} if order is None else parse_order(order, n),
         constraints={"max_swaps": max_swaps, "memory": memory},
     )
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from scheduler.constraints import check, violations
-from scheduler.depth import all_full_depth, average_iteration_s, full_depth_count, mix_full_depth
+from scheduler.depth import (all_full_depth, average_iteration_s, full_depth_count, mix_full_depth, shallow_depth,
+                             step_kind)
 from scheduler.problem import Problem
 from scheduler.rotation import TOLERANCE, distinct_stage_sets, rotation
 from scheduler.solve import solve
@@ -57,7 +58,40 @@ def test_all_full_depth_keeps_the_placement(problem):
     check(full)
     assert [n.stage for n in full.nodes] == [n.stage for n in plan.nodes]
     assert all(p.stages == tuple(range(8)) for p in full.paths)
-    assert average_iteration_s(10.0, 20.0, 4) == pytest.approx(12.5) and average_iteration_s(10.0, 20.0, 0) == 10.0
+    assert average_iteration_s({"base": 10.0, "full": 20.0}, full_every=4) == pytest.approx(12.5)
+    assert average_iteration_s({"base": 10.0}) == 10.0
+    # one in 10 full (steps 10, 20), one in 4 shallow (steps 3, 7, 11, 15, 19): 2 + 5 of 20 steps
+    assert average_iteration_s({"base": 10.0, "full": 20.0, "shallow": 6.0}, full_every=10, shallow_every=4) == \
+        pytest.approx((13 * 10.0 + 2 * 20.0 + 5 * 6.0) / 20)
+
+
+def test_step_kind_puts_shallow_steps_clear_of_full_ones():
+    kinds = [step_kind(k, full_every=10, shallow_every=4) for k in range(1, 21)]
+    assert [k for k, kind in enumerate(kinds, 1) if kind == "full"] == [10, 20]
+    assert [k for k, kind in enumerate(kinds, 1) if kind == "shallow"] == [3, 7, 11, 15, 19]
+    assert step_kind(12, full_every=4, shallow_every=2) == "full"  # full wins where both fall
+    assert {step_kind(k) for k in range(1, 9)} == {"base"}
+
+
+def test_shallow_depth_keeps_the_placement_and_halves_the_paths(problem):
+    plan = solve(problem, "skippipe")
+    shallow = shallow_depth(problem, plan, 0.5)
+    check(shallow)
+    assert shallow.placement() == plan.placement()
+    assert {len(p.stages) for p in shallow.paths} == {4} and {len(p.stages) for p in plan.paths} == {6}
+    assert shallow.predicted["iteration_s"] < plan.predicted["iteration_s"]
+
+
+def test_shallow_every_runs_the_shallow_plan_one_step_in_k():
+    cfg = load_config(ROOT / "configs/train/debug.yaml",
+                      ["schedule.skip_ratio=0.25", "schedule.full_every=4", "schedule.shallow_every=2"])
+    from skippipe.planning import make_plan
+    plan = make_plan(cfg)
+    schedule = plan_schedule(cfg, plan)
+    got = [schedule.plan_at(s) for s in range(1, 9)]
+    assert schedule.varies and [got[s - 1] is plan for s in range(1, 9)] == [True, False, True, False] * 2
+    assert all(len(p.stages) == 2 for s in (2, 6) for p in got[s - 1].paths)  # skip 0.5 of 4 stages
+    assert all(len(p.stages) == 4 for s in (4, 8) for p in got[s - 1].paths)  # full wins on step 4 and 8
 
 
 @pytest.mark.parametrize("fraction, count", [(0.0, 0), (0.125, 2), (0.1, 2), (1.0, 16), (0.03, 0)])
@@ -86,6 +120,8 @@ def test_layerdrop_keeps_stage_0_natural_order_and_the_expected_depth():
     assert all(p.stages[0] == 0 and list(p.stages) == sorted(p.stages) and p.nodes == p.stages for p in paths)
     assert statistics.fmean(len(p.stages) for p in paths) == pytest.approx(4.0, abs=0.05)  # 3200 draws
     assert len({p.stages for p in paths}) > 16
+    for plan in draws[:5]:  # each draw's order runs exactly its own paths' actions (the executor follows it)
+        assert sorted(a for acts in plan.order.values() for a in acts) == sorted(a for p in plan.paths for a, _ in p.chain())
     assert schedule.plan_at(7).paths == PlanSchedule(base, keep_prob=0.6, seed=0).plan_at(7).paths  # resumable
     assert schedule.plan_at(7).paths != PlanSchedule(base, keep_prob=0.6, seed=1).plan_at(7).paths
 
@@ -145,6 +181,9 @@ def test_rotate_runs_the_plans_in_turn_and_full_every_still_wins():
     (["schedule.rotate=0"], "schedule.rotate must be a positive integer"),
     (["schedule.rotate=true"], "schedule.rotate: expected int"),
     (["schedule.layerdrop=0.25", "schedule.rotate=2"], "layerdrop replaces the plan's paths"),
+    (["schedule.layerdrop=0.25", "schedule.shallow_every=4"], "layerdrop replaces the plan's paths"),
+    (["schedule.shallow_every=-1"], "schedule.shallow_every must not be negative"),
+    (["schedule.skip_ratio=0.5", "schedule.shallow_every=4"], r"shallow_ratio must be above schedule.skip_ratio \(0.5\)"),
 ])
 def test_bad_rotation_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

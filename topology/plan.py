@@ -188,6 +188,16 @@ def path_actions(path: Route) -> dict[int, list[Action]]:
     return per_node
 
 
+def sequential_order(paths: list[Route]) -> dict[int, list[Action]]:
+    """Each node's actions when the microbatches run one after another, in microbatch order: a valid order
+    for any routes (no node waits on an action that comes later), for plans made without the solver's."""
+    order: dict[int, list[Action]] = {}
+    for path in sorted(paths, key=lambda p: p.microbatch):
+        for action, node in path.chain():
+            order.setdefault(node, []).append(action)
+    return order
+
+
 def dependencies(path: Route) -> list[tuple[Action, int, Action, int]]:
     """The causal chain of a path: (action, node, next action, next node), forward then loss then backward."""
     chain = path.chain()

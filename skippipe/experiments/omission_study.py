@@ -23,12 +23,13 @@ SETTINGS = {"mission": {"stages": 8, "skip_ratio": 0.25},   # 8 stages x 3 layer
 # of 8, 30 per iteration, memory 3; 6 stages as 5,3,3,3,3,3 there, other stage counts even).
 NETWORK = {"topology": "gcp-12-regions", "nodes": 20, "model": "llama-500m",
            "microbatch_size": 8, "microbatches": 30, "memory": 3, "stage_sizes": {6: [5, 3, 3, 3, 3, 3]}}
-# Remedies of the skip run: full-depth work mixed in (scheduler/depth.py) and plans rotated across
-# iterations (scheduler/rotation.py). The default, one iteration in ten at full depth (the schedule of
+# Remedies of the skip run: full-depth work mixed in, shallow (half-depth) iterations (scheduler/depth.py)
+# and plans rotated across iterations (scheduler/rotation.py). The default, one iteration in ten at full depth (the schedule of
 # the paper authors' later training code), costs least on the paper's network: mixing microbatches into
 # every iteration re-routes slow links (README table).
 REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every": 5}, "mix0.125": {"full_fraction": 0.125},
-            "rotate8": {"rotate": 8}, "every10_rotate8": {"full_every": 10, "rotate": 8}}
+            "rotate8": {"rotate": 8}, "every10_rotate8": {"full_every": 10, "rotate": 8},
+            "every10_shallow4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5}}
 DEFAULT_REMEDY = "every10"
 
 
@@ -59,7 +60,7 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
     depth, and each of `remedies` (None: all of REMEDIES; a rotation's time is the mean of its plans'); plus
     each remedy's cost over the plain skip plan. Deterministic (solver seed 0); seconds, about a minute
     with a rotation (its solves)."""
-    from scheduler.depth import all_full_depth, average_iteration_s, mix_full_depth
+    from scheduler.depth import all_full_depth, average_iteration_s, mix_full_depth, shallow_depth
     from scheduler.problem import Problem
     from scheduler.rotation import distinct_stage_sets, rotation
     from scheduler.solve import solve
@@ -79,7 +80,7 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
     skip = skip_plan.predicted["iteration_s"]
     skip_full_depth = all_full_depth(problem(skip_ratio), skip_plan).predicted["iteration_s"]
     rotations = {}  # plans per rotation length: the mean of their predicted times is the rotation's
-    remedies = {}
+    priced = {}
     for name in remedies or REMEDIES:
         remedy, extra = REMEDIES[name], {}
         if "full_fraction" in remedy:
@@ -94,12 +95,18 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
                 skipping = sum(p.predicted["iteration_s"] for p in plans) / len(plans)
                 extra = {"rotated_plans": len(plans), "distinct_stage_sets": distinct_stage_sets(plans),
                          "distinct_stage_sets_first_plan": distinct_stage_sets([skip_plan])}
-            seconds = average_iteration_s(skipping, skip_full_depth, remedy.get("full_every", 0))
-        remedies[name] = {"iteration_s": float(seconds), "cost_over_plain": float(seconds / skip), **remedy, **extra}
+            if remedy.get("shallow_every"):
+                shallow = shallow_depth(problem(skip_ratio), skip_plan, remedy["shallow_ratio"])
+                extra = {**extra, "shallow_iteration_s": shallow.predicted["iteration_s"]}
+            seconds = average_iteration_s({"base": skipping, "full": skip_full_depth,
+                                           "shallow": extra.get("shallow_iteration_s")},
+                                          full_every=remedy.get("full_every", 0),
+                                          shallow_every=remedy.get("shallow_every", 0))
+        priced[name] = {"iteration_s": float(seconds), "cost_over_plain": float(seconds / skip), **remedy, **extra}
     return {**{k: v for k, v in NETWORK.items() if k != "stage_sizes"},
             "stage_sizes": NETWORK["stage_sizes"].get(stages), "full_iteration_s": float(full),
             "skip_iteration_s": float(skip), "skip_placement_full_depth_iteration_s": float(skip_full_depth),
-            "remedies": remedies}
+            "remedies": priced}
 
 
 def remedy_overrides(name: str) -> list[str]:
