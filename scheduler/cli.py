@@ -9,6 +9,7 @@ from scheduler.solve import DEFAULT_STRATEGY, STRATEGIES, solve
 from topology.errors import ArgumentParser, ConfigError, cli_errors
 from topology.load import load_topology
 from topology.model_spec import load_model_spec
+from topology.outputs import claim_output_file
 from topology.plan import Plan
 
 
@@ -83,6 +84,7 @@ def problem_from_args(args) -> Problem:
 
 
 def cmd_solve(args) -> None:
+    claim_output_file(args.out, overwrite=args.overwrite, flag="--out")
     problem = problem_from_args(args)
     started = time.perf_counter()
     plan = solve(problem, args.strategy)
@@ -119,6 +121,7 @@ def path_grid(plan: Plan, microbatch: int, stage: int | None) -> str:
 
 def cmd_compare(args) -> None:
     from scheduler.compare import compare, format_table, write_json
+    claim_output_file(args.json, overwrite=args.overwrite, flag="--json")
     problem = problem_from_args(args)
     rows = compare(problem, args.strategies.split(",") if args.strategies else None)
     print(format_table(rows))
@@ -136,6 +139,7 @@ def build_parser() -> ArgumentParser:
                    help="full: the ordinary full pipeline; random-skip: random stage sets; skippipe-no-tc2: cheapest "
                    "loop per microbatch, blind to the others; skippipe: collision-aware paths and order (README, Strategies)")
     p.add_argument("--out", default="plan.json", help="where to write the plan")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     p.set_defaults(run=cmd_solve)
     p = sub.add_parser("validate", help="check a plan against every constraint")
     p.add_argument("plan", help="the plan.json to check")
@@ -147,6 +151,7 @@ def build_parser() -> ArgumentParser:
     add_problem_args(p)
     p.add_argument("--strategies", help=f"comma-separated subset of {','.join(sorted(STRATEGIES))} (default: all)")
     p.add_argument("--json", help="also write the comparison as JSON to this file (default: table only)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists (default: refuse)")
     p.set_defaults(run=cmd_compare)
     return parser
 

@@ -208,3 +208,29 @@ def test_show_plots_a_one_node_topology(tmp_path, capsys):
     topology_main(["show", "--topology", "single-cluster", "--nodes", "1", "--plot", str(tmp_path / "one.png")])
     assert "single-cluster: 1 node in 1 region " in capsys.readouterr().out
     assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_outputs_that_exist_are_refused_unless_overwrite(tmp_path, files, capsys):
+    """A second solve, compare, simulate or show with the same output path stops before any work, with one
+    line, and leaves the first run's file as it was; --overwrite replaces it."""
+    plan = tmp_path / "plan.json"
+    plan.write_text("the first run's plan")
+    solve_args = ["solve", "--strategy", "full", "--topology", "gcp-12-regions", "--nodes", "20", "--stages", "4",
+                  "--out", str(plan)]
+    commands = [
+        (scheduler_main, solve_args, "--out"),
+        (scheduler_main, ["compare", "--topology", "gcp-12-regions", "--nodes", "20", "--stages", "4",
+                          "--strategies", "full", "--json", str(plan)], "--json"),
+        (topology_main, ["simulate", "--topology", "gcp-12-regions", "--nodes", "20", "--plan", str(files / "plan.json"),
+                         "--plot", str(plan)], "--plot"),
+        (topology_main, ["show", "--topology", "gcp-12-regions", "--nodes", "20", "--plot", str(plan)], "--plot"),
+    ]
+    for main, args, flag in commands:
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {flag} {plan} already exists; pass another path, or --overwrite to replace it"
+        assert plan.read_text() == "the first run's plan"
+    scheduler_main([*solve_args, "--overwrite"])
+    assert json.loads(plan.read_text())["strategy"] == "full"

@@ -11,6 +11,7 @@ from topology.cost import CostModel
 from topology.errors import ArgumentParser, ConfigError, cli_errors
 from topology.load import load_topology
 from topology.model_spec import load_model_spec
+from topology.outputs import claim_output_file
 from topology.plan import Plan
 from topology.simulator import simulate
 
@@ -33,6 +34,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def cmd_show(args) -> None:
+    claim_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
     topo = load_topology(args.topology, _node_count(args.nodes), args.seed)
     n = topo.num_nodes
     print(f"{topo.name}: {_count(n, 'node')} in {_count(len(topo.regions), 'region')} (fingerprint {topo.fingerprint()})")
@@ -55,6 +57,8 @@ def cmd_show(args) -> None:
 
 
 def cmd_simulate(args) -> None:
+    for flag, path in (("--json", args.json), ("--trace", args.trace), ("--plot", args.plot)):
+        claim_output_file(path, overwrite=args.overwrite, flag=flag)
     plan = Plan.load(args.plan)
     topo = load_topology(args.topology, _node_count(args.nodes), args.seed)
     made_for = plan.topology
@@ -105,6 +109,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--nodes", help="node count (required for a scenario; default: a YAML's own count)")
     p.add_argument("--seed", type=int, default=0, help="seed of seeded scenarios (random)")
     p.add_argument("--plot", help="write a bandwidth heatmap PNG (default: no plot)")
+    p.add_argument("--overwrite", action="store_true", help="replace --plot if it exists (default: refuse)")
     p.set_defaults(run=cmd_show)
     p = sub.add_parser("simulate", help="replay a plan on a topology: iteration time, idle, trace, Gantt")
     p.add_argument("--topology", required=True, help="the scenario name or topology YAML the plan was solved for")
@@ -117,6 +122,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--trace", help="write a Chrome/Perfetto trace JSON (default: no trace)")
     p.add_argument("--plot", help="write a Gantt chart PNG, one row per node, bars labelled by microbatch (default: no plot)")
     p.add_argument("--no-uplink-sharing", action="store_true", help="let a node's sends overlap freely")
+    p.add_argument("--overwrite", action="store_true", help="replace --json, --trace and --plot files that exist "
+                   "(default: refuse)")
     p.set_defaults(run=cmd_simulate)
     return parser
 
