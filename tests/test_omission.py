@@ -245,10 +245,20 @@ def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tab
     assert second["answers"] == a and second["train_seconds"] is None
     assert [r["step"] for r in second["runs"]["skip"]["curve"]] == [r["step"] for r in skip["curve"]]
     # A variant that was never trained is refused in one line, before anything is written.
+    def refusal(out) -> str:
+        """The one error line (a slow solve may print its progress lines, "skippipe: ...", before it)."""
+        lines = [line for line in out.stderr.strip().splitlines() if not line.startswith("skippipe: ")]
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --evaluate-only:"), out.stderr
+        return lines[0]
+
     out = subprocess.run([*base, "--variants", "plain", "--out", str(tmp_path / "third.json")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 2 and out.stderr.startswith("error: --evaluate-only:") and "skip_plain" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "third.json").exists()
+    assert "skip_plain" in refusal(out) and not (tmp_path / "third.json").exists()
+    # Runs trained for fewer steps than asked are not the study's: the checkpoint's own step says so.
+    longer = [("5" if arg == "4" else arg) for arg in base]
+    out = subprocess.run([*longer, "--out", str(tmp_path / "fourth.json")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert "holds a checkpoint at step 4, not one at step 5" in refusal(out) and not (tmp_path / "fourth.json").exists()
 
 
 def test_omission_study_refuses_an_unknown_setting_before_training(tmp_path, monkeypatch, capsys):

@@ -92,8 +92,14 @@ def check_trained(run_dir: Path, run, overrides: list[str]) -> None:
         if setting_value(expected, key) != setting_value(cfg, key):
             raise ConfigError(f"--evaluate-only: {run_dir} was trained with {key}={setting_value(cfg, key)}, "
                               f"not {value}; train the study's run there (drop --evaluate-only)")
-    if held != f"a run up to step {run.steps}":
-        raise ConfigError(f"--evaluate-only: {run_dir} holds {held}, not a run up to step {run.steps}; "
+    from skippipe.checkpoint import checkpoint_root, checkpoint_step, latest_checkpoint
+    try:
+        step = checkpoint_step(latest_checkpoint(run_dir))
+    except ConfigError:
+        step = None  # no checkpoint, or a damaged pointer: either way not the trained run
+    if step != run.steps:
+        found = f"a checkpoint at step {step}" if step is not None else f"no readable checkpoint in {checkpoint_root(run_dir)}"
+        raise ConfigError(f"--evaluate-only: {run_dir} holds {found}, not one at step {run.steps}; "
                           f"train it first (drop --evaluate-only)")
 
 
