@@ -109,14 +109,6 @@ def claim_output_dir(out_dir: str | Path, *, overwrite: bool, flag: str = "--out
                           f"or --overwrite to replace the files this command writes")
 
 
-def claim_output_file(path: str | Path | None, *, overwrite: bool, flag: str) -> None:
-    """A report file a command writes (--json, --csv, --plot) must not exist unless `overwrite`."""
-    if path is None or overwrite:
-        return
-    if Path(path).exists():
-        raise ConfigError(f"{flag} {path} already exists; pass another path, or --overwrite to replace it")
-
-
 def setting_value(cfg: Config, key: str):
     """The value of dotted `key` (``schedule.replan.enabled``) in `cfg`; AttributeError for an unknown key."""
     value = cfg

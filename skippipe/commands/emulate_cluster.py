@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> None:
     if not ratios:
         raise ValueError("--skip-ratios is empty; e.g. --skip-ratios 0.25,0")
     out = Path(args.out)
-    from skippipe.rundir import claim_output_file, run_contents
+    from skippipe.rundir import run_contents
+    from topology.outputs import claim_output_file
     for ratio in ratios:  # refuse before the cluster is built (Note [run dir ownership], skippipe/rundir.py)
         run_dir = Path(args.work_dir) / f"skip{ratio:g}"
         held = None if args.overwrite else run_contents(run_dir)

@@ -41,7 +41,7 @@ def main() -> None:
         placements = [omission.check_placement(p.strip()) for p in args.placement.split(",") if p.strip()]
         if args.seeds < 1 or args.batch_size < 1 or (args.batches is not None and args.batches < 1):
             raise ConfigError("--seeds, --batches and --batch-size must be positive")
-        from skippipe.rundir import claim_output_file
+        from topology.outputs import claim_output_file
         for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
             claim_output_file(path, overwrite=args.overwrite, flag=flag)
         model, cfg, folder = load_full_model(args.checkpoint, pick_device(args.device))

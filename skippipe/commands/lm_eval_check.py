@@ -38,7 +38,7 @@ def main() -> None:
         from skippipe.context import pick_device
         from skippipe.evaluation.harness import lm_eval_report, require_lm_eval
         from skippipe.evaluation.omission import check_keep
-        from skippipe.rundir import claim_output_file
+        from topology.outputs import claim_output_file
 
         require_lm_eval()
         check_keep(args.keep)

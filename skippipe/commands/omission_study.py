@@ -145,7 +145,8 @@ def main() -> None:
         times = study.network_times(setting["stages"], setting["skip_ratio"], (remedy, *variants))
         runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants)
         run_root = Path(args.run_dir or f"runs/omission-{setting['name']}")
-        from skippipe.rundir import claim_output_file, run_contents
+        from skippipe.rundir import run_contents
+        from topology.outputs import claim_output_file
         if args.evaluate_only:
             for name, run in runs.items():
                 check_trained(run_root / name, run, args.overrides)
