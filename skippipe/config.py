@@ -245,7 +245,10 @@ def _merge(target: Any, data: dict, where: str, prefix: str = "") -> None:
         if dataclasses.is_dataclass(kind):
             _merge(getattr(target, key), value, where, f"{name}.")
         else:
-            setattr(target, key, _coerce(value, kind, name))
+            try:
+                setattr(target, key, _coerce(value, kind, name))
+            except ConfigError as exc:  # name the file (or override) the bad value came from
+                raise ConfigError(f"{where}: {exc}") from None
 
 
 def parse_override(text: str) -> dict:

@@ -51,6 +51,8 @@ def test_overrides_are_typed_by_the_field(text, key, value):
     ("", ["=3"], "bad override"),
     ("", ["optim.lr=fast"], "optim.lr: expected float"),
     ("", ["train.steps=2.5"], "train.steps: expected int"),
+    ("schedule:\n  num_nodes: eight\n", [], "c.yaml: schedule.num_nodes: expected int, got 'eight'"),
+    ("", ["train.steps=many"], "override 'train.steps=many': train.steps: expected int"),
     ("", ["train.steps=0"], "train.steps must be positive"),
     ("", ["schedule.skip_ratio=1"], "skip_ratio must be in"),
     ("", ["schedule.stage_sizes=2,2"], "stage_sizes"),
