@@ -52,7 +52,7 @@ def test_distributed_resume_equals_uninterrupted_and_single_process_reads_its_ch
     shutil.copytree(tmp_path / "parts" / "checkpoints" / "step_000002", tmp_path / "mixed" / "checkpoints" / "step_000002")
     (tmp_path / "mixed" / "checkpoints" / "latest").write_text("step_000002\n")
     mixed = train(make_config(tmp_path, "mixed", steps=4), plan, resume=True)
-    assert [r["loss"] for r in mixed] == pytest.approx([r["loss"] for r in whole[2:]], rel=1e-5)
+    assert [r["loss"] for r in mixed] == [r["loss"] for r in whole[2:]]  # bit for bit: executors.py
 
 
 def test_latest_moves_only_when_a_checkpoint_is_complete(tmp_path):
