@@ -92,28 +92,27 @@ class LocalExecutor:
         queues = {node: deque(actions) for node, actions in sorted(order.items())}
         consumer = {a: b for path in plan.paths for a, _, b, _ in dependencies(path)}
         stage_of = {n.id: n.stage for n in plan.nodes}
+        params = {s: list(module.parameters()) for s, module in self.stages.items()}
         inbox: dict = {}  # consuming action -> the message its producer sent
         saved: dict[int, dict] = {node: {} for node in queues}
         grads: dict[int, list[torch.Tensor | None]] = {}  # node -> its replica's gradient buffers
         while any(queues.values()):
             progressed = False
             for node, queue in queues.items():
-                stage = self.stages[stage_of[node]]
+                stage_index = stage_of[node]
                 while queue and (queue[0] in inbox or (queue[0].kind == "F" and queue[0].stage == 0)):
                     action = queue.popleft()
-                    inputs, targets = batches[action.microbatch]
-                    received = inbox.pop(action) if action in inbox else inputs.to(self.device)
+                    mb = action.microbatch
+                    received = inbox.pop(action) if action in inbox else batches[mb][0].to(self.device)
+                    targets = batches[mb][1].to(self.device) if action.kind == "L" else None
                     start = time.time()
-                    params = list(stage.parameters())
-                    for p, g in zip(params, grads.pop(node, None) or [None] * len(params)):
-                        p.grad = g  # this node's buffers (popped: autograd may then add in place)
-                    del g
-                    outgoing, loss = run_action(stage, action, received, targets=targets.to(self.device),
+                    _load_grads(params[stage_index], grads.pop(node, None))
+                    outgoing, loss = run_action(self.stages[stage_index], action, received, targets=targets,
                                                 saved=saved[node], precision=self.precision)
-                    grads[node] = [p.grad for p in params]
+                    grads[node] = [p.grad for p in params[stage_index]]
                     end = time.time()
                     if loss is not None:
-                        result.losses[action.microbatch] = loss
+                        result.losses[mb] = loss
                     if outgoing is not None:
                         inbox[consumer[action]] = outgoing.detach()  # what the wire carries: no graph
                     result.compute_s += end - start
@@ -122,21 +121,13 @@ class LocalExecutor:
             if not progressed:
                 stuck = {node: str(queue[0]) for node, queue in queues.items() if queue}
                 raise RuntimeError(f"the plan's order cannot finish: nodes wait on each other at {stuck}")
-        self._sum_replicas(plan, grads)
-        return result
-
-    def _sum_replicas(self, plan: Plan, grads: dict[int, list[torch.Tensor | None]]) -> None:
-        """Each stage's gradient := the sum of its nodes' buffers, in node order (None where none ran)."""
-        for stage_index, stage in self.stages.items():
+        for stage_index, stage_params in params.items():  # the replicas' sum, as the all-reduce makes it
             total = None
-            for node in plan.stage_nodes(stage_index):
-                for_node = grads.get(node)
-                if for_node is None:
-                    continue
-                total = for_node if total is None else [
-                    a if b is None else b if a is None else a + b for a, b in zip(total, for_node)]
-            for p, g in zip(stage.parameters(), total or [None] * len(list(stage.parameters()))):
-                p.grad = g
+            for buffers in (grads[node] for node in plan.stage_nodes(stage_index) if node in grads):
+                total = buffers if total is None else [
+                    a if b is None else b if a is None else a + b for a, b in zip(total, buffers)]
+            _load_grads(stage_params, total)
+        return result
 
     def sum_over_replicas(self, stage: int, flat: torch.Tensor) -> None:
         """One process holds one copy of each stage: its sum over replicas is itself."""
@@ -168,6 +159,13 @@ class LocalExecutor:
 
     def where(self) -> str:
         return "single process | "
+
+
+def _load_grads(params: list[nn.Parameter], buffers: list[torch.Tensor | None] | None) -> None:
+    """Make `buffers` (None: no gradient yet) the parameters' .grad. Holding no other reference once it
+    returns lets autograd add the next gradient in place, as it does on a rank."""
+    for p, g in zip(params, buffers or [None] * len(params)):
+        p.grad = g
 
 
 class DistributedExecutor:

@@ -79,6 +79,7 @@ def train_all(runs: dict, args, run_root: Path) -> None:
 def check_trained(run_dir: Path, run, overrides: list[str]) -> None:
     """--evaluate-only: `run_dir` holds the study's `run` (its overrides and `overrides` in its saved config,
     a checkpoint at its last step); ConfigError saying what differs otherwise."""
+    from skippipe.checkpoint import checkpoint_root, checkpoint_step, latest_checkpoint
     from skippipe.config import load_config
     from skippipe.rundir import run_contents, setting_value
     held = run_contents(run_dir)
@@ -92,7 +93,6 @@ def check_trained(run_dir: Path, run, overrides: list[str]) -> None:
         if setting_value(expected, key) != setting_value(cfg, key):
             raise ConfigError(f"--evaluate-only: {run_dir} was trained with {key}={setting_value(cfg, key)}, "
                               f"not {value}; train the study's run there (drop --evaluate-only)")
-    from skippipe.checkpoint import checkpoint_root, checkpoint_step, latest_checkpoint
     try:
         step = checkpoint_step(latest_checkpoint(run_dir))
     except ConfigError:
