@@ -232,6 +232,8 @@ def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tab
     assert a["targets_met"]["q2_no_worse_than_layerdrop"] == (a["q2_skip_half_over_full"] <= a["layerdrop_q2"])
     assert skip["curve"][-1]["network_s"] == pytest.approx(4 * skip["predicted_iteration_s"])
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["trained"] is True and report["total_seconds"] > 0
+    assert json.loads((tmp_path / "runs/skip/omission.json").read_text())["results"] == skip["omission"]
 
     # --evaluate-only: the same runs evaluated again give the same answers, and nothing is trained.
     again = tmp_path / "again.json"
@@ -242,7 +244,7 @@ def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tab
     out = subprocess.run([*base, "--out", str(again)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     second = json.loads(again.read_text())
-    assert second["answers"] == a and second["train_seconds"] is None
+    assert second["answers"] == a and second["trained"] is False
     assert [r["step"] for r in second["runs"]["skip"]["curve"]] == [r["step"] for r in skip["curve"]]
     # A variant that was never trained is refused in one line, before anything is written.
     def refusal(out) -> str:

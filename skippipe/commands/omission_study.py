@@ -8,19 +8,23 @@ path-faithful single-process trainer as: `skip` (the setting's skip ratio with t
 one iteration in ten at full depth), `full` (full pipeline, equal tokens), `full_equal_time` (full
 pipeline stopped at the wall-clock the skip run takes on the paper's network, by the simulator: the
 ratio is recorded) and `layerdrop` (equal tokens, the skip ratio's expected depth), plus a run per
---variants remedy. Then every model is evaluated at keep 1.0, 0.75, 0.5 and at every depth on the same
-held-out tokens. Settings: --setting mission (8 stages x 3 layers, skip 0.25), paper (6 x 4, 0.33), or
+--variants remedy. Each run's job then evaluates its model (scripts/evaluate.py, into the run's
+omission.json) at keep 1.0, 0.75, 0.5 and at every depth on the same held-out tokens, while other runs
+still train. Settings: --setting mission (8 stages x 3 layers, skip 0.25), paper (6 x 4, 0.33), or
 --stages and --skip-ratio. Extra arguments are dotted overrides for every run (optim.lr=1e-3).
 Answers and targets: skippipe/experiments/omission_study.py, study_answers.
 """
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from skippipe.commands import package_env, train_command
 from topology.errors import ArgumentParser, ConfigError, cli_errors
+
+KEEPS = "1.0,0.75,0.5"  # the kept fractions every run is evaluated at
 
 
 def build_parser() -> ArgumentParser:
@@ -31,8 +35,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--setting", help="mission (8 stages, skip 0.25) or paper (6 stages, skip 0.33) (default: none; then --stages and --skip-ratio)")
     p.add_argument("--stages", type=int, help="stages of the model (default: the setting's)")
     p.add_argument("--skip-ratio", type=float, help="skip ratio of the skip run (default: the setting's)")
-    p.add_argument("--remedy", default=None, help="remedy of the skip run: plain, every10 (default), every5, mix0.125, "
-                   "rotate8, every10_rotate8")
+    p.add_argument("--remedy", default=None, help="remedy of the skip run: one of REMEDIES in "
+                   "skippipe/experiments/omission_study.py, e.g. plain, every10 (default), every10_shallow4_inorder")
     p.add_argument("--variants", default="", help="comma-separated remedies trained as extra skip runs, e.g. plain")
     p.add_argument("--steps", type=int, help="training steps of the equal-token runs (default: the config's)")
     p.add_argument("--config", default="omission", help="training YAML or shipped config name of every run (default: omission)")
@@ -48,32 +52,48 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def train_all(runs: dict, args, run_root: Path) -> None:
-    """Train the runs, `args.jobs` at a time (one thread each; longest first); ConfigError naming a failed run."""
+def evaluate_command(run_dir: Path, seeds: int) -> list[str]:
+    """argv that evaluates a trained run at every keep and placement of the study, on the whole held-out
+    split, into `run_dir`/omission.json (the evaluator's own JSON: the table and the depth summary)."""
+    from skippipe.evaluation.omission import PLACEMENTS
+    return [sys.executable, "-m", "skippipe.commands.evaluate", "--checkpoint", str(run_dir), "--keep", KEEPS,
+            "--placement", ",".join(PLACEMENTS), "--seeds", str(seeds), "--json", str(run_dir / "omission.json"),
+            "--overwrite"]
+
+
+def run_jobs(jobs: dict[str, list[tuple[str, list[str]]]], *, parallel: int, run_root: Path) -> None:
+    """Run each job's commands in turn (a run's training, then its evaluation), `parallel` jobs at once,
+    in the given order (longest first), one thread each; the output of each step goes to
+    `run_root`/<job>/<step>.log. ConfigError naming the job that failed (the other jobs are stopped)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **package_env()}
-    waiting = sorted(runs.items(), key=lambda kv: -kv[1].steps)
+    waiting = list(jobs.items())
     active: dict = {}
+
+    def start(name: str, steps: list) -> None:
+        step, cmd = steps[0]
+        log = open(run_root / name / f"{step}.log", "w")
+        print(f"{step} {name}: {' '.join(cmd[1:])}", flush=True)
+        active[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, steps)
+
     while waiting or active:
-        while waiting and len(active) < max(1, args.jobs):
-            name, run = waiting.pop(0)
-            cmd = [*train_command(), "--config", args.config, "--single-process",
-                   "--run-dir", str(run_root / name), "--steps", str(run.steps), *run.overrides, *args.overrides,
-                   "train.num_threads=1", *(["--overwrite"] if args.overwrite else [])]
+        while waiting and len(active) < max(1, parallel):
+            name, steps = waiting.pop(0)
             (run_root / name).mkdir(parents=True, exist_ok=True)
-            log = open(run_root / name / "train.log", "w")
-            print(f"training {name}: {' '.join(cmd[1:])}", flush=True)
-            active[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            start(name, steps)
         time.sleep(1.0)
-        for name, (proc, log) in list(active.items()):
-            if proc.poll() is not None:
-                log.close()
-                del active[name]
-                if proc.returncode != 0:
-                    for other, _ in active.values():
-                        other.terminate()
-                    tail = (run_root / name / "train.log").read_text().strip().splitlines()[-1:]
-                    raise ConfigError(f"the {name} run failed: {tail[0] if tail else 'no output'}")
-                print(f"trained {name}", flush=True)
+        for name, (proc, log, steps) in list(active.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del active[name]
+            if proc.returncode != 0:
+                for other, _, _ in active.values():
+                    other.terminate()
+                tail = (run_root / name / f"{steps[0][0]}.log").read_text().strip().splitlines()[-1:]
+                raise ConfigError(f"the {name} run failed ({steps[0][0]}): {tail[0] if tail else 'no output'}")
+            print(f"{steps[0][0]} {name}: done", flush=True)
+            if len(steps) > 1:
+                start(name, steps[1:])
 
 
 def check_trained(run_dir: Path, run, overrides: list[str]) -> None:
@@ -103,22 +123,23 @@ def check_trained(run_dir: Path, run, overrides: list[str]) -> None:
                           f"train it first (drop --evaluate-only)")
 
 
-def evaluate_run(name: str, run, run_root: Path, seeds: int) -> dict:
+def study_result(name: str, run, run_root: Path) -> dict:
+    """The report's entry for a trained and evaluated run: its tokens, predicted wall-clock, paths, omission
+    table and depth summary (from `evaluate_command`'s JSON) and training curve."""
+    from skippipe.config import load_config
     from skippipe.experiments.omission_study import training_curve
-    from skippipe.checkpoint import load_full_model
-    from skippipe.evaluation import omission
+    from topology.model_spec import load_model_spec
 
-    model, cfg, folder = load_full_model(run_root / name)
-    batches = omission.held_out_batches(cfg, model.spec)  # the same tokens for every row and every run
-    rows = omission.omission_table(model, batches, keeps=[1.0, 0.75, 0.5], placements=omission.PLACEMENTS, seeds=seeds)
-    depth = omission.depth_summary(model, batches, trained=omission.trained_depth(cfg, model.num_stages), rows=rows)
-    plan = json.loads((folder / "plan.json").read_text())
-    tokens_per_step = len(plan["paths"]) * plan["microbatch_size"] * (cfg.data.context or model.spec.context)
-    return {"label": run.label, "run_dir": str(run_root / name), "overrides": run.overrides, "steps": cfg.train.steps,
+    folder = run_root / name
+    cfg = load_config(folder / "config.yaml")
+    evaluated = json.loads((folder / "omission.json").read_text())
+    plan = json.loads((Path(evaluated["checkpoint"]) / "plan.json").read_text())
+    tokens_per_step = len(plan["paths"]) * plan["microbatch_size"] * (cfg.data.context or load_model_spec(cfg.model).context)
+    return {"label": run.label, "run_dir": str(folder), "overrides": run.overrides, "steps": cfg.train.steps,
             "tokens": cfg.train.steps * tokens_per_step, "predicted_iteration_s": run.predicted_iteration_s,
             "predicted_wall_clock_s": cfg.train.steps * run.predicted_iteration_s, **run.extra,
-            "paths": sorted({tuple(p["stages"]) for p in plan["paths"]}), "omission": rows, "depth": depth,
-            "curve": training_curve(run_root / name, tokens_per_step, run.predicted_iteration_s)}
+            "paths": sorted({tuple(p["stages"]) for p in plan["paths"]}), "omission": evaluated["results"],
+            "depth": evaluated["depth"], "curve": training_curve(folder, tokens_per_step, run.predicted_iteration_s)}
 
 
 def main() -> None:
@@ -141,7 +162,7 @@ def main() -> None:
                  f"schedule.skip_ratio={setting['skip_ratio']}"]
         cfg = load_config(args.config, shape + args.overrides)  # bad input fails here, before any training
         steps = args.steps or cfg.train.steps
-        start = time.time()
+        start, load_at_start = time.time(), os.getloadavg()
         times = study.network_times(setting["stages"], setting["skip_ratio"], (remedy, *variants))
         runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants)
         run_root = Path(args.run_dir or f"runs/omission-{setting['name']}")
@@ -158,15 +179,20 @@ def main() -> None:
                                       f"--overwrite to replace its runs, or --evaluate-only to evaluate them")
         claim_output_file(args.out, overwrite=args.overwrite, flag="--out")
         claim_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
-        if not args.evaluate_only:
-            train_all(runs, args, run_root)
-        trained = None if args.evaluate_only else time.time() - start  # not measured when nothing trained
-        import torch
-        torch.set_num_threads(1)  # one thread: on a shared or busy CPU more threads slow evaluation manyfold
-        results = {name: evaluate_run(name, run, run_root, args.seeds) for name, run in runs.items()}
+        jobs = {}  # longest first: the full pipeline's steps cost most
+        for name, run in sorted(runs.items(), key=lambda kv: -kv[1].steps * kv[1].depth):
+            train = [*train_command(), "--config", args.config, "--single-process", "--run-dir", str(run_root / name),
+                     "--steps", str(run.steps), *run.overrides, *args.overrides, "train.num_threads=1",
+                     *(["--overwrite"] if args.overwrite else [])]
+            jobs[name] = ([] if args.evaluate_only else [("train", train)]) + \
+                [("evaluate", evaluate_command(run_root / name, args.seeds))]
+        run_jobs(jobs, parallel=args.jobs, run_root=run_root)
+        results = {name: study_result(name, run, run_root) for name, run in runs.items()}
         report = {"setting": setting, "answers": study.study_answers(results), "network": times,
                   "config": args.config, "overrides": args.overrides, "model": cfg.model,
-                  "train_seconds": trained, "total_seconds": time.time() - start, "runs": results}
+                  "trained": not args.evaluate_only, "jobs": args.jobs, "total_seconds": time.time() - start,
+                  "load_average": {"start": load_at_start, "end": os.getloadavg()},  # 1, 5, 15 minutes
+                  "runs": results}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         if args.plot:

@@ -29,7 +29,9 @@ NETWORK = {"topology": "gcp-12-regions", "nodes": 20, "model": "llama-500m",
 # every iteration re-routes slow links (README table).
 REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every": 5}, "mix0.125": {"full_fraction": 0.125},
             "rotate8": {"rotate": 8}, "every10_rotate8": {"full_every": 10, "rotate": 8},
-            "every10_shallow4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5}}
+            "every10_shallow4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5},
+            "every10_inorder": {"full_every": 10, "max_swaps": 0},
+            "every10_shallow4_inorder": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "max_swaps": 0}}
 DEFAULT_REMEDY = "every10"
 
 
@@ -41,6 +43,7 @@ class Run:
     steps: int
     predicted_iteration_s: float  # on the paper's network (NETWORK), one iteration of this run's schedule
     extra: dict = field(default_factory=dict)
+    depth: float = 1.0  # about the fraction of the stages a microbatch visits: the run's cost per step
 
 
 def setting_of(name: str | None, stages: int | None, skip_ratio: float | None) -> dict:
@@ -70,35 +73,43 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
     topo = load_topology(NETWORK["topology"], NETWORK["nodes"], 0)
     model = load_model_spec(NETWORK["model"])
 
-    def problem(ratio: float) -> Problem:
+    def problem(ratio: float, max_swaps: int = 2) -> Problem:
         return Problem(topology=topo, model=model, num_stages=stages, stage_sizes=NETWORK["stage_sizes"].get(stages),
                        microbatch_size=NETWORK["microbatch_size"], num_microbatches=NETWORK["microbatches"],
-                       memory=NETWORK["memory"], skip_ratio=ratio)
+                       memory=NETWORK["memory"], skip_ratio=ratio, max_swaps=max_swaps)
 
     full = solve(problem(0.0), "full").predicted["iteration_s"]
-    skip_plan = solve(problem(skip_ratio), "skippipe")
+    skip_plans = {2: solve(problem(skip_ratio), "skippipe")}  # per CC3 max_swaps (a remedy may forbid reordering)
+    skip_plan = skip_plans[2]
     skip = skip_plan.predicted["iteration_s"]
     skip_full_depth = all_full_depth(problem(skip_ratio), skip_plan).predicted["iteration_s"]
     rotations = {}  # plans per rotation length: the mean of their predicted times is the rotation's
     priced = {}
     for name in remedies or REMEDIES:
         remedy, extra = REMEDIES[name], {}
+        swaps = remedy.get("max_swaps", 2)
         if "full_fraction" in remedy:
-            seconds = mix_full_depth(problem(skip_ratio), "skippipe", remedy["full_fraction"]).predicted["iteration_s"]
+            seconds = mix_full_depth(problem(skip_ratio, swaps), "skippipe", remedy["full_fraction"]).predicted["iteration_s"]
         else:
-            skipping = skip
+            if swaps not in skip_plans:
+                skip_plans[swaps] = solve(problem(skip_ratio, swaps), "skippipe")
+            base = skip_plans[swaps]
+            skipping = base.predicted["iteration_s"]
+            if swaps != 2:
+                extra = {"skip_iteration_s": skipping}  # the plain plan's time under this remedy's CC3
             if remedy.get("rotate", 1) > 1:
                 count = remedy["rotate"]
-                if count not in rotations:
-                    rotations[count] = rotation(problem(skip_ratio), skip_plan, count)
-                plans = rotations[count]
+                if (count, swaps) not in rotations:
+                    rotations[count, swaps] = rotation(problem(skip_ratio, swaps), base, count)
+                plans = rotations[count, swaps]
                 skipping = sum(p.predicted["iteration_s"] for p in plans) / len(plans)
-                extra = {"rotated_plans": len(plans), "distinct_stage_sets": distinct_stage_sets(plans),
-                         "distinct_stage_sets_first_plan": distinct_stage_sets([skip_plan])}
+                extra = {**extra, "rotated_plans": len(plans), "distinct_stage_sets": distinct_stage_sets(plans),
+                         "distinct_stage_sets_first_plan": distinct_stage_sets([base])}
             if remedy.get("shallow_every"):
-                shallow = shallow_depth(problem(skip_ratio), skip_plan, remedy["shallow_ratio"])
+                shallow = shallow_depth(problem(skip_ratio, swaps), base, remedy["shallow_ratio"])
                 extra = {**extra, "shallow_iteration_s": shallow.predicted["iteration_s"]}
-            seconds = average_iteration_s({"base": skipping, "full": skip_full_depth,
+            full_depth = all_full_depth(problem(skip_ratio, swaps), base).predicted["iteration_s"]
+            seconds = average_iteration_s({"base": skipping, "full": full_depth,
                                            "shallow": extra.get("shallow_iteration_s")},
                                           full_every=remedy.get("full_every", 0),
                                           shallow_every=remedy.get("shallow_every", 0))
@@ -127,17 +138,17 @@ def study_runs(setting: dict, *, steps: int, times: dict, remedy: str = DEFAULT_
     r = setting["skip_ratio"]
     runs = {
         "skip": Run(f"skip ratio {r}, {remedy}", shape + [f"schedule.skip_ratio={r}"] + remedy_overrides(remedy),
-                    steps, skip_s, {"remedy": remedy}),
+                    steps, skip_s, {"remedy": remedy}, 1 - r),
         "full": Run("full pipeline, equal tokens", shape + ["schedule.skip_ratio=0"], steps, times["full_iteration_s"]),
         "full_equal_time": Run("full pipeline, equal wall-clock", shape + ["schedule.skip_ratio=0"],
                                max(1, round(steps * ratio)), times["full_iteration_s"], {"time_ratio": ratio}),
         "layerdrop": Run(f"LayerDrop at depth of skip {r}", shape + ["schedule.skip_ratio=0", f"schedule.layerdrop={r}"],
-                         steps, times["full_iteration_s"]),
+                         steps, times["full_iteration_s"], depth=1 - r),
     }
     for name in variants:
         if name != remedy:
             runs[f"skip_{name}"] = Run(f"skip ratio {r}, {name}", shape + [f"schedule.skip_ratio={r}"] + remedy_overrides(name),
-                                       steps, times["remedies"][name]["iteration_s"], {"remedy": name})
+                                       steps, times["remedies"][name]["iteration_s"], {"remedy": name}, 1 - r)
     return runs
 
 
