@@ -88,13 +88,25 @@ def all_full_depth(problem: Problem, plan: Plan) -> Plan:
     return _rebuild(problem, plan, routes, [p.microbatch for p in routes])
 
 
-def shallow_depth(problem: Problem, plan: Plan, skip_ratio: float, *, strategy: str = "skippipe") -> Plan:
+def shallow_depth(problem: Problem, plan: Plan, skip_ratio: float, *, strategy: str = "skippipe",
+                  seed: int | None = None) -> Plan:
     """The plan the strategy solves at the higher `skip_ratio` with `plan`'s placement: the shallow
     iteration of a one-in-K schedule (paths of path_length(S, skip_ratio) stages). A model trained only on
     paths of L stages never trains the deeper omissions an evaluation at half depth asks for; LayerDrop's
-    random depths do (issue 14). ConfigError from the solver for an impossible setting."""
+    random depths do (issue 14). `seed` replaces the problem's solver seed: with strategy "random-skip",
+    a fresh draw of in-order stage sets per seed (`drawn_shallow_seed`). ConfigError from the solver for an
+    impossible setting."""
     from scheduler.solve import solve  # scheduler.solve is above this module; import late
-    return solve(dataclasses.replace(problem, skip_ratio=skip_ratio, fixed_placement=plan.placement()), strategy)
+    changes = {"skip_ratio": skip_ratio, "fixed_placement": plan.placement()}
+    if seed is not None:
+        changes["seed"] = seed
+    return solve(dataclasses.replace(problem, **changes), strategy)
+
+
+def drawn_shallow_seed(run_seed: int, step: int) -> int:
+    """The solver seed of step `step`'s drawn shallow plan: distinct per step and run seed, so a resumed
+    run draws the same sets (step < 1,000,000)."""
+    return run_seed * 1_000_000 + step
 
 
 def step_kind(step: int, *, full_every: int = 0, shallow_every: int = 0) -> str:

@@ -67,6 +67,10 @@ class ScheduleConfig:
     # (scheduler.depth.shallow_depth; 0: never): deeper omissions in training; single-process only.
     shallow_every: int = 0
     shallow_ratio: float = 0.5
+    # Each shallow iteration draws fresh in-order stage sets (strategy random-skip, seeded by the step)
+    # instead of running the solver's shallow plan: every shallow set is trained, at network-blind paths'
+    # cost (skippipe/path_schedule.py); needs shallow_every.
+    shallow_draws: bool = False
     # LayerDrop instead of the plan's paths (single-process only): each microbatch keeps stage 0 and each
     # other stage with the probability that gives the expected depth of this skip ratio, natural order.
     layerdrop: float = 0.0
@@ -170,6 +174,9 @@ class Config:
         if s.shallow_every and not s.skip_ratio < s.shallow_ratio < 1:
             raise ConfigError(f"schedule.shallow_ratio must be above schedule.skip_ratio ({s.skip_ratio}) and below 1, "
                               f"got {s.shallow_ratio}; e.g. 0.5")
+        if s.shallow_draws and not s.shallow_every:
+            raise ConfigError("schedule.shallow_draws draws the shallow iterations' stage sets: set "
+                              "schedule.shallow_every too, e.g. 4")
         if not 0 <= s.layerdrop < 1:
             raise ConfigError(f"schedule.layerdrop must be in [0, 1), got {s.layerdrop}; e.g. 0.33 (a skip ratio)")
         if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every or s.rotate > 1 or s.shallow_every):

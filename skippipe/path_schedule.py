@@ -14,6 +14,9 @@ The schedules (README, "Inference with stages omitted"; issue 14):
 - one iteration in `schedule.shallow_every` shallower: the plan solved at skip ratio
   `schedule.shallow_ratio`, same placement (scheduler.depth.shallow_depth), so training also sees the
   deeper omissions that half-depth inference makes (scheduler.depth.step_kind says which step runs what);
+  with `schedule.shallow_draws`, each shallow step draws its in-order stage sets afresh instead (strategy
+  random-skip, seeded by train.seed and the step), so over the run they cover every shallow set, as
+  LayerDrop's draws do, rather than the few the solver finds fastest;
 - LayerDrop (`schedule.layerdrop`, the field's standard way to train for depth robustness; Fan et al.
   2019, "Reducing Transformer Depth on Demand with Structured Dropout"): every microbatch keeps stage 0
   and each other stage independently with probability p = (L - 1) / (S - 1), where L is the path length
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Callable
 
 from scheduler.constraints import path_length
 from scheduler.depth import step_kind
@@ -36,11 +40,12 @@ from topology.plan import Plan, Route, sequential_order
 
 class PlanSchedule:
     """The plan of each step: `base` (or the `rotation`'s plans in turn, `base` first), or every
-    `full_every`-th step `full`, or LayerDrop draws around `base` with per-stage keep probability
-    `keep_prob` (None: no LayerDrop)."""
+    `full_every`-th step `full`, or on shallow steps (scheduler.depth.step_kind) `shallow` (a plan, or a
+    function of the 1-based step that draws one), or LayerDrop draws around `base` with per-stage keep
+    probability `keep_prob` (None: no LayerDrop)."""
 
     def __init__(self, base: Plan, *, full: Plan | None = None, full_every: int = 0,
-                 shallow: Plan | None = None, shallow_every: int = 0,
+                 shallow: Plan | Callable[[int], Plan] | None = None, shallow_every: int = 0,
                  keep_prob: float | None = None, seed: int = 0, rotation: list[Plan] | None = None):
         self.base, self.keep_prob, self.seed = base, keep_prob, seed
         self.full, self.full_every = full, full_every if full is not None else 0
@@ -56,8 +61,10 @@ class PlanSchedule:
         if self.keep_prob is not None:
             return self._layerdrop(step)
         kind = step_kind(step, full_every=self.full_every, shallow_every=self.shallow_every)
-        if kind != "base":
-            return self.full if kind == "full" else self.shallow
+        if kind == "full":
+            return self.full
+        if kind == "shallow":
+            return self.shallow(step) if callable(self.shallow) else self.shallow
         return self.rotation[(step - 1) % len(self.rotation)]
 
     def _layerdrop(self, step: int) -> Plan:
@@ -86,12 +93,18 @@ def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
         return PlanSchedule(plan, keep_prob=layerdrop_keep_prob(plan.num_stages, s.layerdrop), seed=cfg.train.seed)
     if not s.full_every and not s.shallow_every and s.rotate == 1:
         return PlanSchedule(plan)
-    from scheduler.depth import all_full_depth, shallow_depth
+    from scheduler.depth import all_full_depth, drawn_shallow_seed, shallow_depth
     from scheduler.rotation import rotation
     from skippipe.planning import build_problem, job_topology
     problem = build_problem(cfg, job_topology(cfg))
     full = all_full_depth(problem, plan) if s.full_every else None
-    shallow = shallow_depth(problem, plan, s.shallow_ratio, strategy=s.strategy) if s.shallow_every else None
+    shallow = None
+    if s.shallow_every and s.shallow_draws:
+        def shallow(step: int) -> Plan:
+            return shallow_depth(problem, plan, s.shallow_ratio, strategy="random-skip",
+                                 seed=drawn_shallow_seed(cfg.train.seed, step))
+    elif s.shallow_every:
+        shallow = shallow_depth(problem, plan, s.shallow_ratio, strategy=s.strategy)
     plans = rotation(problem, plan, s.rotate, strategy=s.strategy) if s.rotate > 1 else None
     return PlanSchedule(plan, full=full, full_every=s.full_every, shallow=shallow, shallow_every=s.shallow_every,
                         rotation=plans)

@@ -94,6 +94,28 @@ def test_shallow_every_runs_the_shallow_plan_one_step_in_k():
     assert all(len(p.stages) == 4 for s in (4, 8) for p in got[s - 1].paths)  # full wins on step 4 and 8
 
 
+def test_shallow_draws_cover_the_shallow_sets_in_order_and_repeat_on_resume():
+    overrides = ["schedule.skip_ratio=0.33", "schedule.num_stages=6", "schedule.num_nodes=6", "schedule.max_swaps=0",
+                 "schedule.full_every=10", "schedule.shallow_every=4", "schedule.shallow_draws=true"]
+    cfg = load_config(ROOT / "configs/train/omission.yaml", overrides)
+    from skippipe.planning import make_plan
+    plan = make_plan(cfg)
+    schedule = plan_schedule(cfg, plan)
+    shallow_steps = [k for k in range(1, 81) if step_kind(k, full_every=10, shallow_every=4) == "shallow"]
+    draws = [schedule.plan_at(k) for k in shallow_steps]
+    sets = set()
+    for drawn in draws:
+        check(drawn)  # CC1-CC4 (balanced stage visits), TC1, TC2
+        assert drawn.placement() == plan.placement()
+        assert all(len(p.stages) == 3 and list(p.stages) == sorted(p.stages) for p in drawn.paths)
+        sets |= {p.stages for p in drawn.paths}
+    assert len(sets) == 10  # all C(5, 2) sets of stage 0 and two others, the even (0, 2, 4) among them
+    assert len({tuple(p.stages for p in d.paths) for d in draws}) == len(draws)  # a fresh draw each shallow step
+    again = plan_schedule(load_config(ROOT / "configs/train/omission.yaml", overrides), plan)
+    assert [again.plan_at(k).paths for k in shallow_steps] == [d.paths for d in draws]  # a resumed run draws the same
+    assert schedule.plan_at(10).paths == schedule.full.paths and schedule.plan_at(1) is plan
+
+
 @pytest.mark.parametrize("fraction, count", [(0.0, 0), (0.125, 2), (0.1, 2), (1.0, 16), (0.03, 0)])
 def test_full_depth_count(fraction, count):
     assert full_depth_count(16, fraction) == count
@@ -184,6 +206,7 @@ def test_rotate_runs_the_plans_in_turn_and_full_every_still_wins():
     (["schedule.layerdrop=0.25", "schedule.shallow_every=4"], "layerdrop replaces the plan's paths"),
     (["schedule.shallow_every=-1"], "schedule.shallow_every must not be negative"),
     (["schedule.skip_ratio=0.5", "schedule.shallow_every=4"], r"shallow_ratio must be above schedule.skip_ratio \(0.5\)"),
+    (["schedule.skip_ratio=0.25", "schedule.shallow_draws=true"], "set schedule.shallow_every too"),
 ])
 def test_bad_rotation_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

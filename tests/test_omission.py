@@ -267,3 +267,20 @@ def test_omission_study_refuses_an_unknown_setting_before_training(tmp_path, mon
     code, err = run_main("omission_study", ["--setting", "huge", "--out", str(tmp_path / "r.json"),
                                             "--run-dir", str(tmp_path / "runs")], monkeypatch, capsys)
     assert code == 2 and err.startswith("error: unknown --setting 'huge'") and not (tmp_path / "runs").exists()
+
+
+def test_each_remedy_is_priced_with_its_own_plans():
+    """A remedy that forbids reordering is priced with the in-order plan; drawn shallow iterations with the
+    mean of their draws; every remedy's time is its schedule's mean over one period."""
+    from scheduler.depth import average_iteration_s
+    from skippipe.experiments.omission_study import network_times
+    times = network_times(6, 0.33, ("every10", "every10_inorder", "every10_drawn4_inorder"))
+    priced = times["remedies"]
+    assert set(priced) == {"every10", "every10_inorder", "every10_drawn4_inorder"}
+    assert "skip_iteration_s" not in priced["every10"]  # the plan with CC3's default reordering
+    inorder, drawn = priced["every10_inorder"], priced["every10_drawn4_inorder"]
+    assert drawn["skip_iteration_s"] == inorder["skip_iteration_s"] > 0 and drawn["shallow_draws_priced"] == 8
+    full_depth = (10 * inorder["iteration_s"] - 9 * inorder["skip_iteration_s"])  # one in ten at full depth
+    assert drawn["iteration_s"] == pytest.approx(average_iteration_s(
+        {"base": drawn["skip_iteration_s"], "full": full_depth, "shallow": drawn["shallow_iteration_s"]},
+        full_every=10, shallow_every=4))

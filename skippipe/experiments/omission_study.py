@@ -31,7 +31,10 @@ REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every":
             "rotate8": {"rotate": 8}, "every10_rotate8": {"full_every": 10, "rotate": 8},
             "every10_shallow4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5},
             "every10_inorder": {"full_every": 10, "max_swaps": 0},
-            "every10_shallow4_inorder": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "max_swaps": 0}}
+            "every10_shallow4_inorder": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "max_swaps": 0},
+            "every10_drawn4_inorder": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_draws": True,
+                                       "max_swaps": 0}}
+SHALLOW_DRAWS_PRICED = 8  # a drawn shallow iteration's time: the mean over the first 8 shallow steps' draws
 DEFAULT_REMEDY = "every10"
 
 
@@ -63,7 +66,8 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
     depth, and each of `remedies` (None: all of REMEDIES; a rotation's time is the mean of its plans'); plus
     each remedy's cost over the plain skip plan. Deterministic (solver seed 0); seconds, about a minute
     with a rotation (its solves)."""
-    from scheduler.depth import all_full_depth, average_iteration_s, mix_full_depth, shallow_depth
+    from scheduler.depth import (all_full_depth, average_iteration_s, drawn_shallow_seed, mix_full_depth,
+                                 shallow_depth, step_kind)
     from scheduler.problem import Problem
     from scheduler.rotation import distinct_stage_sets, rotation
     from scheduler.solve import solve
@@ -105,7 +109,14 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
                 skipping = sum(p.predicted["iteration_s"] for p in plans) / len(plans)
                 extra = {**extra, "rotated_plans": len(plans), "distinct_stage_sets": distinct_stage_sets(plans),
                          "distinct_stage_sets_first_plan": distinct_stage_sets([base])}
-            if remedy.get("shallow_every"):
+            if remedy.get("shallow_draws"):
+                steps = [k for k in range(1, 10 * remedy["shallow_every"] * SHALLOW_DRAWS_PRICED)
+                         if step_kind(k, full_every=remedy.get("full_every", 0), shallow_every=remedy["shallow_every"]) == "shallow"]
+                draws = [shallow_depth(problem(skip_ratio, swaps), base, remedy["shallow_ratio"], strategy="random-skip",
+                                       seed=drawn_shallow_seed(0, k)).predicted["iteration_s"]
+                         for k in steps[:SHALLOW_DRAWS_PRICED]]
+                extra = {**extra, "shallow_iteration_s": sum(draws) / len(draws), "shallow_draws_priced": len(draws)}
+            elif remedy.get("shallow_every"):
                 shallow = shallow_depth(problem(skip_ratio, swaps), base, remedy["shallow_ratio"])
                 extra = {**extra, "shallow_iteration_s": shallow.predicted["iteration_s"]}
             full_depth = all_full_depth(problem(skip_ratio, swaps), base).predicted["iteration_s"]
