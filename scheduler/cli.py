@@ -6,7 +6,7 @@ import time
 from scheduler.constraints import check_topology, violations
 from scheduler.problem import Problem
 from scheduler.solve import DEFAULT_STRATEGY, STRATEGIES, solve
-from topology.errors import ArgumentParser, ConfigError, cli_errors
+from topology.errors import ArgumentParser, ConfigError, cli_errors, program_name
 from topology.load import load_topology
 from topology.model_spec import load_model_spec
 from topology.outputs import claim_output_file
@@ -131,7 +131,7 @@ def cmd_compare(args) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m scheduler", description=__doc__)
+    parser = ArgumentParser(prog=program_name("scheduler", "skippipe-scheduler"), description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     p = sub.add_parser("solve", help="solve a plan and write plan.json")
     add_problem_args(p)

@@ -234,3 +234,11 @@ def test_outputs_that_exist_are_refused_unless_overwrite(tmp_path, files, capsys
         assert plan.read_text() == "the first run's plan"
     scheduler_main([*solve_args, "--overwrite"])
     assert json.loads(plan.read_text())["strategy"] == "full"
+
+
+@pytest.mark.parametrize("argv0, expected", [("/venv/bin/skippipe-scheduler", "skippipe-scheduler"),
+                                             ("/repo/scheduler/__main__.py", "python -m scheduler")])
+def test_usage_names_the_command_the_user_ran(argv0, expected, monkeypatch):
+    from scheduler.cli import build_parser
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert build_parser().prog == expected

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from topology.cost import CostModel
-from topology.errors import ArgumentParser, ConfigError, cli_errors
+from topology.errors import ArgumentParser, ConfigError, cli_errors, program_name
 from topology.load import load_topology
 from topology.model_spec import load_model_spec
 from topology.outputs import claim_output_file
@@ -102,7 +102,7 @@ def cmd_simulate(args) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m topology", description=__doc__)
+    parser = ArgumentParser(prog=program_name("topology", "skippipe-topology"), description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     p = sub.add_parser("show", help="nodes, regions and a link summary")
     p.add_argument("--topology", required=True, help="scenario name, shipped topology name or topology YAML")

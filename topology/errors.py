@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
 import yaml
@@ -59,6 +60,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or "default" in text:
             return text
         return f"{text} (default: %(default)s)"
+
+
+def program_name(module: str, console_script: str) -> str:
+    """The name a command's usage line should show: `console_script` (pyproject.toml) when the user ran that,
+    else `python -m <module>`."""
+    return console_script if os.path.basename(sys.argv[0]) == console_script else f"python -m {module}"
 
 
 class ArgumentParser(argparse.ArgumentParser):
