@@ -31,7 +31,8 @@ REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every":
             "rotate8": {"rotate": 8}, "every10_rotate8": {"full_every": 10, "rotate": 8},
             "every10_shallow4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5},
             "every10_inorder": {"full_every": 10, "max_swaps": 0},
-            "every10_drawn4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_draws": True}}
+            "every10_drawn4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_draws": True},
+            "every5_drawn4": {"full_every": 5, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_draws": True}}
 SHALLOW_DRAWS_PRICED = 8  # a drawn shallow iteration's time: the mean over the first 8 shallow steps' draws
 DEFAULT_REMEDY = "every10"
 
