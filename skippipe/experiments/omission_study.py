@@ -99,7 +99,7 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
             base = skip_plans[swaps]
             skipping = base.predicted["iteration_s"]
             if swaps != 2:
-                extra = {"skip_iteration_s": skipping}  # the plain plan's time under this remedy's CC3
+                extra = {"skip_iteration_s": float(skipping)}  # the plain plan's time under this remedy's CC3
             if remedy.get("rotate", 1) > 1:
                 count = remedy["rotate"]
                 if (count, swaps) not in rotations:
@@ -114,10 +114,10 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
                 draws = [shallow_depth(problem(skip_ratio, swaps), base, remedy["shallow_ratio"], strategy="random-skip",
                                        seed=drawn_shallow_seed(0, k)).predicted["iteration_s"]
                          for k in steps[:SHALLOW_DRAWS_PRICED]]
-                extra = {**extra, "shallow_iteration_s": sum(draws) / len(draws), "shallow_draws_priced": len(draws)}
+                extra = {**extra, "shallow_iteration_s": float(sum(draws) / len(draws)), "shallow_draws_priced": len(draws)}
             elif remedy.get("shallow_every"):
                 shallow = shallow_depth(problem(skip_ratio, swaps), base, remedy["shallow_ratio"])
-                extra = {**extra, "shallow_iteration_s": shallow.predicted["iteration_s"]}
+                extra = {**extra, "shallow_iteration_s": float(shallow.predicted["iteration_s"])}
             full_depth = all_full_depth(problem(skip_ratio, swaps), base).predicted["iteration_s"]
             seconds = average_iteration_s({"base": skipping, "full": full_depth,
                                            "shallow": extra.get("shallow_iteration_s")},
