@@ -207,10 +207,11 @@ def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tab
     assert full["paths"] == drop["paths"] == [list(range(6))]
     assert all(len(p) == 4 and p[0] == 0 for p in skip["paths"])  # the plan's paths (step 10 would be full depth)
     # Equal wall-clock: the full run's steps are the skip run's predicted time over the full pipeline's.
-    ratio = net["remedies"]["every10"]["iteration_s"] / net["full_iteration_s"]
+    default = net["remedies"]["every10_drawn4"]  # one in 10 full, one in 4 drawn at half depth: 40 steps a period
+    ratio = default["iteration_s"] / net["full_iteration_s"]
     assert a["time_ratio"] == pytest.approx(ratio) and 0 < ratio < 1 and equal["steps"] == max(1, round(4 * ratio))
-    assert net["remedies"]["every10"]["iteration_s"] == pytest.approx(
-        (9 * net["skip_iteration_s"] + net["skip_placement_full_depth_iteration_s"]) / 10)
+    assert default["iteration_s"] == pytest.approx((26 * net["skip_iteration_s"] + 10 * default["shallow_iteration_s"]
+                                                    + 4 * net["skip_placement_full_depth_iteration_s"]) / 40)
     assert all(r["cost_over_plain"] > 0 for r in net["remedies"].values())
 
     def ppl(rows, keep):

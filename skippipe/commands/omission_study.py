@@ -5,7 +5,7 @@
 
 From one initialisation and one data order, trains the model of configs/train/omission.yaml with the
 path-faithful single-process trainer as: `skip` (the setting's skip ratio with the --remedy, by default
-one iteration in ten at full depth), `full` (full pipeline, equal tokens), `full_equal_time` (full
+one iteration in ten at full depth and one in four at half depth on drawn stage sets), `full` (full pipeline, equal tokens), `full_equal_time` (full
 pipeline stopped at the wall-clock the skip run takes on the paper's network, by the simulator: the
 ratio is recorded) and `layerdrop` (equal tokens, the skip ratio's expected depth), plus a run per
 --variants remedy. Each run's job then evaluates its model (scripts/evaluate.py, into the run's
@@ -36,7 +36,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stages", type=int, help="stages of the model (default: the setting's)")
     p.add_argument("--skip-ratio", type=float, help="skip ratio of the skip run (default: the setting's)")
     p.add_argument("--remedy", default=None, help="remedy of the skip run: one of REMEDIES in "
-                   "skippipe/experiments/omission_study.py, e.g. plain, every10 (default), every10_shallow4_inorder")
+                   "skippipe/experiments/omission_study.py, e.g. plain, every10, every10_drawn4 (default)")
     p.add_argument("--variants", default="", help="comma-separated remedies trained as extra skip runs, e.g. plain")
     p.add_argument("--steps", type=int, help="training steps of the equal-token runs (default: the config's)")
     p.add_argument("--config", default="omission", help="training YAML or shipped config name of every run (default: omission)")
