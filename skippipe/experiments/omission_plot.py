@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 COLOURS = {"skip": "tab:blue", "full": "tab:red", "full_equal_time": "tab:orange", "layerdrop": "tab:green"}
+VARIANT_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan", "black", "gold")
 
 
 def plot_study(report: dict, path: str | Path) -> None:
@@ -17,8 +18,9 @@ def plot_study(report: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for i, (name, run) in enumerate(report["runs"].items()):
-        colour = COLOURS.get(name, f"C{4 + i}")
+    variants = [name for name in report["runs"] if name not in COLOURS]
+    for name, run in report["runs"].items():
+        colour = COLOURS.get(name) or VARIANT_COLOURS[variants.index(name) % len(VARIANT_COLOURS)]
         for placement, style in (("even", "-"), ("random", "--")):
             mine = sorted((r for r in run["omission"] if r["placement"] == placement), key=lambda r: r["keep"])
             if mine:
