@@ -78,29 +78,34 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
     topo = load_topology(NETWORK["topology"], NETWORK["nodes"], 0)
     model = load_model_spec(NETWORK["model"])
 
-    def problem(ratio: float, max_swaps: int = 2) -> Problem:
+    def problem(ratio: float, max_swaps: int | None = None) -> Problem:
+        swaps = {} if max_swaps is None else {"max_swaps": max_swaps}  # None: the Problem's default CC3
         return Problem(topology=topo, model=model, num_stages=stages, stage_sizes=NETWORK["stage_sizes"].get(stages),
                        microbatch_size=NETWORK["microbatch_size"], num_microbatches=NETWORK["microbatches"],
-                       memory=NETWORK["memory"], skip_ratio=ratio, max_swaps=max_swaps)
+                       memory=NETWORK["memory"], skip_ratio=ratio, **swaps)
+
+    solved = {}  # CC3 max_swaps -> the skip plan and its placement's full-depth iteration seconds, solved once
+
+    def skip_plan(max_swaps: int | None) -> tuple:
+        if max_swaps not in solved:
+            plan = solve(problem(skip_ratio, max_swaps), "skippipe")
+            solved[max_swaps] = plan, all_full_depth(problem(skip_ratio, max_swaps), plan).predicted["iteration_s"]
+        return solved[max_swaps]
 
     full = solve(problem(0.0), "full").predicted["iteration_s"]
-    skip_plans = {2: solve(problem(skip_ratio), "skippipe")}  # per CC3 max_swaps (a remedy may forbid reordering)
-    skip_plan = skip_plans[2]
-    skip = skip_plan.predicted["iteration_s"]
-    skip_full_depth = all_full_depth(problem(skip_ratio), skip_plan).predicted["iteration_s"]
+    first_plan, skip_full_depth = skip_plan(None)
+    skip = first_plan.predicted["iteration_s"]
     rotations = {}  # plans per rotation length: the mean of their predicted times is the rotation's
     priced = {}
     for name in remedies or REMEDIES:
         remedy, extra = REMEDIES[name], {}
-        swaps = remedy.get("max_swaps", 2)
+        swaps = remedy.get("max_swaps")
         if "full_fraction" in remedy:
             seconds = mix_full_depth(problem(skip_ratio, swaps), "skippipe", remedy["full_fraction"]).predicted["iteration_s"]
         else:
-            if swaps not in skip_plans:
-                skip_plans[swaps] = solve(problem(skip_ratio, swaps), "skippipe")
-            base = skip_plans[swaps]
+            base, full_depth = skip_plan(swaps)
             skipping = base.predicted["iteration_s"]
-            if swaps != 2:
+            if swaps is not None:
                 extra = {"skip_iteration_s": float(skipping)}  # the plain plan's time under this remedy's CC3
             if remedy.get("rotate", 1) > 1:
                 count = remedy["rotate"]
@@ -120,7 +125,6 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
             elif remedy.get("shallow_every"):
                 shallow = shallow_depth(problem(skip_ratio, swaps), base, remedy["shallow_ratio"])
                 extra = {**extra, "shallow_iteration_s": float(shallow.predicted["iteration_s"])}
-            full_depth = all_full_depth(problem(skip_ratio, swaps), base).predicted["iteration_s"]
             seconds = average_iteration_s({"base": skipping, "full": full_depth,
                                            "shallow": extra.get("shallow_iteration_s")},
                                           full_every=remedy.get("full_every", 0),
