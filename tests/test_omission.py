@@ -158,6 +158,23 @@ def test_depth_summary_finds_the_best_set_and_the_trained_depth():
     assert [0, 3] in [r["stages"] for r in omission.depth_summary(model, batches, trained=3, rows=rows)["by_set"]]
 
 
+def test_a_shared_cache_evaluates_each_kept_set_once(monkeypatch):
+    torch.manual_seed(0)
+    model = FullModel(SPEC, 4, seed=1).eval()
+    tokens = torch.randint(0, 256, (2, 4, SPEC.context + 1))
+    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    alone = omission.depth_summary(model, batches, trained=3)
+    runs, evaluate = [], omission.evaluate_stages
+    monkeypatch.setattr(omission, "evaluate_stages", lambda m, b, stages: runs.append(tuple(stages)) or evaluate(m, b, stages))
+    cache = {}
+    rows = omission.omission_table(model, batches, keeps=[1.0, 0.5], placements=["even", "first", "last"], cache=cache)
+    shared = omission.depth_summary(model, batches, trained=3, rows=rows, cache=cache)
+    assert len(runs) == len(set(runs)) == len(cache)  # no kept set ran twice
+    assert (0, 1, 2, 3) in runs and (0, 2) in runs and (0, 1, 2) in runs  # the table's sets and the summary's own
+    assert [r["loss"] for r in shared["by_set"] if len(r["stages"]) != 2 or r["stages"] == [0, 2]] == \
+        [r["loss"] for r in alone["by_set"]]  # the same figures as computed alone
+
+
 def test_loaded_model_is_the_trained_one(run_dir):
     model, cfg, folder = load_full_model(run_dir)
     assert folder.name == "step_000002" and model.num_stages == cfg.schedule.num_stages
@@ -275,9 +292,9 @@ def test_each_remedy_is_priced_with_its_own_plans():
     mean of their draws; every remedy's time is its schedule's mean over one period."""
     from scheduler.depth import average_iteration_s
     from skippipe.experiments.omission_study import network_times
-    times = network_times(6, 0.33, ("every10", "every10_inorder", "every10_drawn4"))
+    times = network_times(6, 0.33, ("every10", "every10_inorder", "every10_drawn4", "every10_drawn4_tail10"))
     priced = times["remedies"]
-    assert set(priced) == {"every10", "every10_inorder", "every10_drawn4"}
+    assert set(priced) == {"every10", "every10_inorder", "every10_drawn4", "every10_drawn4_tail10"}
     assert "skip_iteration_s" not in priced["every10"]  # the plan with CC3's default reordering
     inorder, drawn = priced["every10_inorder"], priced["every10_drawn4"]
     assert inorder["skip_iteration_s"] > 0 and drawn["shallow_draws_priced"] == 8
@@ -286,3 +303,5 @@ def test_each_remedy_is_priced_with_its_own_plans():
     assert drawn["iteration_s"] == pytest.approx(average_iteration_s(
         {"base": times["skip_iteration_s"], "full": full_depth, "shallow": drawn["shallow_iteration_s"]},
         full_every=10, shallow_every=4))
+    tail = priced["every10_drawn4_tail10"]  # the last tenth of the steps at full depth
+    assert tail["iteration_s"] == pytest.approx(0.9 * drawn["iteration_s"] + 0.1 * full_depth)

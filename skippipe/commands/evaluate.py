@@ -48,13 +48,15 @@ def main() -> None:
         batches = omission.held_out_batches(cfg, model.spec, args.batch_size, args.batches)
         print(f"{folder} | {cfg.model} | {model.num_stages} stages | "
               f"{sum(t.numel() for _, t in batches):,} held-out tokens", flush=True)
-        rows = omission.omission_table(model, batches, keeps=keeps, placements=placements, seeds=args.seeds)
+        cache = {}  # each kept set is evaluated once, for the table and the depth summary alike
+        rows = omission.omission_table(model, batches, keeps=keeps, placements=placements, seeds=args.seeds, cache=cache)
         print("keep | placement | kept | ppl | x full | tok/s")
         for r in rows:
             spread = f" ± {r['ppl_std']:.3f}" if r["seeds"] > 1 else ""
             print(f"{r['keep']:.2f} | {r['placement']} | {r['num_kept']}/{r['num_stages']} | {r['ppl']:.3f}{spread} | "
                   f"{r['ratio_to_full']:.3f} | {r['tokens_per_s']:,.0f}")
-        depth = omission.depth_summary(model, batches, trained=omission.trained_depth(cfg, model.num_stages), rows=rows)
+        depth = omission.depth_summary(model, batches, trained=omission.trained_depth(cfg, model.num_stages), rows=rows,
+                                       cache=cache)
         best, at = depth["best"], depth["at_trained_depth"]
         print(f"all {model.num_stages} stages: ppl {depth['full']['ppl']:.3f} | trained depth {depth['trained_depth']} "
               f"{at['stages']}: ppl {at['ppl']:.3f} (all / trained {depth['full_over_trained_depth']:.3f}) | "

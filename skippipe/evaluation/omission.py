@@ -2,7 +2,9 @@
 
     model, cfg, folder = load_full_model("runs/debug")   # skippipe.checkpoint
     batches = held_out_batches(cfg, model.spec)
-    rows = omission_table(model, batches, keeps=[1.0, 0.75, 0.5], placements=["even", "random"])
+    cache = {}  # kept set -> its loss: a set the table and the depth summary both name runs once
+    rows = omission_table(model, batches, keeps=[1.0, 0.75, 0.5], placements=["even", "random"], cache=cache)
+    depth = depth_summary(model, batches, trained=6, rows=rows, cache=cache)
 
 A kept fraction ``keep`` of S stages keeps ``round(S * keep)`` of them (halves up, at least one). Stage 0 is always
 kept: it holds the embedding, the final norm and the LM head. The kept stages run in their natural order
@@ -116,25 +118,36 @@ def evaluate_stages(model: FullModel, batches: Batches, stages: Sequence[int]) -
     return {"loss": total / count, "tokens": count, "seconds": seconds, "tokens_per_s": count / max(seconds, 1e-9)}
 
 
+Cache = dict[tuple[int, ...], dict]  # kept set -> its evaluate_stages result
+
+
+def cached_evaluation(model: FullModel, batches: Batches, stages: Sequence[int], cache: Cache, log=None) -> dict:
+    """evaluate_stages of `stages`, run once per `cache`: a table and a depth summary that share one cache
+    evaluate a kept set both name once (the loss is deterministic, so the second run would repeat it)."""
+    key = tuple(stages)
+    if key not in cache:
+        cache[key] = evaluate_stages(model, batches, key)
+        if log is not None:
+            log(f"stages {list(key)} | loss {cache[key]['loss']:.4f} | ppl {math.exp(cache[key]['loss']):.3f} | "
+                f"{cache[key]['tokens_per_s']:,.0f} tok/s")
+    return cache[key]
+
+
 def omission_table(model: FullModel, batches: Batches, *, keeps: Sequence[float],
-                   placements: Sequence[str] = ("even",), seeds: int = 3, log=None) -> list[dict]:
+                   placements: Sequence[str] = ("even",), seeds: int = 3, log=None,
+                   cache: Cache | None = None) -> list[dict]:
     """One row per (keep, placement): perplexity, loss, its ratio to the full model, tokens/s.
 
     `random` draws `seeds` kept sets (seeds 0..seeds-1) and reports the mean perplexity with the spread
     (standard deviation, min, max); every other placement is one kept set. A kept set is evaluated once
-    however many rows name it, and the full model is always evaluated as the reference.
+    however many rows name it (`cache`, shared with depth_summary when given), and the full model is always
+    evaluated as the reference.
     """
     num_stages = model.num_stages
-    cache: dict[tuple[int, ...], dict] = {}
+    cache = {} if cache is None else cache
 
     def run(stages: list[int]) -> dict:
-        key = tuple(stages)
-        if key not in cache:
-            cache[key] = evaluate_stages(model, batches, stages)
-            if log is not None:
-                log(f"stages {list(key)} | loss {cache[key]['loss']:.4f} | ppl {math.exp(cache[key]['loss']):.3f} | "
-                    f"{cache[key]['tokens_per_s']:,.0f} tok/s")
-        return cache[key]
+        return cached_evaluation(model, batches, stages, cache, log)
 
     if batches:
         # Warm-up on a whole batch of the measured shape: the first forwards pay for lazy initialisation
@@ -172,9 +185,11 @@ def trained_depth(cfg: Config, num_stages: int) -> int:
     return path_length(num_stages, cfg.schedule.layerdrop or cfg.schedule.skip_ratio)
 
 
-def depth_summary(model: FullModel, batches: Batches, *, trained: int, rows: Sequence[dict] = ()) -> dict:
+def depth_summary(model: FullModel, batches: Batches, *, trained: int, rows: Sequence[dict] = (),
+                  cache: Cache | None = None) -> dict:
     """Per model: perplexity with every stage, at its trained depth (`trained` stages, even placement),
-    and the best kept set among the even set of every depth 1..S and every set `rows` evaluated.
+    and the best kept set among the even set of every depth 1..S and every set `rows` evaluated (`cache`:
+    the results omission_table already has, so they are not computed again).
 
     Returns {"full": {...}, "trained_depth", "at_trained_depth": {...}, "full_over_trained_depth" (perplexity
     ratio), "best": {...}, "by_set": [...]}, each {...} = {"stages", "depth", "loss", "ppl"}; `by_set` lists
@@ -187,7 +202,7 @@ def depth_summary(model: FullModel, batches: Batches, *, trained: int, rows: Seq
         sets |= {tuple(x) for x in stages} if stages and isinstance(stages[0], list) else {tuple(stages)}
     by_set = []
     for stages in sorted(sets, key=lambda x: (len(x), x)):
-        loss = evaluate_stages(model, batches, stages)["loss"]
+        loss = cached_evaluation(model, batches, stages, {} if cache is None else cache)["loss"]
         by_set.append({"stages": list(stages), "depth": len(stages), "loss": loss, "ppl": math.exp(loss)})
     find = {tuple(r["stages"]): r for r in by_set}
     full = find[tuple(range(num_stages))]
