@@ -12,7 +12,8 @@ least-loaded replica (so TC1's even load holds); the simulator's greedy dispatch
 recorded in the plan's ``constraints["full_depth"]``, where the validator (scheduler.constraints) reads
 them: those paths must have every stage, in order. A whole full-depth iteration (one in K, the schedule
 of the paper authors' later training code) is `all_full_depth`; a shallow iteration (one in K solved at a
-higher skip ratio, the placement kept) is `shallow_depth`; `step_kind` says which a step runs.
+higher skip ratio, the placement kept) is `shallow_depth`; a full-depth cooldown runs the last steps of the
+learning-rate schedule at full depth (`tail_start`); `step_kind` says which a step runs.
 """
 from __future__ import annotations
 
@@ -109,10 +110,22 @@ def drawn_shallow_seed(run_seed: int, step: int) -> int:
     return run_seed * 1_000_000 + step
 
 
-def step_kind(step: int, *, full_every: int = 0, shallow_every: int = 0) -> str:
-    """Which plan 1-based `step` runs: "full" every `full_every`-th step, else "shallow" when
-    (step - 1) % shallow_every == shallow_every // 2 (so one in 4 falls on odd steps, clear of a one in
-    10 full), else "base" (0 turns either off)."""
+def tail_start(horizon: int, fraction: float) -> int | None:
+    """The first 1-based step of a full-depth cooldown over the last `fraction` of `horizon` steps (the
+    learning-rate schedule's: optim.decay_steps or train.steps): horizon - round(fraction * horizon) + 1,
+    halves up; None for fraction 0. ConfigError for a fraction outside [0, 1)."""
+    if not 0.0 <= fraction < 1.0 or math.isnan(fraction):
+        raise ConfigError(f"full-depth tail {fraction} is outside [0, 1); e.g. schedule.full_tail=0.1")
+    count = math.floor(fraction * horizon + 0.5)
+    return horizon - count + 1 if count else None
+
+
+def step_kind(step: int, *, full_every: int = 0, shallow_every: int = 0, full_from: int | None = None) -> str:
+    """Which plan 1-based `step` runs: "full" from step `full_from` on (a full-depth cooldown; None: none)
+    and every `full_every`-th step, else "shallow" when (step - 1) % shallow_every == shallow_every // 2
+    (so one in 4 falls on odd steps, clear of a one in 10 full), else "base" (0 turns either off)."""
+    if full_from is not None and step >= full_from:
+        return "full"
     if full_every > 0 and step % full_every == 0:
         return "full"
     if shallow_every > 0 and (step - 1) % shallow_every == shallow_every // 2:
@@ -120,9 +133,13 @@ def step_kind(step: int, *, full_every: int = 0, shallow_every: int = 0) -> str:
     return "base"
 
 
-def average_iteration_s(seconds: dict[str, float], *, full_every: int = 0, shallow_every: int = 0) -> float:
+def average_iteration_s(seconds: dict[str, float], *, full_every: int = 0, shallow_every: int = 0,
+                        full_tail: float = 0.0) -> float:
     """Mean iteration seconds of a schedule, from each step kind's ("base", "full", "shallow": step_kind)
-    predicted seconds, over one period of the schedule (the least common multiple of its intervals)."""
+    predicted seconds: over one period of the schedule (the least common multiple of its intervals), and
+    with a full-depth cooldown over the last `full_tail` of the steps, (1 - full_tail) x that + full_tail x
+    the full iteration's."""
     period = math.lcm(max(full_every, 1), max(shallow_every, 1))
     kinds = [step_kind(k, full_every=full_every, shallow_every=shallow_every) for k in range(1, period + 1)]
-    return sum(seconds[kind] for kind in kinds) / period
+    periodic = sum(seconds[kind] for kind in kinds) / period
+    return periodic if not full_tail else (1 - full_tail) * periodic + full_tail * seconds["full"]

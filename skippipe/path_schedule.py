@@ -11,6 +11,10 @@ The schedules (README, "Inference with stages omitted"; issue 14):
   time with other paths (scheduler/rotation.py);
 - one iteration in `schedule.full_every` at full depth: the plan with every microbatch on its full
   route (scheduler.depth.all_full_depth, same placement), the others the plan (or the rotation);
+- a full-depth cooldown: the last `schedule.full_tail` of the learning-rate schedule's steps
+  (optim.decay_steps or train.steps; scheduler.depth.tail_start) all at full depth, so the model's last,
+  low-learning-rate steps train the depth it is served at (a resumed run with another train.steps moves
+  the tail with its learning-rate schedule);
 - one iteration in `schedule.shallow_every` shallower: the plan solved at skip ratio
   `schedule.shallow_ratio`, same placement (scheduler.depth.shallow_depth), so training also sees the
   deeper omissions that half-depth inference makes (scheduler.depth.step_kind says which step runs what);
@@ -40,27 +44,29 @@ from topology.plan import Plan, Route, sequential_order
 
 class PlanSchedule:
     """The plan of each step: `base` (or the `rotation`'s plans in turn, `base` first), or every
-    `full_every`-th step `full`, or on shallow steps (scheduler.depth.step_kind) `shallow` (a plan, or a
+    `full_every`-th step and every step from `full_from` on `full`, or on shallow steps (scheduler.depth.step_kind) `shallow` (a plan, or a
     function of the 1-based step that draws one), or LayerDrop draws around `base` with per-stage keep
     probability `keep_prob` (None: no LayerDrop)."""
 
-    def __init__(self, base: Plan, *, full: Plan | None = None, full_every: int = 0,
+    def __init__(self, base: Plan, *, full: Plan | None = None, full_every: int = 0, full_from: int | None = None,
                  shallow: Plan | Callable[[int], Plan] | None = None, shallow_every: int = 0,
                  keep_prob: float | None = None, seed: int = 0, rotation: list[Plan] | None = None):
         self.base, self.keep_prob, self.seed = base, keep_prob, seed
         self.full, self.full_every = full, full_every if full is not None else 0
+        self.full_from = full_from if full is not None else None
         self.shallow, self.shallow_every = shallow, shallow_every if shallow is not None else 0
         self.rotation = rotation or [base]
 
     @property
     def varies(self) -> bool:
         """Whether some step runs another plan than `base`."""
-        return self.keep_prob is not None or self.full_every > 0 or self.shallow_every > 0 or len(self.rotation) > 1
+        return (self.keep_prob is not None or self.full_every > 0 or self.full_from is not None
+                or self.shallow_every > 0 or len(self.rotation) > 1)
 
     def plan_at(self, step: int) -> Plan:
         if self.keep_prob is not None:
             return self._layerdrop(step)
-        kind = step_kind(step, full_every=self.full_every, shallow_every=self.shallow_every)
+        kind = step_kind(step, full_every=self.full_every, shallow_every=self.shallow_every, full_from=self.full_from)
         if kind == "full":
             return self.full
         if kind == "shallow":
@@ -91,13 +97,14 @@ def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
     s = cfg.schedule
     if s.layerdrop:
         return PlanSchedule(plan, keep_prob=layerdrop_keep_prob(plan.num_stages, s.layerdrop), seed=cfg.train.seed)
-    if not s.full_every and not s.shallow_every and s.rotate == 1:
+    if not s.full_every and not s.full_tail and not s.shallow_every and s.rotate == 1:
         return PlanSchedule(plan)
-    from scheduler.depth import all_full_depth, drawn_shallow_seed, shallow_depth
+    from scheduler.depth import all_full_depth, drawn_shallow_seed, shallow_depth, tail_start
     from scheduler.rotation import rotation
     from skippipe.planning import build_problem, job_topology
     problem = build_problem(cfg, job_topology(cfg))
-    full = all_full_depth(problem, plan) if s.full_every else None
+    full = all_full_depth(problem, plan) if s.full_every or s.full_tail else None
+    full_from = tail_start(cfg.optim.decay_steps or cfg.train.steps, s.full_tail)
     shallow = None
     if s.shallow_every and s.shallow_draws:
         def shallow(step: int) -> Plan:
@@ -106,5 +113,5 @@ def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
     elif s.shallow_every:
         shallow = shallow_depth(problem, plan, s.shallow_ratio, strategy=s.strategy)
     plans = rotation(problem, plan, s.rotate, strategy=s.strategy) if s.rotate > 1 else None
-    return PlanSchedule(plan, full=full, full_every=s.full_every, shallow=shallow, shallow_every=s.shallow_every,
-                        rotation=plans)
+    return PlanSchedule(plan, full=full, full_every=s.full_every, full_from=full_from, shallow=shallow,
+                        shallow_every=s.shallow_every, rotation=plans)

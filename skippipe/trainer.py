@@ -130,7 +130,7 @@ class Trainer:
         self.optimizers = {s: build_optimizer(m, cfg.optim) for s, m in self.stages.items()}
         self.schedule = plan_schedule(cfg, plan)
         if self.schedule.varies and not isinstance(executor, LocalExecutor):
-            raise ConfigError("schedule.full_every, schedule.shallow_every, schedule.rotate and schedule.layerdrop "
+            raise ConfigError("schedule.full_every, full_tail, shallow_every, rotate and layerdrop "
                               "switch plans between steps, which only the single-process mode supports; pass "
                               "--single-process or use schedule.full_fraction")
         self.val_batches = [b for b in corpus.val_batches(plan.microbatch_size, cfg.train.eval_batches)

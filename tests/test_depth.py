@@ -11,7 +11,7 @@ import pytest
 
 from scheduler.constraints import check, violations
 from scheduler.depth import (all_full_depth, average_iteration_s, full_depth_count, mix_full_depth, shallow_depth,
-                             step_kind)
+                             step_kind, tail_start)
 from scheduler.problem import Problem
 from scheduler.rotation import TOLERANCE, distinct_stage_sets, rotation
 from scheduler.solve import solve
@@ -71,6 +71,34 @@ def test_step_kind_puts_shallow_steps_clear_of_full_ones():
     assert [k for k, kind in enumerate(kinds, 1) if kind == "shallow"] == [3, 7, 11, 15, 19]
     assert step_kind(12, full_every=4, shallow_every=2) == "full"  # full wins where both fall
     assert {step_kind(k) for k in range(1, 9)} == {"base"}
+
+
+def test_a_full_depth_tail_covers_the_last_steps_of_the_schedule():
+    assert tail_start(700, 0.1) == 631 and tail_start(700, 0.0) is None and tail_start(5, 0.1) == 5  # 0.5 steps round up to the last
+    assert tail_start(4, 0.1) is None  # 0.4 steps round to none
+    kinds = [step_kind(k, full_every=10, shallow_every=4, full_from=15) for k in range(1, 21)]
+    assert [k for k, kind in enumerate(kinds, 1) if kind == "full"] == [10, 15, 16, 17, 18, 19, 20]
+    assert [k for k, kind in enumerate(kinds, 1) if kind == "shallow"] == [3, 7, 11]
+    assert average_iteration_s({"base": 10.0, "full": 20.0}, full_every=4, full_tail=0.1) == \
+        pytest.approx(0.9 * 12.5 + 0.1 * 20.0)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ConfigError, match="schedule.full_tail=0.1"):
+            tail_start(100, bad)
+
+
+def test_full_tail_runs_the_full_depth_plan_over_the_end_of_the_learning_rate_schedule():
+    cfg = load_config(ROOT / "configs/train/debug.yaml",
+                      ["schedule.skip_ratio=0.25", "schedule.full_tail=0.25", "train.steps=8", "optim.decay_steps=null"])
+    from skippipe.planning import make_plan
+    plan = make_plan(cfg)
+    schedule = plan_schedule(cfg, plan)
+    assert schedule.varies and schedule.full_from == 7
+    got = [schedule.plan_at(s) for s in range(1, 9)]
+    assert [p is plan for p in got] == [True] * 6 + [False] * 2
+    assert all(p.stages == tuple(range(cfg.schedule.num_stages)) for s in (7, 8) for p in got[s - 1].paths)
+    decayed = load_config(ROOT / "configs/train/debug.yaml", ["schedule.skip_ratio=0.25", "schedule.full_tail=0.25",
+                                                             "train.steps=8", "optim.decay_steps=20"])
+    assert plan_schedule(decayed, plan).full_from == 16  # the learning-rate schedule's end, not train.steps
 
 
 def test_shallow_depth_keeps_the_placement_and_halves_the_paths(problem):
@@ -207,6 +235,9 @@ def test_rotate_runs_the_plans_in_turn_and_full_every_still_wins():
     (["schedule.shallow_every=-1"], "schedule.shallow_every must not be negative"),
     (["schedule.skip_ratio=0.5", "schedule.shallow_every=4"], r"shallow_ratio must be above schedule.skip_ratio \(0.5\)"),
     (["schedule.skip_ratio=0.25", "schedule.shallow_draws=true"], "set schedule.shallow_every too"),
+    (["schedule.full_tail=1"], r"schedule.full_tail must be in \[0, 1\), got 1"),
+    (["schedule.full_tail=-0.1"], r"schedule.full_tail must be in \[0, 1\)"),
+    (["schedule.layerdrop=0.25", "schedule.full_tail=0.1"], "layerdrop replaces the plan's paths"),
 ])
 def test_bad_rotation_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -34,7 +34,11 @@ REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every":
             "every10_shallow4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5},
             "every10_inorder": {"full_every": 10, "max_swaps": 0},
             "every10_drawn4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_draws": True},
-            "every5_drawn4": {"full_every": 5, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_draws": True}}
+            "every5_drawn4": {"full_every": 5, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_draws": True},
+            "every10_drawn4_tail10": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_draws": True,
+                                      "full_tail": 0.1},
+            "every10_rotate8_drawn4": {"full_every": 10, "rotate": 8, "shallow_every": 4, "shallow_ratio": 0.5,
+                                       "shallow_draws": True}}
 SHALLOW_DRAWS_PRICED = 8  # a drawn shallow iteration's time: the mean over the first 8 shallow steps' draws
 DEFAULT_REMEDY = "every10_drawn4"
 
@@ -128,7 +132,8 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
             seconds = average_iteration_s({"base": skipping, "full": full_depth,
                                            "shallow": extra.get("shallow_iteration_s")},
                                           full_every=remedy.get("full_every", 0),
-                                          shallow_every=remedy.get("shallow_every", 0))
+                                          shallow_every=remedy.get("shallow_every", 0),
+                                          full_tail=remedy.get("full_tail", 0.0))
         priced[name] = {"iteration_s": float(seconds), "cost_over_plain": float(seconds / skip), **remedy, **extra}
     return {**{k: v for k, v in NETWORK.items() if k != "stage_sizes"},
             "stage_sizes": NETWORK["stage_sizes"].get(stages), "full_iteration_s": float(full),
