@@ -224,10 +224,13 @@ def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tab
     assert full["paths"] == drop["paths"] == [list(range(6))]
     assert all(len(p) == 4 and p[0] == 0 for p in skip["paths"])  # the plan's paths (step 10 would be full depth)
     # Equal wall-clock: the full run's steps are the skip run's predicted time over the full pipeline's.
-    default = net["remedies"]["every10_drawn4"]  # one in 10 full, one in 4 drawn at half depth: 40 steps a period
+    # The default: one in 10 full, one in 4 drawn at half depth (40 steps a period), the rest a rotation of plans.
+    default = net["remedies"]["every10_rotate8_drawn4"]
     ratio = default["iteration_s"] / net["full_iteration_s"]
     assert a["time_ratio"] == pytest.approx(ratio) and 0 < ratio < 1 and equal["steps"] == max(1, round(4 * ratio))
-    assert default["iteration_s"] == pytest.approx((26 * net["skip_iteration_s"] + 10 * default["shallow_iteration_s"]
+    assert default["rotated_plans"] > 1 and default["distinct_stage_sets"] > default["distinct_stage_sets_first_plan"]
+    assert default["rotation_iteration_s"] <= net["skip_iteration_s"] * 1.02  # scheduler.rotation.TOLERANCE
+    assert default["iteration_s"] == pytest.approx((26 * default["rotation_iteration_s"] + 10 * default["shallow_iteration_s"]
                                                     + 4 * net["skip_placement_full_depth_iteration_s"]) / 40)
     assert all(r["cost_over_plain"] > 0 for r in net["remedies"].values())
 
