@@ -84,6 +84,17 @@ class PlanSchedule:
         return dataclasses.replace(self.base, paths=paths, order=sequential_order(paths))
 
 
+SINGLE_PROCESS_ONLY = ("schedule.full_every, full_tail, shallow_every, rotate and layerdrop switch plans between "
+                       "steps, which only the single-process mode supports; pass --single-process or use "
+                       "schedule.full_fraction")
+
+
+def switches_plans(s) -> bool:
+    """Whether a run's schedule settings (skippipe.config.ScheduleConfig) switch plans between steps: then it
+    runs in the single-process mode only (SINGLE_PROCESS_ONLY says so to the user)."""
+    return bool(s.layerdrop or s.full_every or s.full_tail or s.shallow_every or s.rotate > 1)
+
+
 def layerdrop_keep_prob(num_stages: int, skip_ratio: float) -> float:
     """p with 1 + (S - 1) p = path_length(S, skip_ratio): the per-stage keep probability of LayerDrop at
     the expected depth of that skip ratio (stage 0 always kept)."""

@@ -31,7 +31,7 @@ from skippipe.flops import mfu, model_flops_per_token, node_flops, peak_tflops
 from skippipe.identity import check_model, check_tokenizer, checkpoint_identity, recorded_spec
 from skippipe.metrics import Metrics
 from skippipe.optim import build_optimizer, lr_at, set_lr
-from skippipe.path_schedule import plan_schedule
+from skippipe.path_schedule import SINGLE_PROCESS_ONLY, plan_schedule
 from skippipe.precision import resolve_precision
 from skippipe.rundir import check_resume_settings, claim_run_dir
 from skippipe.shards import run_tokenizer
@@ -130,9 +130,7 @@ class Trainer:
         self.optimizers = {s: build_optimizer(m, cfg.optim) for s, m in self.stages.items()}
         self.schedule = plan_schedule(cfg, plan)
         if self.schedule.varies and not isinstance(executor, LocalExecutor):
-            raise ConfigError("schedule.full_every, full_tail, shallow_every, rotate and layerdrop "
-                              "switch plans between steps, which only the single-process mode supports; pass "
-                              "--single-process or use schedule.full_fraction")
+            raise ConfigError(SINGLE_PROCESS_ONLY)
         self.val_batches = [b for b in corpus.val_batches(plan.microbatch_size, cfg.train.eval_batches)
                             if len(b[0]) == plan.microbatch_size]  # full batches only: message shapes are fixed
         # The plan's microbatch size, not the config's: the plan is the contract (it may come from --plan).

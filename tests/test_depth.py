@@ -242,3 +242,23 @@ def test_rotate_runs_the_plans_in_turn_and_full_every_still_wins():
 def test_bad_rotation_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "configs/train/debug.yaml", overrides)
+
+
+@pytest.mark.parametrize("setting", ["schedule.full_tail=0.1", "schedule.shallow_every=4", "schedule.rotate=2",
+                                     "schedule.layerdrop=0.25"])
+def test_a_distributed_run_refuses_a_schedule_that_switches_plans_before_the_rendezvous(setting, tmp_path):
+    """Every rank refuses at once, from the config alone (rank 0 says why), so no rank is left waiting and
+    torchrun does not stop rank 0 before it has printed the reason."""
+    import os
+    import subprocess
+    import sys
+    ratio = "0" if "layerdrop" in setting else "0.25"
+    for rank, expected in (("0", "error: schedule.full_every, full_tail, shallow_every, rotate and layerdrop "
+                                 "switch plans between steps, which only the single-process mode supports"), ("3", "")):
+        out = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "--config", "debug", "--steps", "2",
+                              "--run-dir", str(tmp_path / "run"), f"schedule.skip_ratio={ratio}", setting],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env={**os.environ, "RANK": rank, "WORLD_SIZE": "8", "LOCAL_RANK": rank})
+        assert out.returncode == 2 and len(out.stderr.splitlines()) == (1 if expected else 0)
+        assert out.stderr.startswith(expected)  # rank 0's one line; the other ranks leave quietly
+        assert not (tmp_path / "run").exists()

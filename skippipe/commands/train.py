@@ -89,6 +89,7 @@ def main() -> None:
         from skippipe.context import (build_context, compute_floor_from_env, env_rank, init_process_group,
                                       pick_device, slowdown_from_env)
         from skippipe.elastic import join, node_identity, plan_for_world
+        from skippipe.path_schedule import SINGLE_PROCESS_ONLY, switches_plans
         from skippipe.planning import make_plan, plan_for_run, share_plan
         from skippipe.trainer import train
 
@@ -100,6 +101,8 @@ def main() -> None:
             check(plan)
             train(cfg, plan, resume=args.resume, overwrite=args.overwrite)
             return
+        if switches_plans(cfg.schedule):  # before the rendezvous, so that every rank refuses at once
+            raise ConfigError(SINGLE_PROCESS_ONLY)
         launched = env_rank()
         if launched is None:
             raise ConfigError("not launched by torchrun; run torchrun --standalone --nproc-per-node N "
