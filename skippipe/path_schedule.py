@@ -44,9 +44,10 @@ from topology.plan import Plan, Route, sequential_order
 
 class PlanSchedule:
     """The plan of each step: `base` (or the `rotation`'s plans in turn, `base` first), or every
-    `full_every`-th step and every step from `full_from` on `full`, or on shallow steps (scheduler.depth.step_kind) `shallow` (a plan, or a
-    function of the 1-based step that draws one), or LayerDrop draws around `base` with per-stage keep
-    probability `keep_prob` (None: no LayerDrop)."""
+    `full_every`-th step and every step from `full_from` on (a full-depth tail; None: none) `full`, or on
+    shallow steps (scheduler.depth.step_kind) `shallow` (a plan, or a function of the 1-based step that
+    draws one), or LayerDrop draws around `base` with per-stage keep probability `keep_prob` (None: no
+    LayerDrop)."""
 
     def __init__(self, base: Plan, *, full: Plan | None = None, full_every: int = 0, full_from: int | None = None,
                  shallow: Plan | Callable[[int], Plan] | None = None, shallow_every: int = 0,
@@ -108,7 +109,7 @@ def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
     s = cfg.schedule
     if s.layerdrop:
         return PlanSchedule(plan, keep_prob=layerdrop_keep_prob(plan.num_stages, s.layerdrop), seed=cfg.train.seed)
-    if not s.full_every and not s.full_tail and not s.shallow_every and s.rotate == 1:
+    if not switches_plans(s):
         return PlanSchedule(plan)
     from scheduler.depth import all_full_depth, drawn_shallow_seed, shallow_depth, tail_start
     from scheduler.rotation import rotation
