@@ -49,7 +49,8 @@ def main() -> None:
         print(f"{folder} | {cfg.model} | {model.num_stages} stages | "
               f"{sum(t.numel() for _, t in batches):,} held-out tokens", flush=True)
         cache = {}  # each kept set is evaluated once, for the table and the depth summary alike
-        rows = omission.omission_table(model, batches, keeps=keeps, placements=placements, seeds=args.seeds, cache=cache)
+        rows = omission.omission_table(model, batches, keeps=keeps, placements=placements, seeds=args.seeds,
+                                       cache=cache)
         print("keep | placement | kept | ppl | x full | tok/s")
         for r in rows:
             spread = f" ± {r['ppl_std']:.3f}" if r["seeds"] > 1 else ""

@@ -5,10 +5,11 @@
 
 From one initialisation and one data order, trains the model of configs/train/omission.yaml with the
 path-faithful single-process trainer as: `skip` (the setting's skip ratio with the --remedy, by default
-one iteration in ten at full depth and one in four at half depth on drawn stage sets), `full` (full
-pipeline, equal tokens), `full_equal_time` (full pipeline stopped at the wall-clock the skip run takes on
-the paper's network, by the simulator: the ratio is recorded) and `layerdrop` (equal tokens, the skip ratio's expected depth), plus a run per
---variants remedy. Each run's job then evaluates its model (scripts/evaluate.py, into the run's
+one iteration in ten at full depth, one in four at half depth on drawn stage sets and the others rotating
+over 8 plans of the same predicted time), `full` (full pipeline, equal tokens), `full_equal_time` (full
+pipeline stopped at the wall-clock the skip run takes on the paper's network, by the simulator: the ratio
+is recorded) and `layerdrop` (equal tokens, the skip ratio's expected depth), plus a run per --variants
+remedy. Each run's job then evaluates its model (scripts/evaluate.py, into the run's
 omission.json) at keep 1.0, 0.75, 0.5 and at every depth on the same held-out tokens, while other runs
 still train. Settings: --setting mission (8 stages x 3 layers, skip 0.25), paper (6 x 4, 0.33), or
 --stages and --skip-ratio. Extra arguments are dotted overrides for every run (optim.lr=1e-3).

@@ -196,13 +196,14 @@ def depth_summary(model: FullModel, batches: Batches, *, trained: int, rows: Seq
     every set evaluated, shallowest first. All on the same `batches` (Note [same held-out tokens]).
     """
     num_stages = model.num_stages
+    cache = {} if cache is None else cache
     sets = {tuple(kept_stages(num_stages, k / num_stages, "even")) for k in range(1, num_stages + 1)}
     for row in rows:
         stages = row["stages"]
         sets |= {tuple(x) for x in stages} if stages and isinstance(stages[0], list) else {tuple(stages)}
     by_set = []
     for stages in sorted(sets, key=lambda x: (len(x), x)):
-        loss = cached_evaluation(model, batches, stages, {} if cache is None else cache)["loss"]
+        loss = cached_evaluation(model, batches, stages, cache)["loss"]
         by_set.append({"stages": list(stages), "depth": len(stages), "loss": loss, "ppl": math.exp(loss)})
     find = {tuple(r["stages"]): r for r in by_set}
     full = find[tuple(range(num_stages))]
