@@ -284,6 +284,31 @@ def load_full_model(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), cfg, folder
 
 
+# -- a run branched off another run's checkpoint ---------------------------------------------------------
+
+def fork_checkpoint(folder: Path, run_dir: str | Path) -> Path:
+    """`folder` (a complete checkpoint of another run) as the newest checkpoint of `run_dir`; returns it.
+
+    `--resume` in `run_dir` then continues the other run from that step: the same weights, optimizer
+    state, data position and RNG, under the resuming command's own steps and optimizer settings (Note
+    [fixed on resume] in rundir.py). The files are hard links (never written in place, so neither run can
+    change the other's), meta.json last, then `latest`. The omission study branches its equal-wall-clock
+    run off the full run after the warmup this way. ConfigError for an incomplete checkpoint or a
+    `run_dir` that already holds checkpoints.
+    """
+    checkpoint_meta(folder)  # complete and readable, or a one-line ConfigError
+    root = checkpoint_root(run_dir)
+    if root.exists() and any(root.iterdir()):
+        raise ConfigError(f"{root} already holds checkpoints; fork into an empty run dir")
+    out = root / folder.name
+    out.mkdir(parents=True)
+    for path in sorted(folder.iterdir(), key=lambda p: p.name == "meta.json"):
+        if path.is_file() and not path.name.startswith("."):
+            _link(path, out / path.name)
+    _point_latest(root, out)
+    return out
+
+
 # -- a checkpoint carried over to another plan (node loss: Note [node loss] in elastic.py) -----------------
 
 def latest_token(run_dir: str | Path) -> list | None:

@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from skippipe.checkpoint import latest_checkpoint, load_checkpoint
+from skippipe.metrics import read_metrics
+from skippipe.rundir import fork_run
 from skippipe.trainer import train
 from tests.handplan import hand_plan
 from tests.test_runtime import SKIP, _restore_threads, make_config, run_ranks  # noqa: F401 (autouse fixture)
@@ -53,6 +55,35 @@ def test_distributed_resume_equals_uninterrupted_and_single_process_reads_its_ch
     (tmp_path / "mixed" / "checkpoints" / "latest").write_text("step_000002\n")
     mixed = train(make_config(tmp_path, "mixed", steps=4), plan, resume=True)
     assert [r["loss"] for r in mixed] == [r["loss"] for r in whole[2:]]  # bit for bit: executors.py
+
+
+def test_a_run_forked_in_the_warmup_is_the_shorter_run_trained_from_scratch(tmp_path):
+    """The omission study's equal-wall-clock run: fork a longer run at the end of its warmup (whose learning
+    rate does not depend on the schedule's length) and resume it with fewer steps: bit for bit the run
+    trained from scratch for those steps, its cosine fitted to them, and not the longer run's."""
+    plan = hand_plan(**SKIP)
+
+    def config(name: str, steps: int):
+        cfg = make_config(tmp_path, name, steps=steps, checkpoint_every=2, eval_every=1)
+        cfg.optim.warmup_steps, cfg.optim.decay_steps = 2, None  # the cosine spans train.steps
+        return cfg
+
+    longer = train(config("longer", 6), plan)
+    scratch = train(config("scratch", 4), plan)
+    fork_run(tmp_path / "longer" / "checkpoints" / "step_000002", tmp_path / "fork")
+    forked = train(config("fork", 4), plan, resume=True)
+    assert [r["loss"] for r in forked] == [r["loss"] for r in scratch[2:]]
+    assert [r["val_loss"] for r in forked] == [r["val_loss"] for r in scratch[2:]]
+    assert forked[-1]["loss"] != longer[3]["loss"]  # the longer run's step 4 ran at a higher learning rate
+    for stage in range(plan.num_stages):
+        a, b = weights(tmp_path / "scratch", 4, stage), weights(tmp_path / "fork", 4, stage)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # The branch's metrics read as one run; the longer run's files are untouched.
+    assert [r["step"] for r in read_metrics(tmp_path / "fork" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "longer" / "metrics.jsonl")] == list(range(1, 7))
+    assert weights(tmp_path / "longer", 2, 0).keys() == weights(tmp_path / "fork", 2, 0).keys()
+    with pytest.raises(ConfigError, match="holds a run up to step 4; fork into another run dir"):
+        fork_run(tmp_path / "longer" / "checkpoints" / "step_000002", tmp_path / "fork")
 
 
 def test_latest_moves_only_when_a_checkpoint_is_complete(tmp_path):

@@ -212,7 +212,7 @@ def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tab
     out = subprocess.run([sys.executable, str(ROOT / "scripts/omission_study.py"), "--setting", "paper",
                           "--out", str(report_path), "--plot", str(tmp_path / "study.png"), "--steps", "4", "--seeds", "1",
                           "--run-dir", str(tmp_path / "runs"), f"model={tiny}", "train.eval_every=2",
-                          "train.eval_batches=1"],
+                          "train.eval_batches=1", "optim.warmup_steps=1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     report = json.loads(report_path.read_text())
@@ -233,6 +233,9 @@ def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tab
     assert default["iteration_s"] == pytest.approx((26 * default["rotation_iteration_s"] + 10 * default["shallow_iteration_s"]
                                                     + 4 * net["skip_placement_full_depth_iteration_s"]) / 40)
     assert all(r["cost_over_plain"] > 0 for r in net["remedies"].values())
+    # The equal-time run shares the full run's warmup (one step here), so it branches off its checkpoint there.
+    assert equal["fork_step"] == 1 and [r["step"] for r in equal["curve"]] == [1, 2]
+    assert "resumed from" in (tmp_path / "runs/full_equal_time/train.log").read_text()
 
     def ppl(rows, keep):
         return next(r["ppl"] for r in rows if r["keep"] == keep and r["placement"] == "even")
@@ -260,7 +263,7 @@ def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tab
     again = tmp_path / "again.json"
     base = [sys.executable, str(ROOT / "scripts/omission_study.py"), "--setting", "paper", "--steps", "4", "--seeds",
             "1", "--run-dir", str(tmp_path / "runs"), "--evaluate-only", f"model={tiny}", "train.eval_every=2",
-            "train.eval_batches=1"]
+            "train.eval_batches=1", "optim.warmup_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([*base, "--out", str(again)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr

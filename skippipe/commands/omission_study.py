@@ -8,21 +8,22 @@ path-faithful single-process trainer as: `skip` (the setting's skip ratio with t
 one iteration in ten at full depth, one in four at half depth on drawn stage sets and the others rotating
 over 8 plans of the same predicted time), `full` (full pipeline, equal tokens), `full_equal_time` (full
 pipeline stopped at the wall-clock the skip run takes on the paper's network, by the simulator: the ratio
-is recorded) and `layerdrop` (equal tokens, the skip ratio's expected depth), plus a run per --variants
-remedy. Each run's job then evaluates its model (scripts/evaluate.py, into the run's
-omission.json) at keep 1.0, 0.75, 0.5 and at every depth on the same held-out tokens, while other runs
-still train. Settings: --setting mission (8 stages x 3 layers, skip 0.25), paper (6 x 4, 0.33), or
+is recorded; it branches off the full run at the end of the warmup, the steps both share) and
+`layerdrop` (equal tokens, the skip ratio's expected depth), plus a run per --variants remedy. Each run is
+then evaluated (scripts/evaluate.py, into the run's omission.json) at keep 1.0, 0.75, 0.5 and at every
+depth on the same held-out tokens; --jobs commands at once, the longest ready one first
+(skippipe/experiments/tasks.py). Settings: --setting mission (8 stages x 3 layers, skip 0.25), paper (6 x 4, 0.33), or
 --stages and --skip-ratio. Extra arguments are dotted overrides for every run (optim.lr=1e-3).
 Answers and targets: skippipe/experiments/omission_study.py, study_answers.
 """
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from skippipe.commands import package_env, train_command
+from skippipe.experiments.tasks import Task, run_tasks
 from topology.errors import ArgumentParser, ConfigError, cli_errors
 
 KEEPS = "1.0,0.75,0.5"  # the kept fractions every run is evaluated at
@@ -62,39 +63,45 @@ def evaluate_command(run_dir: Path, seeds: int) -> list[str]:
             "--overwrite"]
 
 
-def run_jobs(jobs: dict[str, list[tuple[str, list[str]]]], *, parallel: int, run_root: Path) -> None:
-    """Run each job's commands in turn (a run's training, then its evaluation), `parallel` jobs at once,
-    in the given order (longest first), one thread each; the output of each step goes to
-    `run_root`/<job>/<step>.log. ConfigError naming the job that failed (the other jobs are stopped)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **package_env()}
-    waiting = list(jobs.items())
-    active: dict = {}
+def study_tasks(runs: dict, run_root: Path, args) -> list[Task]:
+    """Each run's training (none with --evaluate-only), then its evaluation. The equal-time run branches
+    off the full run's checkpoint at the end of the warmup when it has a `fork_step` (Note [equal-time
+    fork] in skippipe/experiments/omission_study.py): the full run saves one there, and the branch
+    starts when it is complete. Costs: steps x depth, the evaluations last."""
+    train = [*train_command(), "--config", args.config, "--single-process"]
+    fork_step = runs["full_equal_time"].extra.get("fork_step", 0)
+    source = run_root / "full" / "checkpoints" / f"step_{fork_step:06d}"
+    tasks = []
+    for name, run in runs.items():
+        folder = run_root / name
+        tasks.append(Task(name, "evaluate", evaluate_command(folder, args.seeds), 0.0,
+                          ready=None if args.evaluate_only else finished(name, "train")))
+        if args.evaluate_only:
+            continue
+        command = [*train, "--run-dir", str(folder), "--steps", str(run.steps), *run.overrides, *args.overrides,
+                   "train.num_threads=1"]
+        if name == "full_equal_time" and fork_step:
+            tasks.append(Task(name, "train", [*command, "--resume"], (run.steps - fork_step) * run.depth,
+                              ready=lambda done: (source / "meta.json").is_file(),
+                              before=lambda: fork_study_run(source, run_root / "full_equal_time", args.overwrite)))
+            continue
+        if name == "full" and fork_step:
+            command.append(f"train.checkpoint_every={fork_step}")
+        tasks.append(Task(name, "train", command + (["--overwrite"] if args.overwrite else []), run.steps * run.depth))
+    return tasks
 
-    def start(name: str, steps: list) -> None:
-        step, cmd = steps[0]
-        log = open(run_root / name / f"{step}.log", "w")
-        print(f"{step} {name}: {' '.join(cmd[1:])}", flush=True)
-        active[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, steps)
 
-    while waiting or active:
-        while waiting and len(active) < max(1, parallel):
-            name, steps = waiting.pop(0)
-            (run_root / name).mkdir(parents=True, exist_ok=True)
-            start(name, steps)
-        time.sleep(1.0)
-        for name, (proc, log, steps) in list(active.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del active[name]
-            if proc.returncode != 0:
-                for other, _, _ in active.values():
-                    other.terminate()
-                tail = (run_root / name / f"{steps[0][0]}.log").read_text().strip().splitlines()[-1:]
-                raise ConfigError(f"the {name} run failed ({steps[0][0]}): {tail[0] if tail else 'no output'}")
-            print(f"{steps[0][0]} {name}: done", flush=True)
-            if len(steps) > 1:
-                start(name, steps[1:])
+def finished(run: str, step: str):
+    """A Task's `ready`: once `step` of `run` has finished."""
+    return lambda done: (run, step) in done
+
+
+def fork_study_run(source: Path, run_dir: Path, overwrite: bool) -> None:
+    """Make `run_dir` a branch of the full run at its checkpoint `source` (rundir.fork_run), replacing the run
+    there with --overwrite (main refused one without it before anything was trained)."""
+    from skippipe.rundir import claim_run_dir, fork_run
+    claim_run_dir(run_dir, resume=False, overwrite=overwrite)
+    fork_run(source, run_dir)
 
 
 def check_trained(run_dir: Path, run, overrides: list[str]) -> None:
@@ -165,7 +172,8 @@ def main() -> None:
         steps = args.steps or cfg.train.steps
         start, load_at_start = time.time(), os.getloadavg()
         times = study.network_times(setting["stages"], setting["skip_ratio"], (remedy, *variants))
-        runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants)
+        runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants,
+                                warmup_steps=cfg.optim.warmup_steps)
         run_root = Path(args.run_dir or f"runs/omission-{setting['name']}")
         from skippipe.rundir import run_contents
         from topology.outputs import claim_output_file
@@ -180,14 +188,9 @@ def main() -> None:
                                       f"--overwrite to replace its runs, or --evaluate-only to evaluate them")
         claim_output_file(args.out, overwrite=args.overwrite, flag="--out")
         claim_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
-        jobs = {}  # longest first: the full pipeline's steps cost most
-        for name, run in sorted(runs.items(), key=lambda kv: -kv[1].steps * kv[1].depth):
-            train = [*train_command(), "--config", args.config, "--single-process", "--run-dir", str(run_root / name),
-                     "--steps", str(run.steps), *run.overrides, *args.overrides, "train.num_threads=1",
-                     *(["--overwrite"] if args.overwrite else [])]
-            jobs[name] = ([] if args.evaluate_only else [("train", train)]) + \
-                [("evaluate", evaluate_command(run_root / name, args.seeds))]
-        run_jobs(jobs, parallel=args.jobs, run_root=run_root)
+        tasks = study_tasks(runs, run_root, args)
+        run_tasks(tasks, parallel=args.jobs, log_dir=run_root,
+                  env={**os.environ, "OMP_NUM_THREADS": "1", **package_env()})
         results = {name: study_result(name, run, run_root) for name, run in runs.items()}
         report = {"setting": setting, "answers": study.study_answers(results), "network": times,
                   "config": args.config, "overrides": args.overrides, "model": cfg.model,

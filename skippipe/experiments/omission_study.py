@@ -151,21 +151,29 @@ def remedy_overrides(name: str) -> list[str]:
 
 
 def study_runs(setting: dict, *, steps: int, times: dict, remedy: str = DEFAULT_REMEDY,
-               variants: tuple[str, ...] = ()) -> dict[str, Run]:
+               variants: tuple[str, ...] = (), warmup_steps: int = 0) -> dict[str, Run]:
     """The runs: `skip` (the setting's skip ratio with `remedy`), `full` (equal tokens), `full_equal_time`
     (full pipeline stopped at the skip run's predicted wall-clock: steps x skip / full iteration time,
     its learning-rate schedule fitted to that length as a user with that budget would), `layerdrop`
-    (same tokens, the skip ratio's expected depth), and a `skip_<variant>` per extra remedy."""
+    (same tokens, the skip ratio's expected depth), and a `skip_<variant>` per extra remedy.
+
+    Note [equal-time fork]: the full and equal-time runs share their config but for the steps, and the
+    learning rate of a warmup step does not depend on the schedule's length (skippipe/optim.py, lr_at),
+    so their first `warmup_steps` steps are the same, bit for bit (tests/test_checkpoint.py). The
+    equal-time run records `fork_step`, the warmup's last step, when it trains past it: the study then
+    branches it off the full run's checkpoint there instead of training those steps twice."""
     shape = [f"schedule.num_stages={setting['stages']}", f"schedule.num_nodes={setting['stages']}"]
     skip_s = times["remedies"][remedy]["iteration_s"]
     ratio = skip_s / times["full_iteration_s"]
     r = setting["skip_ratio"]
+    equal_steps = max(1, round(steps * ratio))
+    fork = {"fork_step": warmup_steps} if 0 < warmup_steps < equal_steps else {}
     runs = {
         "skip": Run(f"skip ratio {r}, {remedy}", shape + [f"schedule.skip_ratio={r}"] + remedy_overrides(remedy),
                     steps, skip_s, {"remedy": remedy}, 1 - r),
         "full": Run("full pipeline, equal tokens", shape + ["schedule.skip_ratio=0"], steps, times["full_iteration_s"]),
         "full_equal_time": Run("full pipeline, equal wall-clock", shape + ["schedule.skip_ratio=0"],
-                               max(1, round(steps * ratio)), times["full_iteration_s"], {"time_ratio": ratio}),
+                               equal_steps, times["full_iteration_s"], {"time_ratio": ratio, **fork}),
         "layerdrop": Run(f"LayerDrop at depth of skip {r}", shape + ["schedule.skip_ratio=0", f"schedule.layerdrop={r}"],
                          steps, times["full_iteration_s"], depth=1 - r),
     }
