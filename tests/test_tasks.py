@@ -30,8 +30,10 @@ def test_one_slot_runs_the_longest_ready_task_first_and_waits_for_readiness(tmp_
 
 def test_a_failed_task_names_itself_with_its_last_line_and_stops_the_others(tmp_path):
     sleeper = tmp_path / "slept.txt"
-    tasks = [Task("slow", "train", [sys.executable, "-c", f"import time; time.sleep(30); open({str(sleeper)!r}, 'w')"], 9.0),
-             Task("bad", "train", [sys.executable, "-c", "print('step 1'); raise SystemExit('error: out of memory')"], 1.0)]
+    slow = f"import time; time.sleep(30); open({str(sleeper)!r}, 'w')"
+    bad = "print('step 1'); raise SystemExit('error: out of memory')"
+    tasks = [Task("slow", "train", [sys.executable, "-c", slow], 9.0),
+             Task("bad", "train", [sys.executable, "-c", bad], 1.0)]
     with pytest.raises(ConfigError, match=r"the bad run failed \(train\): error: out of memory"):
         run_tasks(tasks, parallel=2, log_dir=tmp_path, env=dict(os.environ), poll_s=0.01)
     assert not sleeper.exists()  # stopped, not left to run on

@@ -12,8 +12,9 @@ is recorded; it branches off the full run at the end of the warmup, the steps bo
 `layerdrop` (equal tokens, the skip ratio's expected depth), plus a run per --variants remedy. Each run is
 then evaluated (scripts/evaluate.py, into the run's omission.json) at keep 1.0, 0.75, 0.5 and at every
 depth on the same held-out tokens; --jobs commands at once, the longest ready one first
-(skippipe/experiments/tasks.py). Settings: --setting mission (8 stages x 3 layers, skip 0.25), paper (6 x 4, 0.33), or
---stages and --skip-ratio. Extra arguments are dotted overrides for every run (optim.lr=1e-3).
+(skippipe/experiments/tasks.py). Settings: --setting mission (8 stages x 3 layers, skip 0.25), paper
+(6 x 4, 0.33), or --stages and --skip-ratio. Extra arguments are dotted overrides for every run
+(optim.lr=1e-3).
 Answers and targets: skippipe/experiments/omission_study.py, study_answers.
 """
 import json
@@ -67,7 +68,9 @@ def study_tasks(runs: dict, run_root: Path, args) -> list[Task]:
     """Each run's training (none with --evaluate-only), then its evaluation. The equal-time run branches
     off the full run's checkpoint at the end of the warmup when it has a `fork_step` (Note [equal-time
     fork] in skippipe/experiments/omission_study.py): the full run saves one there, and the branch
-    starts when it is complete. Costs: steps x depth, the evaluations last."""
+    starts when it is complete. Costs: steps x depth, the evaluations last. With --overwrite, main has
+    already cleared the run dirs."""
+    from skippipe.rundir import fork_run
     train = [*train_command(), "--config", args.config, "--single-process"]
     fork_step = runs["full_equal_time"].extra.get("fork_step", 0)
     source = run_root / "full" / "checkpoints" / f"step_{fork_step:06d}"
@@ -83,25 +86,17 @@ def study_tasks(runs: dict, run_root: Path, args) -> list[Task]:
         if name == "full_equal_time" and fork_step:
             tasks.append(Task(name, "train", [*command, "--resume"], (run.steps - fork_step) * run.depth,
                               ready=lambda done: (source / "meta.json").is_file(),
-                              before=lambda: fork_study_run(source, run_root / "full_equal_time", args.overwrite)))
+                              before=lambda: fork_run(source, run_root / "full_equal_time")))
             continue
         if name == "full" and fork_step:
             command.append(f"train.checkpoint_every={fork_step}")
-        tasks.append(Task(name, "train", command + (["--overwrite"] if args.overwrite else []), run.steps * run.depth))
+        tasks.append(Task(name, "train", command, run.steps * run.depth))
     return tasks
 
 
 def finished(run: str, step: str):
     """A Task's `ready`: once `step` of `run` has finished."""
     return lambda done: (run, step) in done
-
-
-def fork_study_run(source: Path, run_dir: Path, overwrite: bool) -> None:
-    """Make `run_dir` a branch of the full run at its checkpoint `source` (rundir.fork_run), replacing the run
-    there with --overwrite (main refused one without it before anything was trained)."""
-    from skippipe.rundir import claim_run_dir, fork_run
-    claim_run_dir(run_dir, resume=False, overwrite=overwrite)
-    fork_run(source, run_dir)
 
 
 def check_trained(run_dir: Path, run, overrides: list[str]) -> None:
@@ -175,7 +170,7 @@ def main() -> None:
         runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants,
                                 warmup_steps=cfg.optim.warmup_steps)
         run_root = Path(args.run_dir or f"runs/omission-{setting['name']}")
-        from skippipe.rundir import run_contents
+        from skippipe.rundir import claim_run_dir, run_contents
         from topology.outputs import claim_output_file
         if args.evaluate_only:
             for name, run in runs.items():
@@ -188,6 +183,10 @@ def main() -> None:
                                       f"--overwrite to replace its runs, or --evaluate-only to evaluate them")
         claim_output_file(args.out, overwrite=args.overwrite, flag="--out")
         claim_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
+        if args.overwrite and not args.evaluate_only:
+            # Every old run goes before any task starts: the branch must not fork an old full run's checkpoint.
+            for name in runs:
+                claim_run_dir(run_root / name, resume=False, overwrite=True)
         tasks = study_tasks(runs, run_root, args)
         run_tasks(tasks, parallel=args.jobs, log_dir=run_root,
                   env={**os.environ, "OMP_NUM_THREADS": "1", **package_env()})
