@@ -11,7 +11,7 @@ import transformers
 
 from skippipe.config import load_config
 from skippipe.data import ByteTokenizer
-from skippipe.evaluation.export import export_checkpoint
+from skippipe.evaluation.export import EXPORT_FILES, export_checkpoint
 from skippipe.checkpoint import load_full_model
 from skippipe.planning import make_plan
 from skippipe.trainer import train
@@ -39,8 +39,7 @@ def offline(monkeypatch):
 
 def test_transformers_loads_the_export_and_matches_the_logits(run_dir, tmp_path):
     out = export_checkpoint(run_dir, tmp_path / "hf")
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
-                                               "tokenizer_config.json"}
+    assert {p.name for p in out.iterdir()} == set(EXPORT_FILES)  # the files the export command names
     model, _, _ = load_full_model(run_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)

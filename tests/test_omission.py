@@ -293,6 +293,23 @@ def test_omission_study_refuses_an_unknown_setting_before_training(tmp_path, mon
     assert code == 2 and err.startswith("error: unknown --setting 'huge'") and not (tmp_path / "runs").exists()
 
 
+def test_omission_study_refuses_a_filled_run_dir_before_solving_the_network(tmp_path, monkeypatch, capsys):
+    """A run dir that holds a run (here a variant's) is refused at once: the solves take seconds."""
+    from skippipe.experiments import omission_study
+
+    def solve(*args, **kwargs):
+        raise AssertionError("the network was solved before the refusal")
+
+    monkeypatch.setattr(omission_study, "network_times", solve)
+    held = tmp_path / "runs" / "skip_plain"
+    held.mkdir(parents=True)
+    (held / "metrics.jsonl").write_text("")
+    code, err = run_main("omission_study", ["--setting", "paper", "--variants", "plain", "--out", str(tmp_path / "r.json"),
+                                            "--run-dir", str(tmp_path / "runs")], monkeypatch, capsys)
+    assert code == 2 and err.startswith(f"error: --run-dir {tmp_path / 'runs'} holds ") and "in skip_plain/" in err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_each_remedy_is_priced_with_its_own_plans():
     """A remedy that forbids reordering is priced with the in-order plan; drawn shallow iterations with the
     mean of their draws; every remedy's time is its schedule's mean over one period."""

@@ -41,7 +41,7 @@ def cmd_show(args) -> None:
     for region in topo.regions:
         members = [node for node in topo.nodes if node.region == region]
         speeds = sorted({f"{node.flops / 1e12:.3g}" for node in members})
-        print(f"  {region:<14} {_count(len(members), 'node'):>10}  {'/'.join(speeds)} TFLOP/s effective")
+        print(f"  {region:<14} {_count(len(members), 'node'):<9}  {'/'.join(speeds)} TFLOP/s effective")
     if n > 1:
         off = ~np.eye(n, dtype=bool)
         lat, bw = topo.latency_ms[off], topo.bandwidth_gbit_s[off]

@@ -26,7 +26,7 @@ def main() -> None:
     args = build_parser().parse_args()
     with cli_errors():
         from skippipe.checkpoint import checkpoint_folder, checkpoint_meta
-        from skippipe.evaluation.export import export_checkpoint
+        from skippipe.evaluation.export import EXPORT_FILES, export_checkpoint
         from skippipe.evaluation.omission import check_placement, kept_stages
 
         stages = None
@@ -35,8 +35,7 @@ def main() -> None:
             num_stages = checkpoint_meta(checkpoint_folder(args.checkpoint))["num_stages"]
             stages = kept_stages(num_stages, args.keep, args.placement, args.seed)
         out = export_checkpoint(args.checkpoint, args.out, stages, overwrite=args.overwrite)
-        files = ", ".join(str(out / name) for name in
-                          ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "skippipe.json"))
+        files = ", ".join(str(out / name) for name in EXPORT_FILES)
         print(f"wrote {files}" + (f" (stages {stages})" if stages else ""))
 
 

@@ -165,25 +165,25 @@ def main() -> None:
                  f"schedule.skip_ratio={setting['skip_ratio']}"]
         cfg = load_config(args.config, shape + args.overrides)  # bad input fails here, before any training
         steps = args.steps or cfg.train.steps
-        start, load_at_start = time.time(), os.getloadavg()
-        times = study.network_times(setting["stages"], setting["skip_ratio"], (remedy, *variants))
-        runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants,
-                                warmup_steps=cfg.optim.warmup_steps)
         run_root = Path(args.run_dir or f"runs/omission-{setting['name']}")
         from skippipe.rundir import claim_run_dir, run_contents
         from topology.outputs import claim_output_file
-        if args.evaluate_only:
-            for name, run in runs.items():
-                check_trained(run_root / name, run, args.overrides)
-        else:
-            for name in runs:  # refuse before anything is written (Note [run dir ownership], skippipe/rundir.py)
-                held = None if args.overwrite else run_contents(run_root / name)
+        if not args.evaluate_only:
+            for name in study.run_names(remedy, variants):  # refuse before anything is solved or written
+                held = None if args.overwrite else run_contents(run_root / name)  # (Note [run dir ownership])
                 if held:
                     raise ConfigError(f"--run-dir {run_root} holds {held} in {name}/; pass another --run-dir, "
                                       f"--overwrite to replace its runs, or --evaluate-only to evaluate them")
         claim_output_file(args.out, overwrite=args.overwrite, flag="--out")
         claim_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
-        if args.overwrite and not args.evaluate_only:
+        start, load_at_start = time.time(), os.getloadavg()
+        times = study.network_times(setting["stages"], setting["skip_ratio"], (remedy, *variants))
+        runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants,
+                                warmup_steps=cfg.optim.warmup_steps)
+        if args.evaluate_only:  # each run's steps come from the solved network (the equal-time run's)
+            for name, run in runs.items():
+                check_trained(run_root / name, run, args.overrides)
+        elif args.overwrite:
             # Every old run goes before any task starts: the branch must not fork an old full run's checkpoint.
             for name in runs:
                 claim_run_dir(run_root / name, resume=False, overwrite=True)

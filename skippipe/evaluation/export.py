@@ -130,9 +130,14 @@ def kept_state_dict(model: FullModel, stages: Sequence[int]) -> tuple[dict, list
     return out, layers
 
 
+# Every file export_hf writes into the folder (export_tokenizer's three among them).
+EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "skippipe.json")
+
+
 def export_hf(model: FullModel, out_dir: str | Path, *, tokenizer: str = "byte", context: int | None = None,
               stages: Sequence[int] | None = None, provenance: dict | None = None) -> Path:
-    """Write the Hugging Face folder; `stages` (with 0) exports only those stages' layers."""
+    """Write the Hugging Face folder (EXPORT_FILES); `stages` (with 0) exports only those stages' layers."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; pass a directory")

@@ -150,6 +150,12 @@ def remedy_overrides(name: str) -> list[str]:
     return [f"schedule.{k}={v}" for k, v in REMEDIES[name].items()]
 
 
+def run_names(remedy: str, variants: tuple[str, ...] = ()) -> list[str]:
+    """The study's run dirs, in study_runs' order: known before the network is solved, so that a run dir
+    that holds a run is refused at once."""
+    return ["skip", "full", "full_equal_time", "layerdrop", *(f"skip_{v}" for v in variants if v != remedy)]
+
+
 def study_runs(setting: dict, *, steps: int, times: dict, remedy: str = DEFAULT_REMEDY,
                variants: tuple[str, ...] = (), warmup_steps: int = 0) -> dict[str, Run]:
     """The runs: `skip` (the setting's skip ratio with `remedy`), `full` (equal tokens), `full_equal_time`

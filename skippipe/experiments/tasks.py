@@ -7,6 +7,7 @@ first keeps the slots busy to the end: the short evaluations fill in after the l
 """
 from __future__ import annotations
 
+import shlex
 import subprocess
 import time
 from collections.abc import Callable
@@ -52,7 +53,7 @@ def run_tasks(tasks: list[Task], *, parallel: int, log_dir: Path, env: dict[str,
                     task.before()
                 (log_dir / task.run).mkdir(parents=True, exist_ok=True)
                 log = open(log_dir / task.run / f"{task.step}.log", "w")
-                print(f"{task.step} {task.run}: {' '.join(task.command[1:])}", flush=True)
+                print(f"{task.step} {task.run}: {shlex.join(task.command)}", flush=True)
                 active[task.run, task.step] = (subprocess.Popen(task.command, stdout=log, stderr=subprocess.STDOUT,
                                                                 env=env), log, task)
             if not active and pending:
