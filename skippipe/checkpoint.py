@@ -68,6 +68,16 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_folder(run_dir: str | Path, step: int) -> Path:
+    """The folder of `run_dir`'s checkpoint at `step`, whether or not it exists or is complete."""
+    return checkpoint_root(run_dir) / f"step_{step:06d}"
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether `folder` is a complete checkpoint: meta.json is written last (save_checkpoint)."""
+    return (folder / "meta.json").is_file()
+
+
 def stage_weights_file(folder: Path, stage: int) -> Path:
     return folder / f"stage{stage}.safetensors"
 
@@ -94,7 +104,7 @@ def save_checkpoint(run_dir: str | Path, *, step: int, stages: dict[int, torch.n
     `plan_version` (0: the run's first plan; +1 per re-plan while training) goes there too, beside the
     plan in force (plan.json). Returns the checkpoint folder."""
     root = checkpoint_root(run_dir)
-    folder = root / f"step_{step:06d}"
+    folder = step_folder(run_dir, step)
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         # Rewriting a step that exists (a fresh run in an old run dir, a redone step): from here until the
@@ -134,7 +144,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     name = pointer.read_text(errors="replace").strip()
     folder = root / name
     # A step_* folder beside `latest` (step_000042, or step_000042-replan1 after a node loss), nothing else.
-    if not re.fullmatch(r"step_[\w.-]+", name) or ".." in name or not (folder / "meta.json").is_file():
+    if not re.fullmatch(r"step_[\w.-]+", name) or ".." in name or not is_complete(folder):
         raise ConfigError(f"{pointer} names {name[:80]!r}, which is incomplete or not a checkpoint folder; "
                           f"point it at another step_* folder or start afresh")
     return folder
@@ -251,7 +261,7 @@ def checkpoint_folder(path: str | Path) -> Path:
     if not path.exists():
         raise ConfigError(f"checkpoint not found: {path}; pass the --run-dir of a training run "
                           "(or one of its checkpoints/step_* folders)")
-    if (path / "meta.json").is_file():
+    if is_complete(path):
         return path
     if not (checkpoint_root(path) / LATEST).is_file():
         raise ConfigError(f"{path} holds no checkpoint (no {checkpoint_root(path) / LATEST}); train with "
@@ -293,13 +303,11 @@ def fork_checkpoint(folder: Path, run_dir: str | Path) -> Path:
     state, data position and RNG, under the resuming command's own steps and optimizer settings (Note
     [fixed on resume] in rundir.py). The files are hard links (never written in place, so neither run can
     change the other's), meta.json last, then `latest`. The omission study branches its equal-wall-clock
-    run off the full run after the warmup this way. ConfigError for an incomplete checkpoint or a
-    `run_dir` that already holds checkpoints.
+    run off the full run after the warmup this way. `run_dir` must hold no run (rundir.fork_run checks).
+    ConfigError for an incomplete or unreadable checkpoint.
     """
     checkpoint_meta(folder)  # complete and readable, or a one-line ConfigError
     root = checkpoint_root(run_dir)
-    if root.exists() and any(root.iterdir()):
-        raise ConfigError(f"{root} already holds checkpoints; fork into an empty run dir")
     out = root / folder.name
     out.mkdir(parents=True)
     for path in sorted(folder.iterdir(), key=lambda p: p.name == "meta.json"):

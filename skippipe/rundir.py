@@ -135,21 +135,21 @@ def check_resume_settings(saved: Config, cfg: Config, *, saved_context: int, con
                               f"it: drop the change (or pass {key}={old}), or start a new run in another --run-dir")
 
 
-def fork_run(folder: Path, run_dir: str | Path) -> Path:
-    """Start `run_dir` as a branch of another run at its checkpoint `folder`; returns the forked checkpoint.
+def fork_run(source: str | Path, step: int, run_dir: str | Path) -> Path:
+    """Start `run_dir` as a branch of the run in `source` at its checkpoint of `step`; returns the forked
+    checkpoint.
 
     `run_dir` must hold no run. It gets the checkpoint (checkpoint.fork_checkpoint: hard links) and the
-    other run's metrics records up to the checkpoint's step, so that `--resume` there continues that run
-    from the step, with the resuming command's own steps and optimizer settings, and its metrics read as
-    one run from step 1. Raises ConfigError when `run_dir` holds a run or `folder` is not a checkpoint.
+    source run's metrics records up to `step`, so that `--resume` there continues that run from the step,
+    with the resuming command's own steps and optimizer settings, and its metrics read as one run from
+    step 1. Raises ConfigError when `run_dir` holds a run or the checkpoint is missing or incomplete.
     """
-    from skippipe.checkpoint import checkpoint_step, fork_checkpoint
+    from skippipe.checkpoint import fork_checkpoint, step_folder
     from skippipe.metrics import read_metrics
     held = run_contents(run_dir)
     if held:
         raise ConfigError(f"{run_dir} holds {held}; fork into another run dir")
-    step = checkpoint_step(folder)
-    forked = fork_checkpoint(folder, run_dir)
-    records = [r for r in read_metrics(folder.parent.parent / "metrics.jsonl") if r["step"] <= step]
+    forked = fork_checkpoint(step_folder(source, step), run_dir)
+    records = [r for r in read_metrics(Path(source) / "metrics.jsonl") if r["step"] <= step]
     (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return forked

@@ -70,7 +70,7 @@ def test_a_run_forked_in_the_warmup_is_the_shorter_run_trained_from_scratch(tmp_
 
     longer = train(config("longer", 6), plan)
     scratch = train(config("scratch", 4), plan)
-    fork_run(tmp_path / "longer" / "checkpoints" / "step_000002", tmp_path / "fork")
+    fork_run(tmp_path / "longer", 2, tmp_path / "fork")
     forked = train(config("fork", 4), plan, resume=True)
     assert [r["loss"] for r in forked] == [r["loss"] for r in scratch[2:]]
     assert [r["val_loss"] for r in forked] == [r["val_loss"] for r in scratch[2:]]
@@ -83,7 +83,7 @@ def test_a_run_forked_in_the_warmup_is_the_shorter_run_trained_from_scratch(tmp_
     assert [r["step"] for r in read_metrics(tmp_path / "longer" / "metrics.jsonl")] == list(range(1, 7))
     assert weights(tmp_path / "longer", 2, 0).keys() == weights(tmp_path / "fork", 2, 0).keys()
     with pytest.raises(ConfigError, match="holds a run up to step 4; fork into another run dir"):
-        fork_run(tmp_path / "longer" / "checkpoints" / "step_000002", tmp_path / "fork")
+        fork_run(tmp_path / "longer", 2, tmp_path / "fork")
 
 
 def test_latest_moves_only_when_a_checkpoint_is_complete(tmp_path):

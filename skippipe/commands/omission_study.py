@@ -70,10 +70,10 @@ def study_tasks(runs: dict, run_root: Path, args) -> list[Task]:
     fork] in skippipe/experiments/omission_study.py): the full run saves one there, and the branch
     starts when it is complete. Costs: steps x depth, the evaluations last. With --overwrite, main has
     already cleared the run dirs."""
+    from skippipe.checkpoint import is_complete, step_folder
     from skippipe.rundir import fork_run
     train = [*train_command(), "--config", args.config, "--single-process"]
     fork_step = runs["full_equal_time"].extra.get("fork_step", 0)
-    source = run_root / "full" / "checkpoints" / f"step_{fork_step:06d}"
     tasks = []
     for name, run in runs.items():
         folder = run_root / name
@@ -85,8 +85,8 @@ def study_tasks(runs: dict, run_root: Path, args) -> list[Task]:
                    "train.num_threads=1"]
         if name == "full_equal_time" and fork_step:
             tasks.append(Task(name, "train", [*command, "--resume"], (run.steps - fork_step) * run.depth,
-                              ready=lambda done: (source / "meta.json").is_file(),
-                              before=lambda: fork_run(source, run_root / "full_equal_time")))
+                              ready=lambda done: is_complete(step_folder(run_root / "full", fork_step)),
+                              before=lambda: fork_run(run_root / "full", fork_step, run_root / "full_equal_time")))
             continue
         if name == "full" and fork_step:
             command.append(f"train.checkpoint_every={fork_step}")
