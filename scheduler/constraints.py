@@ -139,11 +139,26 @@ def full_depth_ids(plan: Plan) -> set[int]:
     return set(ids)
 
 
+def kept_stages(plan: Plan) -> list[int] | None:
+    """The one stage set every path not at full depth visits, in order, if the plan declares one
+    (constraints["kept_stages"]: an even shallow iteration, scheduler.depth.even_depth), else None; a
+    malformed entry is a ConfigError naming the fix."""
+    kept = plan.constraints.get("kept_stages")
+    if kept is None:
+        return None
+    if (not isinstance(kept, list) or not kept or kept[0] != 0 or any(isinstance(s, bool) or not isinstance(s, int) for s in kept)
+            or kept != sorted(set(kept)) or kept[-1] >= plan.num_stages):
+        raise ConfigError(f"the plan's constraints.kept_stages must be ascending stage ids from 0 below "
+                          f"{plan.num_stages}, got {kept!r}")
+    return kept
+
+
 def _paths(plan: Plan) -> list[Violation]:
     out = []
     length = path_length(plan.num_stages, plan.skip_ratio)
     max_swaps = int(plan.constraints.get("max_swaps", 2))
     full_depth = full_depth_ids(plan)
+    kept = kept_stages(plan)
     for p in plan.paths:
         if not p.stages or p.stages[0] != 0 or p.nodes[0] != p.data_node:
             out.append(Violation("CC1", "a path must start at stage 0 on its data node", microbatch=p.microbatch,
@@ -158,6 +173,9 @@ def _paths(plan: Plan) -> list[Violation]:
         elif len(p.stages) != length:
             out.append(Violation("CC2", f"the path visits {len(p.stages)} stages; skip ratio {plan.skip_ratio} "
                                         f"with {plan.num_stages} stages needs {length}", microbatch=p.microbatch))
+        elif kept is not None and list(p.stages) != kept:
+            out.append(Violation("CC2", f"the plan keeps stages {kept} on every path, not {list(p.stages)}",
+                                 microbatch=p.microbatch))
         if not dup:
             swaps = count_swaps(p.stages)
             if swaps is None:
@@ -173,7 +191,8 @@ def _paths(plan: Plan) -> list[Violation]:
 def _balance(plan: Plan) -> list[Violation]:
     out = []
     visits = Counter(st for p in plan.paths for st in p.stages[1:])
-    counts = {st: visits.get(st, 0) for st in range(1, plan.num_stages)}
+    balanced = kept_stages(plan) or range(plan.num_stages)  # a declared stage set: only its stages are visited
+    counts = {st: visits.get(st, 0) for st in balanced if st != 0}
     if counts and max(counts.values()) - min(counts.values()) > 1:
         low = min(counts, key=counts.get)
         out.append(Violation("CC4", f"stage visits are unbalanced ({counts[low]} here, up to {max(counts.values())} "

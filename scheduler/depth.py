@@ -12,7 +12,7 @@ least-loaded replica (so TC1's even load holds); the simulator's greedy dispatch
 recorded in the plan's ``constraints["full_depth"]``, where the validator (scheduler.constraints) reads
 them: those paths must have every stage, in order. A whole full-depth iteration (one in K, the schedule
 of the paper authors' later training code) is `all_full_depth`; a shallow iteration (one in K solved at a
-higher skip ratio, the placement kept) is `shallow_depth`; a full-depth cooldown runs the last steps of the
+higher skip ratio, the placement kept) is `shallow_depth`, or `even_depth` on the evenly spaced stages; a full-depth cooldown runs the last steps of the
 learning-rate schedule at full depth (`tail_start`); `step_kind` says which a step runs.
 """
 from __future__ import annotations
@@ -35,24 +35,27 @@ def full_depth_count(num_microbatches: int, fraction: float) -> int:
     return math.floor(fraction * num_microbatches + 0.5)
 
 
-def full_route(microbatch: int, data_node: int, node_stage: list[int], load: Counter) -> Route:
-    """A full-depth route from `data_node`: stage 0 there, then every other stage in order on the least
-    loaded of its nodes (ties: the lowest id); `load` (node -> microbatches) is updated."""
+def kept_route(microbatch: int, data_node: int, stages: list[int], node_stage: list[int], load: Counter) -> Route:
+    """A route from `data_node` over `stages` (ascending, starting at 0): stage 0 there, then each other
+    stage in order on the least loaded of its nodes (ties: the lowest id); `load` (node -> microbatches) is
+    updated. A full-depth route keeps every stage."""
     nodes = [data_node]
-    for stage in range(1, max(node_stage) + 1):
+    for stage in stages[1:]:
         node = min((n for n, s in enumerate(node_stage) if s == stage), key=lambda n: (load[n], n))
         load[node] += 1
         nodes.append(node)
-    return Route(microbatch, data_node, tuple(nodes), tuple(range(len(nodes))))
+    return Route(microbatch, data_node, tuple(nodes), tuple(stages))
 
 
-def _rebuild(problem: Problem, plan: Plan, routes: list[Route], full_ids: list[int]) -> Plan:
-    """The plan's placement with `routes`, ordered by the greedy dispatch and predicted on `problem`."""
+def _rebuild(problem: Problem, plan: Plan, routes: list[Route], full_ids: list[int],
+             kept: list[int] | None = None) -> Plan:
+    """The plan's placement with `routes`, ordered by the greedy dispatch and predicted on `problem`;
+    `kept`: the one stage set every route keeps, recorded in the plan (None: none)."""
     from scheduler.solve import build_plan  # scheduler.solve is above this module; import late
 
     workload = Workload(plan.workload().node_stage, routes, None)
     workload.order = simulate(workload, cost=problem.cost, memory=problem.memory).order
-    return build_plan(problem, plan.strategy, workload, full_depth=full_ids)
+    return build_plan(problem, plan.strategy, workload, full_depth=full_ids, kept_stages=kept)
 
 
 def mix_full_depth(problem: Problem, strategy: str, fraction: float) -> Plan:
@@ -76,7 +79,7 @@ def mix_full_depth(problem: Problem, strategy: str, fraction: float) -> Plan:
     for mb in range(num_mb - count, num_mb):
         data_node = min((n for n, s in enumerate(node_stage) if s == 0), key=lambda n: (load[n], n))
         load[data_node] += 1
-        routes.append(full_route(mb, data_node, node_stage, load))
+        routes.append(kept_route(mb, data_node, list(range(problem.num_stages)), node_stage, load))
     return _rebuild(problem, plan, routes, list(range(num_mb - count, num_mb)))
 
 
@@ -85,7 +88,8 @@ def all_full_depth(problem: Problem, plan: Plan) -> Plan:
     the full-depth iteration of a one-in-K schedule."""
     node_stage = plan.workload().node_stage
     load = Counter(p.data_node for p in plan.paths)
-    routes = [full_route(p.microbatch, p.data_node, node_stage, load) for p in sorted(plan.paths, key=lambda p: p.microbatch)]
+    every = list(range(plan.num_stages))
+    routes = [kept_route(p.microbatch, p.data_node, every, node_stage, load) for p in sorted(plan.paths, key=lambda p: p.microbatch)]
     return _rebuild(problem, plan, routes, [p.microbatch for p in routes])
 
 
@@ -102,6 +106,30 @@ def shallow_depth(problem: Problem, plan: Plan, skip_ratio: float, *, strategy: 
     if seed is not None:
         changes["seed"] = seed
     return solve(dataclasses.replace(problem, **changes), strategy)
+
+
+def even_stages(num_stages: int, count: int) -> list[int]:
+    """The `count` of `num_stages` stages spread evenly, stage 0 first: floor(i * S / count) for i < count
+    (distinct, gaps differ by at most one; 8 stages, 4 kept: 0, 2, 4, 6). The set an omission with even
+    placement keeps (skippipe.evaluation.omission.kept_stages) and an even shallow iteration trains."""
+    if not 1 <= count <= num_stages:
+        raise ConfigError(f"cannot keep {count} of {num_stages} stages; keep between 1 and {num_stages}")
+    return [i * num_stages // count for i in range(count)]
+
+
+def even_depth(problem: Problem, plan: Plan, skip_ratio: float) -> Plan:
+    """`plan`'s placement with every microbatch on the evenly spaced stages of a path of `skip_ratio`
+    (even_stages of path_length(S, skip_ratio)), in order, from its own data node on the least-loaded
+    replicas: the shallow iteration that trains the half-depth model an even omission serves (as the
+    sandwich rule of slimmable networks trains the smallest model served: Yu and Huang 2019, "Universally
+    Slimmable Networks and Improved Training Techniques"). The stage set is recorded in the plan's
+    constraints["kept_stages"], where the validator reads it; CC4 then balances those stages."""
+    from scheduler.constraints import path_length
+    stages = even_stages(plan.num_stages, path_length(plan.num_stages, skip_ratio))
+    node_stage = plan.workload().node_stage
+    load = Counter(p.data_node for p in plan.paths)
+    routes = [kept_route(p.microbatch, p.data_node, stages, node_stage, load) for p in sorted(plan.paths, key=lambda p: p.microbatch)]
+    return _rebuild(dataclasses.replace(problem, skip_ratio=skip_ratio), plan, routes, [], kept=stages)
 
 
 def drawn_shallow_seed(run_seed: int, step: int) -> int:

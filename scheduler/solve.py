@@ -42,9 +42,11 @@ def solve(problem: Problem, strategy_name: str = "full") -> Plan:
     return build_plan(problem, strategy_name, workload)
 
 
-def build_plan(problem: Problem, strategy_name: str, workload: Workload, *, full_depth: list[int] = ()) -> Plan:
+def build_plan(problem: Problem, strategy_name: str, workload: Workload, *, full_depth: list[int] = (),
+               kept_stages: list[int] | None = None) -> Plan:
     """Wrap a placement, routes and order as a plan, with the simulator's prediction for it as written.
-    `full_depth`: microbatches whose routes visit every stage (scheduler.depth), recorded in the plan."""
+    `full_depth`: microbatches whose routes visit every stage; `kept_stages`: the one stage set every
+    other route visits (scheduler.depth); both recorded in the plan's constraints."""
     topo = problem.topology
     result = simulate(workload, cost=problem.cost, memory=problem.memory)
     plan = Plan(
@@ -54,6 +56,7 @@ def build_plan(problem: Problem, strategy_name: str, workload: Workload, *, full
         order={node: list(workload.order.get(node, [])) for node in range(topo.num_nodes)},
         constraints={"max_swaps": problem.max_swaps, "memory": problem.memory,
                      **({"full_depth": sorted(full_depth)} if full_depth else {}),
+                     **({"kept_stages": list(kept_stages)} if kept_stages else {}),
                      **({"memory_auto": problem.memory_explanation} if problem.memory_explanation else {})},
         seed=problem.seed, strategy=strategy_name, model=problem.model.name,
         microbatch_size=problem.microbatch_size,

@@ -21,6 +21,8 @@ from topology import resources
 from topology.errors import ConfigError
 from topology.yamlio import read_yaml
 
+SHALLOW_SETS = ("solver", "drawn", "even", "even_drawn")  # schedule.shallow_sets: where the shallow iterations' paths come from
+
 
 @dataclass
 class ReplanConfig:
@@ -71,10 +73,12 @@ class ScheduleConfig:
     # (scheduler.depth.shallow_depth; 0: never): deeper omissions in training; single-process only.
     shallow_every: int = 0
     shallow_ratio: float = 0.5
-    # Each shallow iteration draws fresh in-order stage sets (strategy random-skip, seeded by the step)
-    # instead of running the solver's shallow plan: every shallow set is trained, at network-blind paths'
-    # cost (skippipe/path_schedule.py); needs shallow_every.
-    shallow_draws: bool = False
+    # The shallow iterations' stage sets (skippipe/path_schedule.py; SHALLOW_SETS): "solver", the plan
+    # solved at shallow_ratio; "drawn", fresh in-order sets each shallow step (strategy random-skip, seeded
+    # by the step): every shallow set trained, at network-blind paths' cost; "even", every microbatch on
+    # the evenly spaced stages an even omission keeps (scheduler.depth.even_depth); "even_drawn", the two
+    # in turn (even on the first shallow step, drawn on the next, ...).
+    shallow_sets: str = "solver"
     # LayerDrop instead of the plan's paths (single-process only): each microbatch keeps stage 0 and each
     # other stage with the probability that gives the expected depth of this skip ratio, natural order.
     layerdrop: float = 0.0
@@ -180,8 +184,10 @@ class Config:
         if s.shallow_every and not s.skip_ratio < s.shallow_ratio < 1:
             raise ConfigError(f"schedule.shallow_ratio must be above schedule.skip_ratio ({s.skip_ratio}) and below 1, "
                               f"got {s.shallow_ratio}; e.g. 0.5")
-        if s.shallow_draws and not s.shallow_every:
-            raise ConfigError("schedule.shallow_draws draws the shallow iterations' stage sets: set "
+        if s.shallow_sets not in SHALLOW_SETS:
+            raise ConfigError(f"schedule.shallow_sets must be one of {', '.join(SHALLOW_SETS)}, got {s.shallow_sets!r}")
+        if s.shallow_sets != "solver" and not s.shallow_every:
+            raise ConfigError(f"schedule.shallow_sets={s.shallow_sets} chooses the shallow iterations' stage sets: set "
                               "schedule.shallow_every too, e.g. 4")
         if not 0 <= s.layerdrop < 1:
             raise ConfigError(f"schedule.layerdrop must be in [0, 1), got {s.layerdrop}; e.g. 0.33 (a skip ratio)")

@@ -18,9 +18,12 @@ The schedules (README, "Inference with stages omitted"; issue 14):
 - one iteration in `schedule.shallow_every` shallower: the plan solved at skip ratio
   `schedule.shallow_ratio`, same placement (scheduler.depth.shallow_depth), so training also sees the
   deeper omissions that half-depth inference makes (scheduler.depth.step_kind says which step runs what);
-  with `schedule.shallow_draws`, each shallow step draws its in-order stage sets afresh instead (strategy
-  random-skip, seeded by train.seed and the step), so over the run they cover every shallow set, as
-  LayerDrop's draws do, rather than the few the solver finds fastest;
+  with `schedule.shallow_sets: drawn`, each shallow step draws its in-order stage sets afresh instead
+  (strategy random-skip, seeded by train.seed and the step), so over the run they cover every shallow
+  set, as LayerDrop's draws do, rather than the few the solver finds fastest; with `even`, every
+  microbatch visits the evenly spaced stages an even omission keeps (scheduler.depth.even_depth), so the
+  half-depth model a user serves is trained itself; with `even_drawn`, the even set and a fresh draw
+  on alternate shallow steps, so the even half is trained without losing the others;
 - LayerDrop (`schedule.layerdrop`, the field's standard way to train for depth robustness; Fan et al.
   2019, "Reducing Transformer Depth on Demand with Structured Dropout"): every microbatch keeps stage 0
   and each other stage independently with probability p = (L - 1) / (S - 1), where L is the path length
@@ -104,6 +107,26 @@ def layerdrop_keep_prob(num_stages: int, skip_ratio: float) -> float:
     return (path_length(num_stages, skip_ratio) - 1) / (num_stages - 1)
 
 
+def shallow_schedule(problem, plan: Plan, *, sets: str, ratio: float, every: int, seed: int,
+                     strategy: str = "skippipe") -> Plan | Callable[[int], Plan]:
+    """The shallow iterations' plan (`sets` "solver" or "even"), or a function of the 1-based step that
+    draws one ("drawn", "even_drawn"; skippipe.config.SHALLOW_SETS), at skip ratio `ratio` with `plan`'s
+    placement, on `problem` (scheduler.problem.Problem); `every` is schedule.shallow_every and `seed` the
+    run's seed. ConfigError from the solver for an impossible setting."""
+    from scheduler.depth import drawn_shallow_seed, even_depth, shallow_depth
+    if sets == "solver":
+        return shallow_depth(problem, plan, ratio, strategy=strategy)
+    even = even_depth(problem, plan, ratio) if sets in ("even", "even_drawn") else None
+    if sets == "even":
+        return even
+
+    def shallow(step: int) -> Plan:
+        if even is not None and (step // every) % 2 == 0:
+            return even  # even_drawn: the even set on every other shallow step
+        return shallow_depth(problem, plan, ratio, strategy="random-skip", seed=drawn_shallow_seed(seed, step))
+    return shallow
+
+
 def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
     """The schedule `cfg` asks for around `plan` (ConfigError from the solver for an impossible setting)."""
     s = cfg.schedule
@@ -111,19 +134,14 @@ def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
         return PlanSchedule(plan, keep_prob=layerdrop_keep_prob(plan.num_stages, s.layerdrop), seed=cfg.train.seed)
     if not switches_plans(s):
         return PlanSchedule(plan)
-    from scheduler.depth import all_full_depth, drawn_shallow_seed, shallow_depth, tail_start
+    from scheduler.depth import all_full_depth, tail_start
     from scheduler.rotation import rotation
     from skippipe.planning import build_problem, job_topology
     problem = build_problem(cfg, job_topology(cfg))
     full = all_full_depth(problem, plan) if s.full_every or s.full_tail else None
     full_from = tail_start(cfg.optim.decay_steps or cfg.train.steps, s.full_tail)
-    shallow = None
-    if s.shallow_every and s.shallow_draws:
-        def shallow(step: int) -> Plan:
-            return shallow_depth(problem, plan, s.shallow_ratio, strategy="random-skip",
-                                 seed=drawn_shallow_seed(cfg.train.seed, step))
-    elif s.shallow_every:
-        shallow = shallow_depth(problem, plan, s.shallow_ratio, strategy=s.strategy)
+    shallow = shallow_schedule(problem, plan, sets=s.shallow_sets, ratio=s.shallow_ratio, every=s.shallow_every,
+                               seed=cfg.train.seed, strategy=s.strategy) if s.shallow_every else None
     plans = rotation(problem, plan, s.rotate, strategy=s.strategy) if s.rotate > 1 else None
     return PlanSchedule(plan, full=full, full_every=s.full_every, full_from=full_from, shallow=shallow,
                         shallow_every=s.shallow_every, rotation=plans)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from scheduler.constraints import check, violations
-from scheduler.depth import (all_full_depth, average_iteration_s, full_depth_count, mix_full_depth, shallow_depth,
-                             step_kind, tail_start)
+from scheduler.depth import (all_full_depth, average_iteration_s, even_depth, even_stages, full_depth_count,
+                             mix_full_depth, shallow_depth, step_kind, tail_start)
 from scheduler.problem import Problem
 from scheduler.rotation import TOLERANCE, distinct_stage_sets, rotation
 from scheduler.solve import solve
@@ -110,6 +110,64 @@ def test_shallow_depth_keeps_the_placement_and_halves_the_paths(problem):
     assert shallow.predicted["iteration_s"] < plan.predicted["iteration_s"]
 
 
+@pytest.mark.parametrize("num_stages, count, stages", [(8, 4, [0, 2, 4, 6]), (6, 3, [0, 2, 4]), (6, 4, [0, 1, 3, 4]),
+                                                      (5, 5, [0, 1, 2, 3, 4]), (7, 1, [0])])
+def test_even_stages_start_at_0_and_spread_the_gaps(num_stages, count, stages):
+    assert even_stages(num_stages, count) == stages
+    with pytest.raises(ConfigError, match="cannot keep 9 of 8 stages"):
+        even_stages(8, 9)
+
+
+def test_even_depth_runs_every_microbatch_on_the_evenly_spaced_half(problem):
+    plan = solve(problem, "skippipe")
+    even = even_depth(problem, plan, 0.5)
+    check(even)  # CC4 balances the kept stages only; TC1 spreads each one's load over its replicas
+    assert even.placement() == plan.placement() and even.skip_ratio == 0.5
+    assert even.constraints["kept_stages"] == [0, 2, 4, 6]
+    assert {p.stages for p in even.paths} == {(0, 2, 4, 6)}
+    assert [p.data_node for p in even.paths] == [p.data_node for p in sorted(plan.paths, key=lambda p: p.microbatch)]
+    assert even.predicted["iteration_s"] > 0
+
+
+def test_a_declared_stage_set_must_be_every_path_and_well_formed(problem):
+    even = even_depth(problem, solve(problem, "skippipe"), 0.5)
+    other = dataclasses.replace(even, constraints={**even.constraints, "kept_stages": [0, 1, 2, 3]})
+    with pytest.raises(ConfigError, match=r"keeps stages \[0, 1, 2, 3\] on every path, not \[0, 2, 4, 6\]"):
+        check(other)
+    undeclared = dataclasses.replace(even, constraints={k: v for k, v in even.constraints.items() if k != "kept_stages"})
+    assert any(v.rule == "CC4" for v in violations(undeclared))  # stages 1, 3, 5, 7 unvisited
+    for bad in ([2, 4], [0, 4, 2], [0, 8], "even"):
+        with pytest.raises(ConfigError, match="kept_stages must be ascending stage ids from 0 below 8"):
+            check(dataclasses.replace(even, constraints={**even.constraints, "kept_stages": bad}))
+
+
+def test_shallow_sets_even_trains_the_set_an_even_omission_keeps():
+    from skippipe.evaluation.omission import kept_stages
+    from skippipe.planning import make_plan
+    cfg = load_config(ROOT / "configs/train/omission.yaml",
+                      ["schedule.skip_ratio=0.25", "schedule.num_stages=8", "schedule.num_nodes=8",
+                       "schedule.shallow_every=4", "schedule.shallow_sets=even"])
+    plan = make_plan(cfg)
+    schedule = plan_schedule(cfg, plan)
+    shallow = schedule.plan_at(3)
+    assert schedule.plan_at(1) is plan and schedule.plan_at(7) is shallow
+    assert {p.stages for p in shallow.paths} == {tuple(kept_stages(8, 0.5, "even"))}
+
+
+def test_even_drawn_alternates_the_even_set_and_fresh_draws():
+    from skippipe.planning import make_plan
+    cfg = load_config(ROOT / "configs/train/omission.yaml",
+                      ["schedule.skip_ratio=0.25", "schedule.num_stages=8", "schedule.num_nodes=8",
+                       "schedule.shallow_every=4", "schedule.shallow_sets=even_drawn"])
+    schedule = plan_schedule(cfg, make_plan(cfg))
+    shallow = [schedule.plan_at(k) for k in (3, 7, 11, 15)]
+    assert [p.constraints.get("kept_stages") for p in shallow] == [[0, 2, 4, 6], None, [0, 2, 4, 6], None]
+    for drawn in shallow[1::2]:
+        check(drawn)
+        assert all(len(p.stages) == 4 and list(p.stages) == sorted(p.stages) for p in drawn.paths)
+    assert {p.stages for p in shallow[1].paths} != {p.stages for p in shallow[3].paths}
+
+
 def test_shallow_every_runs_the_shallow_plan_one_step_in_k():
     cfg = load_config(ROOT / "configs/train/debug.yaml",
                       ["schedule.skip_ratio=0.25", "schedule.full_every=4", "schedule.shallow_every=2"])
@@ -122,9 +180,9 @@ def test_shallow_every_runs_the_shallow_plan_one_step_in_k():
     assert all(len(p.stages) == 4 for s in (4, 8) for p in got[s - 1].paths)  # full wins on step 4 and 8
 
 
-def test_shallow_draws_cover_the_shallow_sets_in_order_and_repeat_on_resume():
+def test_drawn_shallow_sets_cover_the_shallow_sets_in_order_and_repeat_on_resume():
     overrides = ["schedule.skip_ratio=0.33", "schedule.num_stages=6", "schedule.num_nodes=6", "schedule.max_swaps=0",
-                 "schedule.full_every=10", "schedule.shallow_every=4", "schedule.shallow_draws=true"]
+                 "schedule.full_every=10", "schedule.shallow_every=4", "schedule.shallow_sets=drawn"]
     cfg = load_config(ROOT / "configs/train/omission.yaml", overrides)
     from skippipe.planning import make_plan
     plan = make_plan(cfg)
@@ -234,7 +292,9 @@ def test_rotate_runs_the_plans_in_turn_and_full_every_still_wins():
     (["schedule.layerdrop=0.25", "schedule.shallow_every=4"], "layerdrop replaces the plan's paths"),
     (["schedule.shallow_every=-1"], "schedule.shallow_every must not be negative"),
     (["schedule.skip_ratio=0.5", "schedule.shallow_every=4"], r"shallow_ratio must be above schedule.skip_ratio \(0.5\)"),
-    (["schedule.skip_ratio=0.25", "schedule.shallow_draws=true"], "set schedule.shallow_every too"),
+    (["schedule.skip_ratio=0.25", "schedule.shallow_sets=drawn"], "set schedule.shallow_every too"),
+    (["schedule.skip_ratio=0.25", "schedule.shallow_every=4", "schedule.shallow_sets=evenly"],
+     "schedule.shallow_sets must be one of solver, drawn, even, even_drawn, got 'evenly'"),
     (["schedule.full_tail=1"], r"schedule.full_tail must be in \[0, 1\), got 1"),
     (["schedule.full_tail=-0.1"], r"schedule.full_tail must be in \[0, 1\)"),
     (["schedule.layerdrop=0.25", "schedule.full_tail=0.1"], "layerdrop replaces the plan's paths"),

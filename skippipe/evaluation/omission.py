@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from scheduler.depth import even_stages
 from skippipe.checkpoint import checkpoint_step
 from skippipe.config import Config
 from skippipe.data import load_corpus
@@ -77,8 +78,7 @@ def kept_stages(num_stages: int, keep: float, placement: str, seed: int = 0) -> 
     k = num_kept(num_stages, keep)
     check_placement(placement)
     if placement == "even":
-        # floor(i * S / k) for i < k: distinct, starts at 0, gaps differ by at most one.
-        return [i * num_stages // k for i in range(k)]
+        return even_stages(num_stages, k)
     if placement == "first":
         return list(range(k))
     if placement == "last":

@@ -28,21 +28,28 @@ NETWORK = {"topology": "gcp-12-regions", "nodes": 20, "model": "llama-500m",
 # (scheduler/rotation.py), reordering forbidden (max_swaps 0), the last tenth of the steps at full depth
 # (full_tail). The default: one iteration in ten at full depth (the schedule of the paper authors' later
 # training code; whole iterations cost least on the paper's network: mixing microbatches into every
-# iteration re-routes slow links), one in four at half depth on drawn in-order stage sets, which trains
-# the half-depth sets an omission keeps, and the other iterations rotating over 8 plans of the same
+# iteration re-routes slow links), one in four at half depth, alternately on the evenly spaced half an
+# even omission serves and on drawn in-order stage sets (which keep the other halves trained: the even
+# set alone serves itself and not them), and the other iterations rotating over 8 plans of the same
 # predicted time, for more stage sets (README, measured; a full-depth tail trades q2 for q1).
 REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every": 5}, "mix0.125": {"full_fraction": 0.125},
             "rotate8": {"rotate": 8}, "every10_rotate8": {"full_every": 10, "rotate": 8},
             "every10_shallow4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5},
             "every10_inorder": {"full_every": 10, "max_swaps": 0},
-            "every10_drawn4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_draws": True},
-            "every5_drawn4": {"full_every": 5, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_draws": True},
-            "every10_drawn4_tail10": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_draws": True,
+            "every10_drawn4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_sets": "drawn"},
+            "every5_drawn4": {"full_every": 5, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_sets": "drawn"},
+            "every10_drawn4_tail10": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5, "shallow_sets": "drawn",
                                       "full_tail": 0.1},
             "every10_rotate8_drawn4": {"full_every": 10, "rotate": 8, "shallow_every": 4, "shallow_ratio": 0.5,
-                                       "shallow_draws": True}}
+                                       "shallow_sets": "drawn"},
+            "every10_rotate8_even4": {"full_every": 10, "rotate": 8, "shallow_every": 4, "shallow_ratio": 0.5,
+                                      "shallow_sets": "even"},
+            "every10_rotate8_inorder_even4": {"full_every": 10, "rotate": 8, "max_swaps": 0, "shallow_every": 4,
+                                              "shallow_ratio": 0.5, "shallow_sets": "even"},
+            "every10_rotate8_evendrawn4": {"full_every": 10, "rotate": 8, "shallow_every": 4, "shallow_ratio": 0.5,
+                                           "shallow_sets": "even_drawn"}}
 SHALLOW_DRAWS_PRICED = 8  # a drawn shallow iteration's time: the mean over the first 8 shallow steps' draws
-DEFAULT_REMEDY = "every10_rotate8_drawn4"
+DEFAULT_REMEDY = "every10_rotate8_evendrawn4"
 
 
 @dataclass
@@ -73,8 +80,8 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
     depth, and each of `remedies` (None: all of REMEDIES; a rotation's time is the mean of its plans'); plus
     each remedy's cost over the plain skip plan. Deterministic (solver seed 0); seconds, about a minute
     with a rotation (its solves)."""
-    from scheduler.depth import (all_full_depth, average_iteration_s, drawn_shallow_seed, mix_full_depth,
-                                 shallow_depth, step_kind)
+    from scheduler.depth import all_full_depth, average_iteration_s, mix_full_depth, step_kind
+    from skippipe.path_schedule import shallow_schedule
     from scheduler.problem import Problem
     from scheduler.rotation import distinct_stage_sets, rotation
     from scheduler.solve import solve
@@ -122,16 +129,16 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
                 extra = {**extra, "rotated_plans": len(plans), "rotation_iteration_s": float(skipping),
                          "distinct_stage_sets": distinct_stage_sets(plans),
                          "distinct_stage_sets_first_plan": distinct_stage_sets([base])}
-            if remedy.get("shallow_draws"):
-                steps = [k for k in range(1, 10 * remedy["shallow_every"] * SHALLOW_DRAWS_PRICED)
-                         if step_kind(k, full_every=remedy.get("full_every", 0), shallow_every=remedy["shallow_every"]) == "shallow"]
-                draws = [shallow_depth(problem(skip_ratio, swaps), base, remedy["shallow_ratio"], strategy="random-skip",
-                                       seed=drawn_shallow_seed(0, k)).predicted["iteration_s"]
-                         for k in steps[:SHALLOW_DRAWS_PRICED]]
-                extra = {**extra, "shallow_iteration_s": float(sum(draws) / len(draws)), "shallow_draws_priced": len(draws)}
-            elif remedy.get("shallow_every"):
-                shallow = shallow_depth(problem(skip_ratio, swaps), base, remedy["shallow_ratio"])
-                extra = {**extra, "shallow_iteration_s": float(shallow.predicted["iteration_s"])}
+            if remedy.get("shallow_every"):
+                shallow = shallow_schedule(problem(skip_ratio, swaps), base, sets=remedy.get("shallow_sets", "solver"),
+                                           ratio=remedy["shallow_ratio"], every=remedy["shallow_every"], seed=0)
+                if callable(shallow):  # drawn: priced as the mean of its first SHALLOW_DRAWS_PRICED shallow steps
+                    steps = [k for k in range(1, 10 * remedy["shallow_every"] * SHALLOW_DRAWS_PRICED)
+                             if step_kind(k, full_every=remedy.get("full_every", 0), shallow_every=remedy["shallow_every"]) == "shallow"]
+                    draws = [shallow(k).predicted["iteration_s"] for k in steps[:SHALLOW_DRAWS_PRICED]]
+                    extra = {**extra, "shallow_iteration_s": float(sum(draws) / len(draws)), "shallow_draws_priced": len(draws)}
+                else:
+                    extra = {**extra, "shallow_iteration_s": float(shallow.predicted["iteration_s"])}
             seconds = average_iteration_s({"base": skipping, "full": full_depth,
                                            "shallow": extra.get("shallow_iteration_s")},
                                           full_every=remedy.get("full_every", 0),
@@ -217,7 +224,8 @@ def study_answers(runs: dict[str, dict], headline: str = "even") -> dict:
     q1_full_depth    skip at full depth / full at full depth (loss, equal tokens)
     full_over_trained_depth  skip's perplexity with every stage / at its trained depth (even)
     q2_skip_half_over_full, q3_full_half_over_full, layerdrop_q2: keep 0.5 / keep 1.0 (`headline`)
-    and each target's verdict ("targets_met"); every run's own q2 and figures under "by_run".
+    and each target's verdict ("targets_met"); every run's own q2 (and at random placement, `q2_random`:
+    a run trained on the even set can serve it well and others badly) and figures under "by_run".
     """
     skip, full, equal, drop = (runs[k] for k in ("skip", "full", "full_equal_time", "layerdrop"))
     answers = {
@@ -234,6 +242,7 @@ def study_answers(runs: dict[str, dict], headline: str = "even") -> dict:
     met["q3_minus_1_at_least_3x_q2_minus_1"] = answers["q3_full_half_over_full"] - 1 >= 3 * (answers["q2_skip_half_over_full"] - 1)
     met["q2_no_worse_than_layerdrop"] = answers["q2_skip_half_over_full"] <= answers["layerdrop_q2"]
     by_run = {name: {"q2": half_over_full(run["omission"], headline),
+                     "q2_random": half_over_full(run["omission"], "random"),
                      "best_over_full_equal_tokens": run["depth"]["best"]["loss"] / full["depth"]["full"]["loss"],
                      "full_depth_over_full": run["depth"]["full"]["loss"] / full["depth"]["full"]["loss"],
                      "full_over_trained_depth": run["depth"]["full_over_trained_depth"],
