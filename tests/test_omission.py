@@ -312,6 +312,16 @@ def test_omission_study_refuses_a_filled_run_dir_before_solving_the_network(tmp_
     assert not (tmp_path / "r.json").exists()
 
 
+def test_overwrite_clears_the_old_runs_and_their_evaluations_but_no_other_file(tmp_path):
+    from skippipe.commands.omission_study import clear_runs
+    old = tmp_path / "skip"
+    (old / "checkpoints").mkdir(parents=True)
+    for name in ("metrics.jsonl", "config.yaml", "omission.json", "train.log", "evaluate.log", "notes.txt"):
+        (old / name).write_text("old\n")
+    clear_runs(tmp_path, ["skip", "full"])  # full/ holds nothing: nothing to clear
+    assert sorted(p.name for p in old.iterdir()) == ["notes.txt"]
+
+
 def test_each_remedy_is_priced_with_its_own_plans():
     """A remedy that forbids reordering is priced with the in-order plan; drawn shallow iterations with the
     mean of their draws; every remedy's time is its schedule's mean over one period."""

@@ -94,6 +94,18 @@ def study_tasks(runs: dict, run_root: Path, args) -> list[Task]:
     return tasks
 
 
+def clear_runs(run_root: Path, names) -> None:
+    """--overwrite: every old run of `names` in `run_root` goes before any task starts (the branch must
+    not fork an old full run's checkpoint): the run's files (skippipe.rundir.claim_run_dir) and the study's
+    own beside them, its evaluation (omission.json) and the task logs (skippipe/experiments/tasks.py), so
+    that no file describes the old model beside the new run. Other files stay."""
+    from skippipe.rundir import claim_run_dir
+    for name in names:
+        claim_run_dir(run_root / name, resume=False, overwrite=True)
+        for stale in ("omission.json", "train.log", "evaluate.log"):
+            (run_root / name / stale).unlink(missing_ok=True)
+
+
 def finished(run: str, step: str):
     """A Task's `ready`: once `step` of `run` has finished."""
     return lambda done: (run, step) in done
@@ -166,7 +178,7 @@ def main() -> None:
         cfg = load_config(args.config, shape + args.overrides)  # bad input fails here, before any training
         steps = args.steps or cfg.train.steps
         run_root = Path(args.run_dir or f"runs/omission-{setting['name']}")
-        from skippipe.rundir import claim_run_dir, run_contents
+        from skippipe.rundir import run_contents
         from topology.outputs import claim_output_file
         if not args.evaluate_only:
             for name in study.run_names(remedy, variants):  # refuse before anything is solved or written
@@ -184,9 +196,7 @@ def main() -> None:
             for name, run in runs.items():
                 check_trained(run_root / name, run, args.overrides)
         elif args.overwrite:
-            # Every old run goes before any task starts: the branch must not fork an old full run's checkpoint.
-            for name in runs:
-                claim_run_dir(run_root / name, resume=False, overwrite=True)
+            clear_runs(run_root, runs)
         tasks = study_tasks(runs, run_root, args)
         run_tasks(tasks, parallel=args.jobs, log_dir=run_root,
                   env={**os.environ, "OMP_NUM_THREADS": "1", **package_env()})
