@@ -12,8 +12,9 @@ least-loaded replica (so TC1's even load holds); the simulator's greedy dispatch
 recorded in the plan's ``constraints["full_depth"]``, where the validator (scheduler.constraints) reads
 them: those paths must have every stage, in order. A whole full-depth iteration (one in K, the schedule
 of the paper authors' later training code) is `all_full_depth`; a shallow iteration (one in K solved at a
-higher skip ratio, the placement kept) is `shallow_depth`, or `even_depth` on the evenly spaced stages; a full-depth cooldown runs the last steps of the
-learning-rate schedule at full depth (`tail_start`); `step_kind` says which a step runs.
+higher skip ratio, the placement kept) is `shallow_depth`, or `even_depth` on the evenly spaced stages; a
+full-depth cooldown runs the last steps of the learning-rate schedule at full depth (`tail_start`);
+`step_kind` says which a step runs.
 """
 from __future__ import annotations
 
@@ -45,6 +46,14 @@ def kept_route(microbatch: int, data_node: int, stages: list[int], node_stage: l
         load[node] += 1
         nodes.append(node)
     return Route(microbatch, data_node, tuple(nodes), tuple(stages))
+
+
+def routes_over(plan: Plan, stages: list[int]) -> list[Route]:
+    """Every microbatch of `plan` (by id) on a kept_route over `stages` from its own data node, the load
+    spread over each stage's replicas (the placement kept)."""
+    node_stage = plan.workload().node_stage
+    load = Counter(p.data_node for p in plan.paths)
+    return [kept_route(p.microbatch, p.data_node, stages, node_stage, load) for p in sorted(plan.paths, key=lambda p: p.microbatch)]
 
 
 def _rebuild(problem: Problem, plan: Plan, routes: list[Route], full_ids: list[int],
@@ -86,10 +95,7 @@ def mix_full_depth(problem: Problem, strategy: str, fraction: float) -> Plan:
 def all_full_depth(problem: Problem, plan: Plan) -> Plan:
     """`plan` with every microbatch on a full-depth route from its own data node (the placement kept):
     the full-depth iteration of a one-in-K schedule."""
-    node_stage = plan.workload().node_stage
-    load = Counter(p.data_node for p in plan.paths)
-    every = list(range(plan.num_stages))
-    routes = [kept_route(p.microbatch, p.data_node, every, node_stage, load) for p in sorted(plan.paths, key=lambda p: p.microbatch)]
+    routes = routes_over(plan, list(range(plan.num_stages)))
     return _rebuild(problem, plan, routes, [p.microbatch for p in routes])
 
 
@@ -126,10 +132,7 @@ def even_depth(problem: Problem, plan: Plan, skip_ratio: float) -> Plan:
     constraints["kept_stages"], where the validator reads it; CC4 then balances those stages."""
     from scheduler.constraints import path_length
     stages = even_stages(plan.num_stages, path_length(plan.num_stages, skip_ratio))
-    node_stage = plan.workload().node_stage
-    load = Counter(p.data_node for p in plan.paths)
-    routes = [kept_route(p.microbatch, p.data_node, stages, node_stage, load) for p in sorted(plan.paths, key=lambda p: p.microbatch)]
-    return _rebuild(dataclasses.replace(problem, skip_ratio=skip_ratio), plan, routes, [], kept=stages)
+    return _rebuild(dataclasses.replace(problem, skip_ratio=skip_ratio), plan, routes_over(plan, stages), [], kept=stages)
 
 
 def drawn_shallow_seed(run_seed: int, step: int) -> int:

@@ -6,9 +6,10 @@
 From one initialisation and one data order, trains the model of configs/train/omission.yaml with the
 path-faithful single-process trainer as: `skip` (the setting's skip ratio with the --remedy, by default
 one iteration in ten at full depth, one in four at half depth (in turn on the evenly spaced stages an
-even omission keeps and on drawn stage sets) and the others rotating over 8 plans of the same predicted time), `full` (full pipeline, equal tokens), `full_equal_time` (full
-pipeline stopped at the wall-clock the skip run takes on the paper's network, by the simulator: the ratio
-is recorded; it branches off the full run at the end of the warmup, the steps both share) and
+even omission keeps and on drawn stage sets) and the others rotating over 8 plans of the same predicted
+time), `full` (full pipeline, equal tokens), `full_equal_time` (full pipeline stopped at the wall-clock
+the skip run takes on the paper's network, by the simulator: the ratio is recorded; it branches off the
+full run at the end of the warmup, the steps both share) and
 `layerdrop` (equal tokens, the skip ratio's expected depth), plus a run per --variants remedy. Each run is
 then evaluated (scripts/evaluate.py, into the run's omission.json) at keep 1.0, 0.75, 0.5 and at every
 depth on the same held-out tokens; --jobs commands at once, the longest ready one first

@@ -81,10 +81,10 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
     each remedy's cost over the plain skip plan. Deterministic (solver seed 0); seconds, about a minute
     with a rotation (its solves)."""
     from scheduler.depth import all_full_depth, average_iteration_s, mix_full_depth, step_kind
-    from skippipe.path_schedule import shallow_schedule
     from scheduler.problem import Problem
     from scheduler.rotation import distinct_stage_sets, rotation
     from scheduler.solve import solve
+    from skippipe.path_schedule import shallow_schedule
     from topology.load import load_topology
     from topology.model_spec import load_model_spec
 
@@ -132,7 +132,7 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
             if remedy.get("shallow_every"):
                 shallow = shallow_schedule(problem(skip_ratio, swaps), base, sets=remedy.get("shallow_sets", "solver"),
                                            ratio=remedy["shallow_ratio"], every=remedy["shallow_every"], seed=0)
-                if callable(shallow):  # drawn: priced as the mean of its first SHALLOW_DRAWS_PRICED shallow steps
+                if callable(shallow):  # drawn, even_drawn: priced as the mean of its first SHALLOW_DRAWS_PRICED shallow steps
                     steps = [k for k in range(1, 10 * remedy["shallow_every"] * SHALLOW_DRAWS_PRICED)
                              if step_kind(k, full_every=remedy.get("full_every", 0), shallow_every=remedy["shallow_every"]) == "shallow"]
                     draws = [shallow(k).predicted["iteration_s"] for k in steps[:SHALLOW_DRAWS_PRICED]]
