@@ -1,0 +1,45 @@
+"""The README's omission-study targets table says what the timed reports it cites measured: each figure
+is the report's answer to three decimals and each verdict ("met" / "not met") is the report's own."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# target row's first words -> its key in the report's targets_met
+VERDICTS = {"q1_equal_time <= 1.00": "q1_equal_time", "q1_equal_tokens <= 1.05": "q1_equal_tokens",
+            "full_over_trained_depth <= 1.00": "full_over_trained_depth",
+            "q2_skip_half_over_full <= 1.07": "q2_skip_half_over_full",
+            "q3 - 1 >= 3 (q2 - 1)": "q3_minus_1_at_least_3x_q2_minus_1",
+            "skip's q2 no worse than LayerDrop's": "q2_no_worse_than_layerdrop"}
+FIGURED = {"q1_equal_time", "q1_equal_tokens", "full_over_trained_depth", "q2_skip_half_over_full"}  # "figure, verdict (earlier)"
+
+
+def targets_table() -> dict[str, tuple[str, str]]:
+    """The README's "| target | paper | mission |" table: target cell -> (paper cell, mission cell)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| target | paper | mission |")
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        target, paper, mission = (c.strip() for c in line.strip("|").split("|"))
+        rows[target] = (paper, mission)
+    return rows
+
+
+@pytest.mark.parametrize("column, setting", [(0, "paper"), (1, "mission")])
+def test_the_readme_targets_table_matches_the_timed_reports(column, setting):
+    answers = json.loads((ROOT / f"reports/omission_{setting}_timed.json").read_text())["answers"]
+    table = targets_table()
+    for prefix, key in VERDICTS.items():
+        target = next(t for t in table if t.startswith(prefix))
+        cell = table[target][column]
+        stated = cell.replace("*", "").split("(")[0] if key in FIGURED else cell.replace("*", "")
+        assert "met" in stated and ("not met" not in stated) == answers["targets_met"][key], (setting, target, cell)
+        if key in FIGURED:
+            figure = re.match(r"([0-9.]+),", stated)
+            assert figure and figure.group(1) == f"{answers[key]:.3f}", (setting, target, cell)
