@@ -151,21 +151,11 @@ def tail_start(horizon: int, fraction: float) -> int | None:
     return horizon - count + 1 if count else None
 
 
-def head_end(horizon: int, fraction: float) -> int:
-    """The last 1-based step of a full-depth start over the first `fraction` of `horizon` steps (the
-    learning-rate schedule's), rounded halves up; 0 for fraction 0. ConfigError outside [0, 1)."""
-    if not 0.0 <= fraction < 1.0 or math.isnan(fraction):
-        raise ConfigError(f"full-depth start {fraction} is outside [0, 1); e.g. schedule.full_head=0.15")
-    return math.floor(fraction * horizon + 0.5)
-
-
-def step_kind(step: int, *, full_every: int = 0, shallow_every: int = 0, full_from: int | None = None,
-              full_until: int = 0) -> str:
-    """Which plan 1-based `step` runs: "full" up to step `full_until` (a full-depth start; 0: none), from
-    step `full_from` on (a full-depth cooldown; None: none) and every `full_every`-th step, else "shallow"
-    when (step - 1) % shallow_every == shallow_every // 2 (so one in 4 falls on odd steps, clear of a one
-    in 10 full), else "base" (0 turns either off)."""
-    if step <= full_until or (full_from is not None and step >= full_from):
+def step_kind(step: int, *, full_every: int = 0, shallow_every: int = 0, full_from: int | None = None) -> str:
+    """Which plan 1-based `step` runs: "full" from step `full_from` on (a full-depth cooldown; None: none)
+    and every `full_every`-th step, else "shallow" when (step - 1) % shallow_every == shallow_every // 2
+    (so one in 4 falls on odd steps, clear of a one in 10 full), else "base" (0 turns either off)."""
+    if full_from is not None and step >= full_from:
         return "full"
     if full_every > 0 and step % full_every == 0:
         return "full"
@@ -175,13 +165,12 @@ def step_kind(step: int, *, full_every: int = 0, shallow_every: int = 0, full_fr
 
 
 def average_iteration_s(seconds: dict[str, float], *, full_every: int = 0, shallow_every: int = 0,
-                        full_tail: float = 0.0, full_head: float = 0.0) -> float:
+                        full_tail: float = 0.0) -> float:
     """Mean iteration seconds of a schedule, from each step kind's ("base", "full", "shallow": step_kind)
     predicted seconds: over one period of the schedule (the least common multiple of its intervals), and
-    with a full-depth cooldown over the last `full_tail` of the steps and a full-depth start over the first
-    `full_head`, (1 - full_tail - full_head) x that + (full_tail + full_head) x the full iteration's."""
+    with a full-depth cooldown over the last `full_tail` of the steps, (1 - full_tail) x that + full_tail x
+    the full iteration's."""
     period = math.lcm(max(full_every, 1), max(shallow_every, 1))
     kinds = [step_kind(k, full_every=full_every, shallow_every=shallow_every) for k in range(1, period + 1)]
     periodic = sum(seconds[kind] for kind in kinds) / period
-    at_full = full_tail + full_head
-    return periodic if not at_full else (1 - at_full) * periodic + at_full * seconds["full"]
+    return periodic if not full_tail else (1 - full_tail) * periodic + full_tail * seconds["full"]

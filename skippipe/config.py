@@ -65,10 +65,6 @@ class ScheduleConfig:
     # full depth: a full-depth cooldown, so the model ends trained at the depth it will mostly be served
     # at (0: none); single-process only.
     full_tail: float = 0.0
-    # The first full_head of the learning-rate schedule's steps run at full depth: a full-depth start, so
-    # the model takes its shape at the depth it is served at before skipping begins (0: none; progressive
-    # layer dropping, Zhang and He 2020, likewise drops nothing at first); single-process only.
-    full_head: float = 0.0
     # Up to this many plans of the same placement and (within 2%) the same predicted iteration time, one
     # per iteration in turn: more distinct stage sets (scheduler/rotation.py; 1: the plan only);
     # single-process only.
@@ -183,9 +179,6 @@ class Config:
             raise ConfigError(f"schedule.full_every must not be negative, got {s.full_every}; 0 turns it off")
         if not 0 <= s.full_tail < 1:
             raise ConfigError(f"schedule.full_tail must be in [0, 1), got {s.full_tail}; 0 turns it off, e.g. 0.1")
-        if not 0 <= s.full_head < 1 or s.full_head + s.full_tail >= 1:
-            raise ConfigError(f"schedule.full_head must be in [0, 1) and leave steps to skip beside full_tail "
-                              f"({s.full_tail}), got {s.full_head}; 0 turns it off, e.g. 0.15")
         if s.shallow_every < 0:
             raise ConfigError(f"schedule.shallow_every must not be negative, got {s.shallow_every}; 0 turns it off")
         if s.shallow_every and not s.skip_ratio < s.shallow_ratio < 1:
@@ -198,10 +191,10 @@ class Config:
                               "schedule.shallow_every too, e.g. 4")
         if not 0 <= s.layerdrop < 1:
             raise ConfigError(f"schedule.layerdrop must be in [0, 1), got {s.layerdrop}; e.g. 0.33 (a skip ratio)")
-        if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every or s.full_tail or s.full_head
-                            or s.rotate > 1 or s.shallow_every):
+        if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every or s.full_tail or s.rotate > 1
+                            or s.shallow_every):
             raise ConfigError("schedule.layerdrop replaces the plan's paths: train it on a full pipeline "
-                              "(skip_ratio 0, full_fraction 0, full_every 0, full_tail 0, full_head 0, rotate 1, shallow_every 0)")
+                              "(skip_ratio 0, full_fraction 0, full_every 0, full_tail 0, rotate 1, shallow_every 0)")
         if t.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite must be stop or skip, got {t.nonfinite!r}")
         if t.device not in ("auto", "cpu", "cuda"):

@@ -53,27 +53,24 @@ class PlanSchedule:
     LayerDrop)."""
 
     def __init__(self, base: Plan, *, full: Plan | None = None, full_every: int = 0, full_from: int | None = None,
-                 full_until: int = 0,
                  shallow: Plan | Callable[[int], Plan] | None = None, shallow_every: int = 0,
                  keep_prob: float | None = None, seed: int = 0, rotation: list[Plan] | None = None):
         self.base, self.keep_prob, self.seed = base, keep_prob, seed
         self.full, self.full_every = full, full_every if full is not None else 0
         self.full_from = full_from if full is not None else None
-        self.full_until = full_until if full is not None else 0
         self.shallow, self.shallow_every = shallow, shallow_every if shallow is not None else 0
         self.rotation = rotation or [base]
 
     @property
     def varies(self) -> bool:
         """Whether some step runs another plan than `base`."""
-        return (self.keep_prob is not None or self.full_every > 0 or self.full_from is not None or self.full_until > 0
+        return (self.keep_prob is not None or self.full_every > 0 or self.full_from is not None
                 or self.shallow_every > 0 or len(self.rotation) > 1)
 
     def plan_at(self, step: int) -> Plan:
         if self.keep_prob is not None:
             return self._layerdrop(step)
-        kind = step_kind(step, full_every=self.full_every, shallow_every=self.shallow_every, full_from=self.full_from,
-                         full_until=self.full_until)
+        kind = step_kind(step, full_every=self.full_every, shallow_every=self.shallow_every, full_from=self.full_from)
         if kind == "full":
             return self.full
         if kind == "shallow":
@@ -91,7 +88,7 @@ class PlanSchedule:
         return dataclasses.replace(self.base, paths=paths, order=sequential_order(paths))
 
 
-SINGLE_PROCESS_ONLY = ("schedule.full_every, full_tail, full_head, shallow_every, rotate and layerdrop switch plans between "
+SINGLE_PROCESS_ONLY = ("schedule.full_every, full_tail, shallow_every, rotate and layerdrop switch plans between "
                        "steps, which only the single-process mode supports; pass --single-process or use "
                        "schedule.full_fraction")
 
@@ -99,7 +96,7 @@ SINGLE_PROCESS_ONLY = ("schedule.full_every, full_tail, full_head, shallow_every
 def switches_plans(s) -> bool:
     """Whether a run's schedule settings (skippipe.config.ScheduleConfig) switch plans between steps: then it
     runs in the single-process mode only (SINGLE_PROCESS_ONLY says so to the user)."""
-    return bool(s.layerdrop or s.full_every or s.full_tail or s.full_head or s.shallow_every or s.rotate > 1)
+    return bool(s.layerdrop or s.full_every or s.full_tail or s.shallow_every or s.rotate > 1)
 
 
 def layerdrop_keep_prob(num_stages: int, skip_ratio: float) -> float:
@@ -137,16 +134,14 @@ def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
         return PlanSchedule(plan, keep_prob=layerdrop_keep_prob(plan.num_stages, s.layerdrop), seed=cfg.train.seed)
     if not switches_plans(s):
         return PlanSchedule(plan)
-    from scheduler.depth import all_full_depth, head_end, tail_start
+    from scheduler.depth import all_full_depth, tail_start
     from scheduler.rotation import rotation
     from skippipe.planning import build_problem, job_topology
     problem = build_problem(cfg, job_topology(cfg))
-    full = all_full_depth(problem, plan) if s.full_every or s.full_tail or s.full_head else None
-    horizon = cfg.optim.decay_steps or cfg.train.steps
-    full_from, full_until = tail_start(horizon, s.full_tail), head_end(horizon, s.full_head)
+    full = all_full_depth(problem, plan) if s.full_every or s.full_tail else None
+    full_from = tail_start(cfg.optim.decay_steps or cfg.train.steps, s.full_tail)
     shallow = shallow_schedule(problem, plan, sets=s.shallow_sets, ratio=s.shallow_ratio, every=s.shallow_every,
                                seed=cfg.train.seed, strategy=s.strategy) if s.shallow_every else None
     plans = rotation(problem, plan, s.rotate, strategy=s.strategy) if s.rotate > 1 else None
-    return PlanSchedule(plan, full=full, full_every=s.full_every, full_from=full_from, full_until=full_until,
-                        shallow=shallow,
+    return PlanSchedule(plan, full=full, full_every=s.full_every, full_from=full_from, shallow=shallow,
                         shallow_every=s.shallow_every, rotation=plans)

@@ -34,8 +34,7 @@ FIXED_ON_RESUME = ("model", "schedule.topology", "schedule.num_stages", "schedul
                    "schedule.num_microbatches", "schedule.memory", "schedule.max_swaps", "data.corpus",
                    "data.tokenizer", "data.val_fraction", "data.context", "train.seed",
                    # the full-depth remedies and LayerDrop decide which paths the steps train (path_schedule.py)
-                   "schedule.full_fraction", "schedule.full_every", "schedule.full_tail", "schedule.full_head",
-                   "schedule.layerdrop",
+                   "schedule.full_fraction", "schedule.full_every", "schedule.full_tail", "schedule.layerdrop",
                    "schedule.rotate", "schedule.shallow_every", "schedule.shallow_ratio", "schedule.shallow_sets")
 # precision, activation checkpointing and the MFU peak change how a step is computed or reported, not the
 # fp32 master weights the checkpoint holds (precision.py); auto precision follows train.device, which may change.

@@ -11,7 +11,7 @@ import pytest
 
 from scheduler.constraints import check, violations
 from scheduler.depth import (all_full_depth, average_iteration_s, even_depth, even_stages, full_depth_count,
-                             head_end, mix_full_depth, shallow_depth, step_kind, tail_start)
+                             mix_full_depth, shallow_depth, step_kind, tail_start)
 from scheduler.problem import Problem
 from scheduler.rotation import TOLERANCE, distinct_stage_sets, rotation
 from scheduler.solve import solve
@@ -84,34 +84,6 @@ def test_a_full_depth_tail_covers_the_last_steps_of_the_schedule():
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ConfigError, match="schedule.full_tail=0.1"):
             tail_start(100, bad)
-
-
-def test_a_full_depth_start_covers_the_first_steps_of_the_schedule():
-    assert head_end(700, 0.143) == 100 and head_end(700, 0.0) == 0 and head_end(5, 0.1) == 1  # 0.5 steps round up
-    assert head_end(4, 0.1) == 0  # 0.4 steps round to none
-    kinds = [step_kind(k, full_every=10, shallow_every=4, full_until=4) for k in range(1, 21)]
-    assert [k for k, kind in enumerate(kinds, 1) if kind == "full"] == [1, 2, 3, 4, 10, 20]
-    assert [k for k, kind in enumerate(kinds, 1) if kind == "shallow"] == [7, 11, 15, 19]
-    assert average_iteration_s({"base": 10.0, "full": 20.0}, full_every=4, full_head=0.1, full_tail=0.1) == \
-        pytest.approx(0.8 * 12.5 + 0.2 * 20.0)
-    for bad in (1.0, -0.1, float("nan")):
-        with pytest.raises(ConfigError, match="schedule.full_head=0.15"):
-            head_end(100, bad)
-
-
-def test_full_head_runs_the_full_depth_plan_over_the_start_of_the_learning_rate_schedule():
-    from skippipe.planning import make_plan
-    cfg = load_config(ROOT / "configs/train/debug.yaml",
-                      ["schedule.skip_ratio=0.25", "schedule.full_head=0.25", "train.steps=8", "optim.decay_steps=null"])
-    plan = make_plan(cfg)
-    schedule = plan_schedule(cfg, plan)
-    assert schedule.varies and schedule.full_until == 2 and schedule.full_from is None
-    got = [schedule.plan_at(s) for s in range(1, 9)]
-    assert [p is plan for p in got] == [False] * 2 + [True] * 6
-    assert all(p.stages == tuple(range(cfg.schedule.num_stages)) for s in (1, 2) for p in got[s - 1].paths)
-    decayed = load_config(ROOT / "configs/train/debug.yaml", ["schedule.skip_ratio=0.25", "schedule.full_head=0.25",
-                                                             "train.steps=8", "optim.decay_steps=20"])
-    assert plan_schedule(decayed, plan).full_until == 5  # a quarter of the learning-rate schedule, not of train.steps
 
 
 def test_full_tail_runs_the_full_depth_plan_over_the_end_of_the_learning_rate_schedule():
@@ -326,16 +298,13 @@ def test_rotate_runs_the_plans_in_turn_and_full_every_still_wins():
     (["schedule.full_tail=1"], r"schedule.full_tail must be in \[0, 1\), got 1"),
     (["schedule.full_tail=-0.1"], r"schedule.full_tail must be in \[0, 1\)"),
     (["schedule.layerdrop=0.25", "schedule.full_tail=0.1"], "layerdrop replaces the plan's paths"),
-    (["schedule.full_head=1"], r"schedule.full_head must be in \[0, 1\) and leave steps to skip beside full_tail"),
-    (["schedule.full_head=0.6", "schedule.full_tail=0.4"], r"leave steps to skip beside full_tail \(0.4\), got 0.6"),
-    (["schedule.layerdrop=0.25", "schedule.full_head=0.1"], "layerdrop replaces the plan's paths"),
 ])
 def test_bad_rotation_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "configs/train/debug.yaml", overrides)
 
 
-@pytest.mark.parametrize("setting", ["schedule.full_tail=0.1", "schedule.full_head=0.1", "schedule.shallow_every=4", "schedule.rotate=2",
+@pytest.mark.parametrize("setting", ["schedule.full_tail=0.1", "schedule.shallow_every=4", "schedule.rotate=2",
                                      "schedule.layerdrop=0.25"])
 def test_a_distributed_run_refuses_a_schedule_that_switches_plans_before_the_rendezvous(setting, tmp_path):
     """Every rank refuses at once, from the config alone (rank 0 says why), so no rank is left waiting and
@@ -344,7 +313,7 @@ def test_a_distributed_run_refuses_a_schedule_that_switches_plans_before_the_ren
     import subprocess
     import sys
     ratio = "0" if "layerdrop" in setting else "0.25"
-    for rank, expected in (("0", "error: schedule.full_every, full_tail, full_head, shallow_every, rotate and layerdrop "
+    for rank, expected in (("0", "error: schedule.full_every, full_tail, shallow_every, rotate and layerdrop "
                                  "switch plans between steps, which only the single-process mode supports"), ("3", "")):
         out = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "--config", "debug", "--steps", "2",
                               "--run-dir", str(tmp_path / "run"), f"schedule.skip_ratio={ratio}", setting],

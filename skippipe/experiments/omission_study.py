@@ -143,8 +143,7 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
                                            "shallow": extra.get("shallow_iteration_s")},
                                           full_every=remedy.get("full_every", 0),
                                           shallow_every=remedy.get("shallow_every", 0),
-                                          full_tail=remedy.get("full_tail", 0.0),
-                                          full_head=remedy.get("full_head", 0.0))
+                                          full_tail=remedy.get("full_tail", 0.0))
         priced[name] = {"iteration_s": float(seconds), "cost_over_plain": float(seconds / skip), **remedy, **extra}
     return {**{k: v for k, v in NETWORK.items() if k != "stage_sizes"},
             "stage_sizes": NETWORK["stage_sizes"].get(stages), "full_iteration_s": float(full),
