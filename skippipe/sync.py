@@ -7,6 +7,14 @@ stage's gradient the mean over its visitors. Dividing by the total number of mic
 shrink the gradient of every stage but 0 by about (1 - skip ratio): skipped stages would be under-trained
 by a factor that depends on the skip ratio. Stage 0 (embedding, head) is visited by every microbatch.
 The replicas' sums are all-reduced (SUM) before the division, so each replica ends with the same gradient.
+
+Note [idle stages]: a plan may leave a stage unvisited for an iteration (schedule.shallow_sets: even
+runs every microbatch on half the stages; skippipe/path_schedule.py). Such a stage has no gradient: the
+zeros `_grads` puts in for the all-reduce and the norm stand for nothing measured. The trainer therefore
+skips its optimizer step, so its weights, AdamW moments and step count stay as they were, as a layer that
+LayerDrop drops from a batch is left alone; a zero gradient would still move it by the moments' stale
+direction and by weight decay. Every replica of the stage sees the same visit count (the whole plan's),
+so all of them skip together.
 """
 from __future__ import annotations
 

@@ -181,7 +181,8 @@ class Trainer:
             module.zero_grad(set_to_none=True)
         plan = self.schedule.plan_at(step)  # the run's plan unless a schedule (path_schedule.py) says otherwise
         result = executor.run_iteration(draw_batches(plan, self.streams), plan, step=step)
-        average_stage_gradients(stages, stage_visits(plan), sum_over_replicas=executor.sum_over_replicas)
+        visits = stage_visits(plan)
+        average_stage_gradients(stages, visits, sum_over_replicas=executor.sum_over_replicas)
         grad_norm = clip_gradients(stages, cfg.optim.grad_clip, counted=executor.counted_stages,
                                    sum_over_ranks=executor.sum_over_ranks)
         if self.on_gradients is not None:
@@ -191,8 +192,9 @@ class Trainer:
         if skipped and cfg.train.nonfinite == "stop":
             raise NonFiniteError(step_message(step, None, grad_norm, self._where_nonfinite(result), self.run_dir))
         if not skipped:
-            for optimizer in self.optimizers.values():
-                optimizer.step()
+            for stage, optimizer in self.optimizers.items():
+                if visits[stage]:  # Note [idle stages] (sync.py): a stage no microbatch visited takes no step
+                    optimizer.step()
         val_due = self._due(step, cfg.train.eval_every)
         val_loss = executor.evaluate(self.val_batches) if val_due and self.val_batches else None
         record = self._record(step, plan=plan, lr=lr, grad_norm=grad_norm, result=result,

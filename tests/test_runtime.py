@@ -274,6 +274,28 @@ def test_each_stage_gradient_is_the_mean_over_the_microbatches_that_visited_it(t
         torch.testing.assert_close(got[(1, name)], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
+def test_a_stage_no_microbatch_visits_takes_no_optimizer_step(tmp_path):
+    """Note [idle stages]: step 2 runs every microbatch on the even half (0, 2); stages 1 and 3 keep their
+    weights through it (AdamW's weight decay and moments would move them on a zero gradient)."""
+    from skippipe.config import load_config
+    from skippipe.path_schedule import plan_schedule
+    from skippipe.planning import make_plan
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs/train/debug.yaml",
+                      ["schedule.skip_ratio=0.25", "schedule.shallow_every=2", "schedule.shallow_sets=even",
+                       "train.steps=3", f"train.run_dir={tmp_path / 'idle'}"])
+    plan = make_plan(cfg)
+    idle = set(range(4)) - {s for path in plan_schedule(cfg, plan).plan_at(2).paths for s in path.stages}
+    assert idle == {1, 3}
+    weights: dict = {}  # step -> stage -> its parameters before that step's optimizer step
+
+    def snapshot(step: int, stages: dict) -> None:
+        weights[step] = {s: [p.detach().clone() for p in m.parameters()] for s, m in stages.items()}
+    train(cfg, plan, on_gradients=snapshot)
+    for stage in range(4):
+        moved = any(not torch.equal(a, b) for a, b in zip(weights[2][stage], weights[3][stage]))
+        assert moved == (stage not in idle), stage
+
+
 def test_path_faithful_mode_refuses_an_order_that_cannot_finish(tmp_path):
     """Node 0 would run its loss before the forward that feeds it: one line naming where each node waits."""
     from skippipe.executors import LocalExecutor
