@@ -8,6 +8,7 @@ skippipe/experiments/omission_plot.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,27 +76,34 @@ def setting_of(name: str | None, stages: int | None, skip_ratio: float | None) -
     return {"name": name or f"{base['stages']}x{base['skip_ratio']}", **base}
 
 
+def network_problem(stages: int, skip_ratio: float, *, max_swaps: int | None = None):
+    """The scheduler.problem.Problem of NETWORK with `stages` stages at `skip_ratio` (`max_swaps`: CC3's
+    bound on neighbour swaps; None, the Problem's default). Loads the topology and model spec: seconds."""
+    from scheduler.problem import Problem
+    from topology.load import load_topology
+    from topology.model_spec import load_model_spec
+    swaps = {} if max_swaps is None else {"max_swaps": max_swaps}
+    return Problem(topology=load_topology(NETWORK["topology"], NETWORK["nodes"], 0),
+                   model=load_model_spec(NETWORK["model"]), num_stages=stages,
+                   stage_sizes=NETWORK["stage_sizes"].get(stages), microbatch_size=NETWORK["microbatch_size"],
+                   num_microbatches=NETWORK["microbatches"], memory=NETWORK["memory"], skip_ratio=skip_ratio, **swaps)
+
+
 def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | None = None) -> dict:
     """Predicted iteration seconds on NETWORK: the full pipeline, the skip plan, its placement at full
     depth, and each of `remedies` (None: all of REMEDIES; a rotation's time is the mean of its plans'); plus
     each remedy's cost over the plain skip plan. Deterministic (solver seed 0); seconds, about a minute
     with a rotation (its solves)."""
     from scheduler.depth import all_full_depth, average_iteration_s, mix_full_depth, step_kind
-    from scheduler.problem import Problem
     from scheduler.rotation import distinct_stage_sets, rotation
     from scheduler.solve import solve
     from skippipe.path_schedule import shallow_schedule
-    from topology.load import load_topology
-    from topology.model_spec import load_model_spec
 
-    topo = load_topology(NETWORK["topology"], NETWORK["nodes"], 0)
-    model = load_model_spec(NETWORK["model"])
+    base_problem = network_problem(stages, skip_ratio)  # loads the topology once
 
-    def problem(ratio: float, max_swaps: int | None = None) -> Problem:
+    def problem(ratio: float, max_swaps: int | None = None):
         swaps = {} if max_swaps is None else {"max_swaps": max_swaps}  # None: the Problem's default CC3
-        return Problem(topology=topo, model=model, num_stages=stages, stage_sizes=NETWORK["stage_sizes"].get(stages),
-                       microbatch_size=NETWORK["microbatch_size"], num_microbatches=NETWORK["microbatches"],
-                       memory=NETWORK["memory"], skip_ratio=ratio, **swaps)
+        return dataclasses.replace(base_problem, skip_ratio=ratio, **swaps)
 
     solved = {}  # CC3 max_swaps -> the skip plan and its placement's full-depth iteration seconds, solved once
 
