@@ -26,7 +26,9 @@ COMMAND = ("python -c \"import json; from skippipe.experiments.stage_variety imp
 def rotation_variety(stages: int, skip_ratio: float, counts: tuple[int, ...] = ROTATIONS) -> dict:
     """{count: {"plans", "stage_sequences", "in_order_sets", "possible_in_order_sets"}} for rotations of
     each length in `counts` on the omission config's training problem with `stages` stages (one node
-    each) at `skip_ratio`. ConfigError from the solver for an impossible setting."""
+    each) at `skip_ratio`, at the config's train.seed (0), which seeds the solver and the topology as in
+    the study's runs (another seed gives other plans). ConfigError from the solver for an impossible
+    setting."""
     from scheduler.constraints import path_length
     from scheduler.rotation import rotation
     from skippipe.config import load_config
