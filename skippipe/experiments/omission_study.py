@@ -76,17 +76,16 @@ def setting_of(name: str | None, stages: int | None, skip_ratio: float | None) -
     return {"name": name or f"{base['stages']}x{base['skip_ratio']}", **base}
 
 
-def network_problem(stages: int, skip_ratio: float, *, max_swaps: int | None = None):
-    """The scheduler.problem.Problem of NETWORK with `stages` stages at `skip_ratio` (`max_swaps`: CC3's
-    bound on neighbour swaps; None, the Problem's default). Loads the topology and model spec: seconds."""
+def network_problem(stages: int, skip_ratio: float):
+    """The scheduler.problem.Problem of NETWORK with `stages` stages at `skip_ratio` (CC3 and the solver
+    seed: the Problem's defaults). Loads the topology and model spec: seconds."""
     from scheduler.problem import Problem
     from topology.load import load_topology
     from topology.model_spec import load_model_spec
-    swaps = {} if max_swaps is None else {"max_swaps": max_swaps}
     return Problem(topology=load_topology(NETWORK["topology"], NETWORK["nodes"], 0),
                    model=load_model_spec(NETWORK["model"]), num_stages=stages,
                    stage_sizes=NETWORK["stage_sizes"].get(stages), microbatch_size=NETWORK["microbatch_size"],
-                   num_microbatches=NETWORK["microbatches"], memory=NETWORK["memory"], skip_ratio=skip_ratio, **swaps)
+                   num_microbatches=NETWORK["microbatches"], memory=NETWORK["memory"], skip_ratio=skip_ratio)
 
 
 def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | None = None) -> dict:

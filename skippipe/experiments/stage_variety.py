@@ -30,7 +30,7 @@ def rotation_variety(stages: int, skip_ratio: float, counts: tuple[int, ...] = R
     the study's runs (another seed gives other plans). ConfigError from the solver for an impossible
     setting."""
     from scheduler.constraints import path_length
-    from scheduler.rotation import rotation
+    from scheduler.rotation import distinct_stage_sets, rotation
     from skippipe.config import load_config
     from skippipe.planning import build_problem, job_topology, make_plan
     cfg = load_config("omission", [f"schedule.num_stages={stages}", f"schedule.num_nodes={stages}",
@@ -40,10 +40,8 @@ def rotation_variety(stages: int, skip_ratio: float, counts: tuple[int, ...] = R
     result = {}
     for count in counts:
         plans = rotation(problem, plan, count)
-        paths = [p.stages for rotated in plans for p in rotated.paths]
-        result[count] = {"plans": len(plans),
-                         "stage_sequences": len({tuple(s) for s in paths}),
-                         "in_order_sets": len({tuple(sorted(s)) for s in paths}),
+        result[count] = {"plans": len(plans), "stage_sequences": distinct_stage_sets(plans),
+                         "in_order_sets": len({tuple(sorted(p.stages)) for rotated in plans for p in rotated.paths}),
                          "possible_in_order_sets": possible}
     return result
 
