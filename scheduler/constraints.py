@@ -159,6 +159,7 @@ def _paths(plan: Plan) -> list[Violation]:
     max_swaps = int(plan.constraints.get("max_swaps", 2))
     full_depth = full_depth_ids(plan)
     kept = kept_stages(plan)
+    spread = plan.constraints.get("depth_spread", False) is True  # depths spread around the length (scheduler.depth)
     for p in plan.paths:
         if not p.stages or p.stages[0] != 0 or p.nodes[0] != p.data_node:
             out.append(Violation("CC1", "a path must start at stage 0 on its data node", microbatch=p.microbatch,
@@ -170,9 +171,10 @@ def _paths(plan: Plan) -> list[Violation]:
             if tuple(p.stages) != tuple(range(plan.num_stages)):
                 out.append(Violation("CC2", f"a full-depth path must visit every stage in order, not {list(p.stages)}",
                                      microbatch=p.microbatch))
-        elif len(p.stages) != length:
+        elif abs(len(p.stages) - length) > (1 if spread else 0):
+            need = f"{length - 1} to {length + 1} (depths spread)" if spread else str(length)
             out.append(Violation("CC2", f"the path visits {len(p.stages)} stages; skip ratio {plan.skip_ratio} "
-                                        f"with {plan.num_stages} stages needs {length}", microbatch=p.microbatch))
+                                        f"with {plan.num_stages} stages needs {need}", microbatch=p.microbatch))
         elif kept is not None and list(p.stages) != kept:
             out.append(Violation("CC2", f"the plan keeps stages {kept} on every path, not {list(p.stages)}",
                                  microbatch=p.microbatch))
@@ -185,6 +187,10 @@ def _paths(plan: Plan) -> list[Violation]:
             elif swaps > max_swaps:
                 out.append(Violation("CC3", f"{swaps} swaps in {list(p.stages)}; at most {max_swaps} allowed",
                                      microbatch=p.microbatch))
+    spread_paths = [p for p in plan.paths if p.microbatch not in full_depth]
+    if spread and sum(len(p.stages) for p in spread_paths) != length * len(spread_paths):
+        out.append(Violation("CC2", f"spread depths must average the skip ratio's {length} stages, not "
+                                    f"{sum(len(p.stages) for p in spread_paths) / len(spread_paths):.3f}"))
     return out
 
 

@@ -14,17 +14,19 @@ them: those paths must have every stage, in order. A whole full-depth iteration 
 of the paper authors' later training code) is `all_full_depth`; a shallow iteration (one in K solved at a
 higher skip ratio, the placement kept) is `shallow_depth`, or `even_depth` on the evenly spaced stages; a
 full-depth cooldown runs the last steps of the learning-rate schedule at full depth (`tail_start`);
-`step_kind` says which a step runs.
+`step_kind` says which a step runs. `spread_depth` moves stage visits between a plan's microbatches, so
+their depths spread around the plan's path length as LayerDrop's do, each stage's visits kept.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections import Counter
 
 from scheduler.problem import Problem
 from topology.errors import ConfigError
-from topology.plan import Plan, Route, Workload
+from topology.plan import Plan, Route, Workload, sequential_order
 from topology.simulator import simulate
 
 
@@ -174,3 +176,50 @@ def average_iteration_s(seconds: dict[str, float], *, full_every: int = 0, shall
     kinds = [step_kind(k, full_every=full_every, shallow_every=shallow_every) for k in range(1, period + 1)]
     periodic = sum(seconds[kind] for kind in kinds) / period
     return periodic if not full_tail else (1 - full_tail) * periodic + full_tail * seconds["full"]
+
+
+
+def spread_rng(run_seed: int, step: int) -> random.Random:
+    """The draws of step `step`'s depth spread (`spread_depth`): one stream per run seed and step, so a
+    resumed run draws the same (str seeds are stable across processes)."""
+    return random.Random(f"spread/{run_seed}/{step}")
+
+
+def spread_depth(plan: Plan, transfers: int, rng: random.Random) -> Plan:
+    """`plan` with up to `transfers` stage visits moved, each from one microbatch (the donor: depth - 1)
+    to another that skips that stage (the receiver: depth + 1), on the donor's node and inserted where CC3
+    allows the fewest swaps. Each microbatch gives or takes at most one visit, so depths stay within one
+    of the plan's path length L and average L; every stage keeps its visits (CC4) and every node its load
+    (TC1). LayerDrop's depths spread the same way around their mean (issue 14; README, "Inference with
+    stages omitted"). `rng` draws the pairs (`spread_rng`); fewer move when no more pairs fit. The plan
+    declares constraints["depth_spread"], which the validator reads; its order is sequential_order (the
+    solver's is for the old paths: scheduler.skippipe.retime re-times a spread plan)."""
+    from scheduler.constraints import count_swaps
+    max_swaps = int(plan.constraints.get("max_swaps", 2))
+    routes = {p.microbatch: p for p in plan.paths}
+    free = sorted(routes)
+    rng.shuffle(free)
+    moved = 0
+    while moved < transfers and len(free) >= 2:
+        donor = free.pop()
+        for receiver in list(free):
+            give, take = routes[donor], routes[receiver]
+            stages = [s for s in give.stages[1:] if s not in take.stages]
+            if not stages or len(give.stages) <= 2:
+                continue
+            stage = rng.choice(stages)
+            fits = [(count_swaps(take.stages[:i] + (stage,) + take.stages[i:]), i) for i in range(1, len(take.stages) + 1)]
+            fits = [(swaps, i) for swaps, i in fits if swaps is not None and swaps <= max_swaps]
+            if not fits:
+                continue
+            at, k = min(fits)[1], give.stages.index(stage)
+            routes[donor] = Route(donor, give.data_node, give.nodes[:k] + give.nodes[k + 1:],
+                                  give.stages[:k] + give.stages[k + 1:])
+            routes[receiver] = Route(receiver, take.data_node, take.nodes[:at] + (give.nodes[k],) + take.nodes[at:],
+                                     take.stages[:at] + (stage,) + take.stages[at:])
+            free.remove(receiver)
+            moved += 1
+            break
+    paths = sorted(routes.values(), key=lambda p: p.microbatch)
+    return dataclasses.replace(plan, paths=paths, order=sequential_order(paths),
+                               constraints={**plan.constraints, "depth_spread": True})

@@ -16,6 +16,7 @@ Budgets are counted in evaluations, scaled to the problem's size, so a seed alwa
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -27,7 +28,8 @@ from scheduler.paths import build_routes
 from scheduler.placement import choose_stage_sizes, place
 from scheduler.problem import Problem, Solution
 from scheduler.search import RouteSearch, score
-from topology.plan import Route
+from topology.plan import Plan, Route, Workload
+from topology.simulator import simulate
 
 # Work budget of the route search, in dispatched actions (an evaluation dispatches every action once):
 # about a second for 20 nodes and 30 microbatches, tens of seconds at 1,000 nodes on a 2-core machine.
@@ -124,12 +126,21 @@ def skippipe(problem: Problem) -> Solution:
     progress = Progress("skippipe")
     deadline = deadline_of(problem)
     node_stage, routes = choose_placement(problem, rng=rng, progress=progress, deadline=deadline)
-    num_mb = len(routes)
     progress("paths (timed)")
     timed, planned = build_routes(problem, node_stage=node_stage, rng=np.random.default_rng(rng.integers(2**32)),
                                   choose="timed", reorder=reorders(problem))
+    return polish(problem, node_stage, [(routes, {}), (timed, planned)], rng=rng, deadline=deadline, progress=progress)
+
+
+def polish(problem: Problem, node_stage: list[int], candidates: list[tuple[list[Route], dict]], *,
+           rng: np.random.Generator, deadline=None, progress=None) -> Solution:
+    """The solver's last phase: the best dispatch rule for each (routes, planned starts) candidate, then
+    the route search (scheduler.search; every move keeps each microbatch's depth) from the best. The
+    work budget is SEARCH_ACTIONS dispatched actions, so a seed gives the same result on any machine."""
+    progress = progress or (lambda *args: None)
+    num_mb = len(candidates[0][0])
     best = None
-    for routes, planned in ((routes, {}), (timed, planned)):
+    for routes, planned in candidates:
         compiled = Compiled(problem, node_stage, routes)
         rules = candidate_priorities(num_mb, rng, extra_random=2)
         if planned:
@@ -149,3 +160,16 @@ def skippipe(problem: Problem) -> Solution:
     outcome = Compiled(problem, node_stage, routes).dispatch(rule)
     assert outcome.order is not None, "the chosen dispatch cannot stall: it was scored finite"
     return Solution(node_stage, routes, outcome.order)
+
+
+def retime(problem: Problem, plan: Plan) -> Plan:
+    """`plan`'s routes as the solver would run them on `problem`: `polish` from them (seeded by the
+    problem's seed), each microbatch's depth kept, and the prediction of the result; the plan's
+    placement, strategy and constraints kept. For plans made outside the solver (scheduler.depth's
+    spread depths), whose sequential order is no schedule to price."""
+    node_stage = plan.workload().node_stage
+    found = polish(problem, node_stage, [(list(plan.paths), {})], rng=np.random.default_rng(problem.seed))
+    paths = sorted(found.routes, key=lambda r: r.microbatch)
+    order = {node: list(found.order.get(node, [])) for node in range(problem.topology.num_nodes)}
+    result = simulate(Workload(node_stage, paths, order), cost=problem.cost, memory=problem.memory)
+    return dataclasses.replace(plan, paths=paths, order=order, predicted=result.to_dict(problem.cost))

@@ -79,6 +79,11 @@ class ScheduleConfig:
     # the evenly spaced stages an even omission keeps (scheduler.depth.even_depth); "even_drawn", the two
     # in turn (even on the first shallow step, drawn on the next, ...).
     shallow_sets: str = "solver"
+    # On the plan's own steps, about this fraction of the microbatches moves one stage visit to another
+    # microbatch (scheduler.depth.spread_depth, drawn fresh each step): depths one either side of the
+    # plan's path length, as LayerDrop's spread around their mean, every stage's visits kept (0: off);
+    # single-process only.
+    depth_spread: float = 0.0
     # LayerDrop instead of the plan's paths (single-process only): each microbatch keeps stage 0 and each
     # other stage with the probability that gives the expected depth of this skip ratio, natural order.
     layerdrop: float = 0.0
@@ -189,12 +194,18 @@ class Config:
         if s.shallow_sets != "solver" and not s.shallow_every:
             raise ConfigError(f"schedule.shallow_sets={s.shallow_sets} chooses the shallow iterations' stage sets: set "
                               "schedule.shallow_every too, e.g. 4")
+        if not 0 <= s.depth_spread <= 1:
+            raise ConfigError(f"schedule.depth_spread must be in [0, 1], got {s.depth_spread}; 0 turns it off, e.g. 1.0")
+        if s.depth_spread and not s.skip_ratio:
+            raise ConfigError("schedule.depth_spread spreads the depths of a skipping plan's paths: set "
+                              "schedule.skip_ratio above 0, or depth_spread to 0")
         if not 0 <= s.layerdrop < 1:
             raise ConfigError(f"schedule.layerdrop must be in [0, 1), got {s.layerdrop}; e.g. 0.33 (a skip ratio)")
         if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every or s.full_tail or s.rotate > 1
-                            or s.shallow_every):
+                            or s.shallow_every or s.depth_spread):
             raise ConfigError("schedule.layerdrop replaces the plan's paths: train it on a full pipeline "
-                              "(skip_ratio 0, full_fraction 0, full_every 0, full_tail 0, rotate 1, shallow_every 0)")
+                              "(skip_ratio 0, full_fraction 0, full_every 0, full_tail 0, rotate 1, shallow_every 0, "
+                              "depth_spread 0)")
         if t.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite must be stop or skip, got {t.nonfinite!r}")
         if t.device not in ("auto", "cpu", "cuda"):

@@ -24,6 +24,11 @@ The schedules (README, "Inference with stages omitted"; issue 14):
   microbatch visits the evenly spaced stages an even omission keeps (scheduler.depth.even_depth), so the
   half-depth model a user serves is trained itself; with `even_drawn`, the even set and a fresh draw
   on alternate shallow steps, so the even half is trained without losing the others;
+- a depth spread (`schedule.depth_spread`, a fraction of the microbatches) on the plan's own steps (not
+  the full-depth or shallow ones): each step, fresh pairs of microbatches move one stage visit from one to
+  the other (scheduler.depth.spread_depth, seeded by train.seed and the step), so depths spread one
+  either side of the plan's path length, as LayerDrop's do around their mean, with every stage's visits
+  and every node's load kept;
 - LayerDrop (`schedule.layerdrop`, the field's standard way to train for depth robustness; Fan et al.
   2019, "Reducing Transformer Depth on Demand with Structured Dropout"): every microbatch keeps stage 0
   and each other stage independently with probability p = (L - 1) / (S - 1), where L is the path length
@@ -40,13 +45,14 @@ import random
 from typing import Callable
 
 from scheduler.constraints import path_length
-from scheduler.depth import step_kind
+from scheduler.depth import spread_depth, spread_rng, step_kind
 from skippipe.config import Config
 from topology.plan import Plan, Route, sequential_order
 
 
 class PlanSchedule:
-    """The plan of each step: `base` (or the `rotation`'s plans in turn, `base` first), or every
+    """The plan of each step: `base` (or the `rotation`'s plans in turn, `base` first; with `spread` > 0,
+    that plan with its depths spread: spread_transfers, seeded by `seed` and the step), or every
     `full_every`-th step and every step from `full_from` on (a full-depth tail; None: none) `full`, or on
     shallow steps (scheduler.depth.step_kind) `shallow` (a plan, or a function of the 1-based step that
     draws one), or LayerDrop draws around `base` with per-stage keep probability `keep_prob` (None: no
@@ -54,8 +60,9 @@ class PlanSchedule:
 
     def __init__(self, base: Plan, *, full: Plan | None = None, full_every: int = 0, full_from: int | None = None,
                  shallow: Plan | Callable[[int], Plan] | None = None, shallow_every: int = 0,
-                 keep_prob: float | None = None, seed: int = 0, rotation: list[Plan] | None = None):
-        self.base, self.keep_prob, self.seed = base, keep_prob, seed
+                 keep_prob: float | None = None, seed: int = 0, rotation: list[Plan] | None = None,
+                 spread: float = 0.0):
+        self.base, self.keep_prob, self.seed, self.spread = base, keep_prob, seed, spread
         self.full, self.full_every = full, full_every if full is not None else 0
         self.full_from = full_from if full is not None else None
         self.shallow, self.shallow_every = shallow, shallow_every if shallow is not None else 0
@@ -65,7 +72,7 @@ class PlanSchedule:
     def varies(self) -> bool:
         """Whether some step runs another plan than `base`."""
         return (self.keep_prob is not None or self.full_every > 0 or self.full_from is not None
-                or self.shallow_every > 0 or len(self.rotation) > 1)
+                or self.shallow_every > 0 or len(self.rotation) > 1 or self.spread > 0)
 
     def plan_at(self, step: int) -> Plan:
         if self.keep_prob is not None:
@@ -75,7 +82,10 @@ class PlanSchedule:
             return self.full
         if kind == "shallow":
             return self.shallow(step) if callable(self.shallow) else self.shallow
-        return self.rotation[(step - 1) % len(self.rotation)]
+        plan = self.rotation[(step - 1) % len(self.rotation)]
+        if self.spread > 0:
+            plan = spread_depth(plan, spread_transfers(self.spread, len(plan.paths)), spread_rng(self.seed, step))
+        return plan
 
     def _layerdrop(self, step: int) -> Plan:
         rng = random.Random(f"layerdrop/{self.seed}/{step}")  # str seeds are stable across processes
@@ -88,15 +98,21 @@ class PlanSchedule:
         return dataclasses.replace(self.base, paths=paths, order=sequential_order(paths))
 
 
-SINGLE_PROCESS_ONLY = ("schedule.full_every, full_tail, shallow_every, rotate and layerdrop switch plans between "
-                       "steps, which only the single-process mode supports; pass --single-process or use "
-                       "schedule.full_fraction")
+SINGLE_PROCESS_ONLY = ("schedule.full_every, full_tail, shallow_every, rotate, depth_spread and layerdrop switch "
+                       "plans between steps, which only the single-process mode supports; pass --single-process or "
+                       "use schedule.full_fraction")
 
 
 def switches_plans(s) -> bool:
     """Whether a run's schedule settings (skippipe.config.ScheduleConfig) switch plans between steps: then it
     runs in the single-process mode only (SINGLE_PROCESS_ONLY says so to the user)."""
-    return bool(s.layerdrop or s.full_every or s.full_tail or s.shallow_every or s.rotate > 1)
+    return bool(s.layerdrop or s.full_every or s.full_tail or s.shallow_every or s.rotate > 1 or s.depth_spread)
+
+
+def spread_transfers(spread: float, num_microbatches: int) -> int:
+    """Stage visits `spread_depth` moves per step for schedule.depth_spread `spread`: floor(spread x M / 2),
+    so `spread` is about the fraction of the M microbatches whose depth moves by one (half up, half down)."""
+    return int(spread * num_microbatches / 2)
 
 
 def layerdrop_keep_prob(num_stages: int, skip_ratio: float) -> float:
@@ -144,4 +160,4 @@ def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
                                seed=cfg.train.seed, strategy=s.strategy) if s.shallow_every else None
     plans = rotation(problem, plan, s.rotate, strategy=s.strategy) if s.rotate > 1 else None
     return PlanSchedule(plan, full=full, full_every=s.full_every, full_from=full_from, shallow=shallow,
-                        shallow_every=s.shallow_every, rotation=plans)
+                        shallow_every=s.shallow_every, rotation=plans, seed=cfg.train.seed, spread=s.depth_spread)

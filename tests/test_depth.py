@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from scheduler.constraints import check, violations
 from scheduler.depth import (all_full_depth, average_iteration_s, even_depth, even_stages, full_depth_count,
-                             mix_full_depth, shallow_depth, step_kind, tail_start)
+                             mix_full_depth, shallow_depth, spread_depth, spread_rng, step_kind, tail_start)
 from scheduler.problem import Problem
 from scheduler.rotation import TOLERANCE, distinct_stage_sets, rotation
 from scheduler.solve import solve
@@ -139,6 +140,83 @@ def test_a_declared_stage_set_must_be_every_path_and_well_formed(problem):
     for bad in ([2, 4], [0, 4, 2], [0, 8], "even"):
         with pytest.raises(ConfigError, match="kept_stages must be ascending stage ids from 0 below 8"):
             check(dataclasses.replace(even, constraints={**even.constraints, "kept_stages": bad}))
+
+
+def _loads(plan: Plan) -> tuple[Counter, Counter]:
+    return Counter(s for p in plan.paths for s in p.stages), Counter(n for p in plan.paths for n in p.nodes)
+
+
+def test_spread_depth_moves_visits_between_microbatches_and_keeps_every_load(problem):
+    """Each microbatch gives or takes one stage visit: depths L - 1 and L + 1 (here 5 and 7 of 8), every
+    stage's visits and every node's load as in the plan, a valid plan; the draws repeat per (seed, step)."""
+    plan = solve(problem, "skippipe")
+    spread = spread_depth(plan, 8, spread_rng(0, 1))
+    check(spread)
+    assert spread.constraints["depth_spread"] is True and spread.placement() == plan.placement()
+    assert Counter(len(p.stages) for p in spread.paths) == {5: 8, 7: 8}
+    assert _loads(spread) == _loads(plan)
+    assert [p.data_node for p in spread.paths] == [p.data_node for p in sorted(plan.paths, key=lambda p: p.microbatch)]
+    assert spread.paths == spread_depth(plan, 8, spread_rng(0, 1)).paths
+    assert spread.paths != spread_depth(plan, 8, spread_rng(0, 2)).paths
+    assert Counter(len(p.stages) for p in spread_depth(plan, 3, spread_rng(0, 1)).paths) == {5: 3, 6: 10, 7: 3}
+
+
+def test_the_validator_holds_spread_depths_to_one_either_side_and_their_mean(problem):
+    spread = spread_depth(solve(problem, "skippipe"), 8, spread_rng(0, 1))
+    short = next(p for p in spread.paths if len(p.stages) == 5)
+    shorter = Route(short.microbatch, short.data_node, short.nodes[:-1], short.stages[:-1])
+    broken = dataclasses.replace(spread, paths=[shorter if p is short else p for p in spread.paths])
+    found = [str(v) for v in violations(broken) if v.rule == "CC2"]
+    assert any("visits 4 stages; skip ratio 0.25 with 8 stages needs 5 to 7 (depths spread)" in v for v in found)
+    assert any("spread depths must average the skip ratio's 6 stages, not 5.938" in v for v in found)
+    undeclared = dataclasses.replace(spread, constraints={k: v for k, v in spread.constraints.items() if k != "depth_spread"})
+    assert any("needs 6" in str(v) for v in violations(undeclared))
+
+
+def test_retime_prices_a_spread_plan_as_the_solver_runs_it_depths_kept(problem):
+    from scheduler.skippipe import retime
+    plan = solve(problem, "skippipe")
+    spread = spread_depth(plan, 8, spread_rng(0, 1))
+    timed = retime(problem, spread)
+    check(timed)
+    assert Counter(len(p.stages) for p in timed.paths) == Counter(len(p.stages) for p in spread.paths)
+    assert timed.placement() == plan.placement() and timed.constraints == spread.constraints
+    assert 0 < timed.predicted["iteration_s"] < float("inf") and timed.order != spread.order
+
+
+def test_a_spread_schedule_is_priced_on_its_plan_steps_draws(problem):
+    """The study prices a spread iteration as the mean of the first plan steps' draws, each on the step's
+    plan of the rotation, spread as training spreads it and re-timed (skippipe.experiments.omission_study)."""
+    from skippipe.experiments.omission_study import SPREAD_DRAWS_PRICED, spread_plans
+    plan = solve(problem, "skippipe")
+    other = rotation(problem, plan, 2)[-1]
+    remedy = {"full_every": 10, "shallow_every": 4, "depth_spread": 1.0}
+    priced = spread_plans(problem, [plan, other], remedy)
+    assert len(priced) == SPREAD_DRAWS_PRICED
+    steps = [k for k in range(1, 20) if step_kind(k, full_every=10, shallow_every=4) == "base"][:SPREAD_DRAWS_PRICED]
+    assert steps == [1, 2, 4, 5, 6, 8, 9, 12]  # 3, 7, 11 shallow, 10 full
+    for k, timed in zip(steps, priced):
+        check(timed)
+        drawn = spread_depth([plan, other][(k - 1) % 2], 8, spread_rng(0, k))
+        assert Counter(len(p.stages) for p in timed.paths) == Counter(len(p.stages) for p in drawn.paths)
+        assert _loads(timed)[0] == _loads(drawn)[0]
+
+
+def test_depth_spread_runs_on_the_plan_steps_only_and_repeats_on_resume():
+    from skippipe.planning import make_plan
+    overrides = ["schedule.skip_ratio=0.25", "schedule.full_every=10", "schedule.shallow_every=4",
+                 "schedule.depth_spread=1.0"]
+    cfg = load_config(ROOT / "configs/train/debug.yaml", overrides)
+    plan = make_plan(cfg)
+    schedule = plan_schedule(cfg, plan)
+    depths = {k: Counter(len(p.stages) for p in schedule.plan_at(k).paths) for k in (1, 2, 3, 10)}
+    m = len(plan.paths)
+    for k in (1, 2):  # 3 of 4 stages, spread one either side; a last pair may find no stage to move
+        assert set(depths[k]) <= {2, 3, 4} and depths[k][2] == depths[k][4] >= m // 2 - 1
+    assert depths[3] == {2: m} and depths[10] == {4: m}  # the shallow and full-depth steps as they were
+    assert _loads(schedule.plan_at(1)) == _loads(plan)
+    again = plan_schedule(load_config(ROOT / "configs/train/debug.yaml", overrides), plan)
+    assert [again.plan_at(k).paths for k in (1, 2)] == [schedule.plan_at(k).paths for k in (1, 2)]
 
 
 def test_shallow_sets_even_trains_the_set_an_even_omission_keeps():
@@ -298,6 +376,9 @@ def test_rotate_runs_the_plans_in_turn_and_full_every_still_wins():
     (["schedule.full_tail=1"], r"schedule.full_tail must be in \[0, 1\), got 1"),
     (["schedule.full_tail=-0.1"], r"schedule.full_tail must be in \[0, 1\)"),
     (["schedule.layerdrop=0.25", "schedule.full_tail=0.1"], "layerdrop replaces the plan's paths"),
+    (["schedule.skip_ratio=0.25", "schedule.depth_spread=1.5"], r"schedule.depth_spread must be in \[0, 1\], got 1.5"),
+    (["schedule.skip_ratio=0", "schedule.depth_spread=1.0"], "depth_spread spreads the depths of a skipping plan"),
+    (["schedule.skip_ratio=0.25", "schedule.layerdrop=0.25", "schedule.depth_spread=1.0"], "layerdrop replaces the plan's paths"),
 ])
 def test_bad_rotation_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -305,7 +386,7 @@ def test_bad_rotation_settings_are_refused(overrides, message):
 
 
 @pytest.mark.parametrize("setting", ["schedule.full_tail=0.1", "schedule.shallow_every=4", "schedule.rotate=2",
-                                     "schedule.layerdrop=0.25"])
+                                     "schedule.depth_spread=1.0", "schedule.layerdrop=0.25"])
 def test_a_distributed_run_refuses_a_schedule_that_switches_plans_before_the_rendezvous(setting, tmp_path):
     """Every rank refuses at once, from the config alone (rank 0 says why), so no rank is left waiting and
     torchrun does not stop rank 0 before it has printed the reason."""
@@ -313,8 +394,9 @@ def test_a_distributed_run_refuses_a_schedule_that_switches_plans_before_the_ren
     import subprocess
     import sys
     ratio = "0" if "layerdrop" in setting else "0.25"
-    for rank, expected in (("0", "error: schedule.full_every, full_tail, shallow_every, rotate and layerdrop "
-                                 "switch plans between steps, which only the single-process mode supports"), ("3", "")):
+    for rank, expected in (("0", "error: schedule.full_every, full_tail, shallow_every, rotate, depth_spread and "
+                                 "layerdrop switch plans between steps, which only the single-process mode supports"),
+                           ("3", "")):
         out = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "--config", "debug", "--steps", "2",
                               "--run-dir", str(tmp_path / "run"), f"schedule.skip_ratio={ratio}", setting],
                              capture_output=True, text=True, timeout=120, cwd=ROOT,

@@ -7,7 +7,7 @@ From one initialisation and one data order, trains the model of configs/train/om
 path-faithful single-process trainer as: `skip` (the setting's skip ratio with the --remedy, by default
 one iteration in ten at full depth, one in four at half depth (in turn on the evenly spaced stages an
 even omission keeps and on drawn stage sets) and the others rotating over 8 plans of the same predicted
-time), `full` (full pipeline, equal tokens), `full_equal_time` (full pipeline stopped at the wall-clock
+time, their depths spread one either side of the plan's), `full` (full pipeline, equal tokens), `full_equal_time` (full pipeline stopped at the wall-clock
 the skip run takes on the paper's network, by the simulator: the ratio is recorded; it branches off the
 full run at the end of the warmup, the steps both share) and
 `layerdrop` (equal tokens, the skip ratio's expected depth), plus a run per --variants remedy. Each run is
@@ -40,7 +40,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stages", type=int, help="stages of the model (default: the setting's)")
     p.add_argument("--skip-ratio", type=float, help="skip ratio of the skip run (default: the setting's)")
     p.add_argument("--remedy", default=None, help="remedy of the skip run: one of REMEDIES in "
-                   "skippipe/experiments/omission_study.py, e.g. plain, every10, every10_rotate8_evendrawn4 (default)")
+                   "skippipe/experiments/omission_study.py, e.g. plain, every10, every10_rotate8_evendrawn4_spread (default)")
     p.add_argument("--variants", default="", help="comma-separated remedies trained as extra skip runs, e.g. plain")
     p.add_argument("--steps", type=int, help="training steps of the equal-token runs (default: the config's)")
     p.add_argument("--config", default="omission", help="training YAML or shipped config name of every run (default: omission)")

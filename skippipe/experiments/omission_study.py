@@ -32,7 +32,9 @@ NETWORK = {"topology": "gcp-12-regions", "nodes": 20, "model": "llama-500m",
 # iteration re-routes slow links), one in four at half depth, alternately on the evenly spaced half an
 # even omission serves and on drawn in-order stage sets (which keep the other halves trained: the even
 # set alone serves itself and not them), and the other iterations rotating over 8 plans of the same
-# predicted time, for more stage sets (README, measured; a full-depth tail trades q2 for q1).
+# predicted time, for more stage sets, each with its depths spread one either side of the plan's
+# (depth_spread 1.0: every microbatch gives or takes one stage visit, as LayerDrop's depths vary; README,
+# measured; a full-depth tail trades q2 for q1).
 REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every": 5}, "mix0.125": {"full_fraction": 0.125},
             "rotate8": {"rotate": 8}, "every10_rotate8": {"full_every": 10, "rotate": 8},
             "every10_shallow4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5},
@@ -48,9 +50,14 @@ REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every":
             "every10_rotate8_inorder_even4": {"full_every": 10, "rotate": 8, "max_swaps": 0, "shallow_every": 4,
                                               "shallow_ratio": 0.5, "shallow_sets": "even"},
             "every10_rotate8_evendrawn4": {"full_every": 10, "rotate": 8, "shallow_every": 4, "shallow_ratio": 0.5,
-                                           "shallow_sets": "even_drawn"}}
+                                           "shallow_sets": "even_drawn"},
+            "every10_rotate8_evendrawn4_spread": {"full_every": 10, "rotate": 8, "shallow_every": 4, "shallow_ratio": 0.5,
+                                                  "shallow_sets": "even_drawn", "depth_spread": 1.0},
+            "every10_rotate8_evendrawn8_spread": {"full_every": 10, "rotate": 8, "shallow_every": 8, "shallow_ratio": 0.5,
+                                                  "shallow_sets": "even_drawn", "depth_spread": 1.0}}
 SHALLOW_DRAWS_PRICED = 8  # a drawn shallow iteration's time: the mean over the first 8 shallow steps' draws
-DEFAULT_REMEDY = "every10_rotate8_evendrawn4"
+SPREAD_DRAWS_PRICED = 8  # a spread iteration's time: the mean over the first 8 plan steps' draws (spread_plans)
+DEFAULT_REMEDY = "every10_rotate8_evendrawn4_spread"
 
 
 @dataclass
@@ -136,6 +143,11 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
                 extra = {**extra, "rotated_plans": len(plans), "rotation_iteration_s": float(skipping),
                          "distinct_stage_sets": distinct_stage_sets(plans),
                          "distinct_stage_sets_first_plan": distinct_stage_sets([base])}
+            if remedy.get("depth_spread"):
+                plans = rotations.get((remedy.get("rotate", 1), swaps), [base])
+                spread = spread_plans(problem(skip_ratio, swaps), plans, remedy)
+                skipping = sum(p.predicted["iteration_s"] for p in spread) / len(spread)
+                extra = {**extra, "spread_iteration_s": float(skipping), "spread_draws_priced": len(spread)}
             if remedy.get("shallow_every"):
                 shallow = shallow_schedule(problem(skip_ratio, swaps), base, sets=remedy.get("shallow_sets", "solver"),
                                            ratio=remedy["shallow_ratio"], every=remedy["shallow_every"], seed=0)
@@ -156,6 +168,24 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
             "stage_sizes": NETWORK["stage_sizes"].get(stages), "full_iteration_s": float(full),
             "skip_iteration_s": float(skip), "skip_placement_full_depth_iteration_s": float(skip_full_depth),
             "remedies": priced}
+
+
+def spread_plans(problem, plans: list, remedy: dict) -> list:
+    """The first SPREAD_DRAWS_PRICED plan steps of `remedy`'s schedule (scheduler.depth.step_kind "base"),
+    each `plans`' plan of that step (a rotation's in turn) with its depths spread as training draws them
+    (run seed 0) and re-timed by the solver's search on `problem` (scheduler.skippipe.retime: each
+    microbatch's depth kept; re-timing the unspread plan that way costs 1-2% more than the solver's own)."""
+    from scheduler.depth import spread_depth, spread_rng, step_kind
+    from scheduler.skippipe import retime
+    from skippipe.path_schedule import spread_transfers
+    steps = [k for k in range(1, 10 * SPREAD_DRAWS_PRICED) if step_kind(
+        k, full_every=remedy.get("full_every", 0), shallow_every=remedy.get("shallow_every", 0)) == "base"]
+    out = []
+    for k in steps[:SPREAD_DRAWS_PRICED]:
+        plan = plans[(k - 1) % len(plans)]
+        transfers = spread_transfers(remedy["depth_spread"], len(plan.paths))
+        out.append(retime(problem, spread_depth(plan, transfers, spread_rng(0, k))))
+    return out
 
 
 def remedy_overrides(name: str) -> list[str]:
