@@ -35,7 +35,8 @@ FIXED_ON_RESUME = ("model", "schedule.topology", "schedule.num_stages", "schedul
                    "data.tokenizer", "data.val_fraction", "data.context", "train.seed",
                    # the full-depth remedies and LayerDrop decide which paths the steps train (path_schedule.py)
                    "schedule.full_fraction", "schedule.full_every", "schedule.full_tail", "schedule.layerdrop",
-                   "schedule.rotate", "schedule.shallow_every", "schedule.shallow_ratio", "schedule.shallow_sets")
+                   "schedule.rotate", "schedule.shallow_every", "schedule.shallow_ratio", "schedule.shallow_sets",
+                   "schedule.depth_spread")
 # precision, activation checkpointing and the MFU peak change how a step is computed or reported, not the
 # fp32 master weights the checkpoint holds (precision.py); auto precision follows train.device, which may change.
 MAY_CHANGE_ON_RESUME = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
