@@ -187,10 +187,11 @@ def _paths(plan: Plan) -> list[Violation]:
             elif swaps > max_swaps:
                 out.append(Violation("CC3", f"{swaps} swaps in {list(p.stages)}; at most {max_swaps} allowed",
                                      microbatch=p.microbatch))
-    spread_paths = [p for p in plan.paths if p.microbatch not in full_depth]
-    if spread and sum(len(p.stages) for p in spread_paths) != length * len(spread_paths):
-        out.append(Violation("CC2", f"spread depths must average the skip ratio's {length} stages, not "
-                                    f"{sum(len(p.stages) for p in spread_paths) / len(spread_paths):.3f}"))
+    if spread:
+        depths = [len(p.stages) for p in plan.paths if p.microbatch not in full_depth]
+        if sum(depths) != length * len(depths):
+            out.append(Violation("CC2", f"spread depths must average the skip ratio's {length} stages, not "
+                                        f"{sum(depths) / len(depths):.3f}"))
     return out
 
 

@@ -178,11 +178,11 @@ def average_iteration_s(seconds: dict[str, float], *, full_every: int = 0, shall
     return periodic if not full_tail else (1 - full_tail) * periodic + full_tail * seconds["full"]
 
 
-
-def spread_rng(run_seed: int, step: int) -> random.Random:
-    """The draws of step `step`'s depth spread (`spread_depth`): one stream per run seed and step, so a
-    resumed run draws the same (str seeds are stable across processes)."""
-    return random.Random(f"spread/{run_seed}/{step}")
+def step_rng(stream: str, run_seed: int, step: int) -> random.Random:
+    """The draws of step `step` of a per-step schedule (`stream`: "spread" for `spread_depth`, "layerdrop"):
+    one stream per run seed and step, so a resumed run draws the same (str seeds are stable across
+    processes)."""
+    return random.Random(f"{stream}/{run_seed}/{step}")
 
 
 def spread_depth(plan: Plan, transfers: int, rng: random.Random) -> Plan:
@@ -191,7 +191,7 @@ def spread_depth(plan: Plan, transfers: int, rng: random.Random) -> Plan:
     allows the fewest swaps. Each microbatch gives or takes at most one visit, so depths stay within one
     of the plan's path length L and average L; every stage keeps its visits (CC4) and every node its load
     (TC1). LayerDrop's depths spread the same way around their mean (issue 14; README, "Inference with
-    stages omitted"). `rng` draws the pairs (`spread_rng`); fewer move when no more pairs fit. The plan
+    stages omitted"). `rng` draws the pairs (`step_rng("spread", ...)`); fewer move when no more pairs fit. The plan
     declares constraints["depth_spread"], which the validator reads; its order is sequential_order (the
     solver's is for the old paths: scheduler.skippipe.retime re-times a spread plan)."""
     from scheduler.constraints import count_swaps

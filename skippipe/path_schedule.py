@@ -41,11 +41,10 @@ executor supports (the distributed one has connected its peers for one plan).
 from __future__ import annotations
 
 import dataclasses
-import random
 from typing import Callable
 
 from scheduler.constraints import path_length
-from scheduler.depth import spread_depth, spread_rng, step_kind
+from scheduler.depth import spread_depth, step_rng, step_kind
 from skippipe.config import Config
 from topology.plan import Plan, Route, sequential_order
 
@@ -84,11 +83,12 @@ class PlanSchedule:
             return self.shallow(step) if callable(self.shallow) else self.shallow
         plan = self.rotation[(step - 1) % len(self.rotation)]
         if self.spread > 0:
-            plan = spread_depth(plan, spread_transfers(self.spread, len(plan.paths)), spread_rng(self.seed, step))
+            transfers = spread_transfers(self.spread, len(plan.paths))
+            plan = spread_depth(plan, transfers, step_rng("spread", self.seed, step))
         return plan
 
     def _layerdrop(self, step: int) -> Plan:
-        rng = random.Random(f"layerdrop/{self.seed}/{step}")  # str seeds are stable across processes
+        rng = step_rng("layerdrop", self.seed, step)
         first = {n.stage: n.id for n in sorted(self.base.nodes, key=lambda n: -n.id)}  # a stage's lowest node
         paths = []
         for path in sorted(self.base.paths, key=lambda p: p.microbatch):

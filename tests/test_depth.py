@@ -12,7 +12,7 @@ import pytest
 
 from scheduler.constraints import check, violations
 from scheduler.depth import (all_full_depth, average_iteration_s, even_depth, even_stages, full_depth_count,
-                             mix_full_depth, shallow_depth, spread_depth, spread_rng, step_kind, tail_start)
+                             mix_full_depth, shallow_depth, spread_depth, step_rng, step_kind, tail_start)
 from scheduler.problem import Problem
 from scheduler.rotation import TOLERANCE, distinct_stage_sets, rotation
 from scheduler.solve import solve
@@ -150,19 +150,19 @@ def test_spread_depth_moves_visits_between_microbatches_and_keeps_every_load(pro
     """Each microbatch gives or takes one stage visit: depths L - 1 and L + 1 (here 5 and 7 of 8), every
     stage's visits and every node's load as in the plan, a valid plan; the draws repeat per (seed, step)."""
     plan = solve(problem, "skippipe")
-    spread = spread_depth(plan, 8, spread_rng(0, 1))
+    spread = spread_depth(plan, 8, step_rng("spread", 0, 1))
     check(spread)
     assert spread.constraints["depth_spread"] is True and spread.placement() == plan.placement()
     assert Counter(len(p.stages) for p in spread.paths) == {5: 8, 7: 8}
     assert _loads(spread) == _loads(plan)
     assert [p.data_node for p in spread.paths] == [p.data_node for p in sorted(plan.paths, key=lambda p: p.microbatch)]
-    assert spread.paths == spread_depth(plan, 8, spread_rng(0, 1)).paths
-    assert spread.paths != spread_depth(plan, 8, spread_rng(0, 2)).paths
-    assert Counter(len(p.stages) for p in spread_depth(plan, 3, spread_rng(0, 1)).paths) == {5: 3, 6: 10, 7: 3}
+    assert spread.paths == spread_depth(plan, 8, step_rng("spread", 0, 1)).paths
+    assert spread.paths != spread_depth(plan, 8, step_rng("spread", 0, 2)).paths
+    assert Counter(len(p.stages) for p in spread_depth(plan, 3, step_rng("spread", 0, 1)).paths) == {5: 3, 6: 10, 7: 3}
 
 
 def test_the_validator_holds_spread_depths_to_one_either_side_and_their_mean(problem):
-    spread = spread_depth(solve(problem, "skippipe"), 8, spread_rng(0, 1))
+    spread = spread_depth(solve(problem, "skippipe"), 8, step_rng("spread", 0, 1))
     short = next(p for p in spread.paths if len(p.stages) == 5)
     shorter = Route(short.microbatch, short.data_node, short.nodes[:-1], short.stages[:-1])
     broken = dataclasses.replace(spread, paths=[shorter if p is short else p for p in spread.paths])
@@ -176,7 +176,7 @@ def test_the_validator_holds_spread_depths_to_one_either_side_and_their_mean(pro
 def test_retime_prices_a_spread_plan_as_the_solver_runs_it_depths_kept(problem):
     from scheduler.skippipe import retime
     plan = solve(problem, "skippipe")
-    spread = spread_depth(plan, 8, spread_rng(0, 1))
+    spread = spread_depth(plan, 8, step_rng("spread", 0, 1))
     timed = retime(problem, spread)
     check(timed)
     assert Counter(len(p.stages) for p in timed.paths) == Counter(len(p.stages) for p in spread.paths)
@@ -197,7 +197,7 @@ def test_a_spread_schedule_is_priced_on_its_plan_steps_draws(problem):
     assert steps == [1, 2, 4, 5, 6, 8, 9, 12]  # 3, 7, 11 shallow, 10 full
     for k, timed in zip(steps, priced):
         check(timed)
-        drawn = spread_depth([plan, other][(k - 1) % 2], 8, spread_rng(0, k))
+        drawn = spread_depth([plan, other][(k - 1) % 2], 8, step_rng("spread", 0, k))
         assert Counter(len(p.stages) for p in timed.paths) == Counter(len(p.stages) for p in drawn.paths)
         assert _loads(timed)[0] == _loads(drawn)[0]
 

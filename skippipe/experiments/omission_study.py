@@ -175,7 +175,7 @@ def spread_plans(problem, plans: list, remedy: dict) -> list:
     each `plans`' plan of that step (a rotation's in turn) with its depths spread as training draws them
     (run seed 0) and re-timed by the solver's search on `problem` (scheduler.skippipe.retime: each
     microbatch's depth kept; re-timing the unspread plan that way costs 1-2% more than the solver's own)."""
-    from scheduler.depth import spread_depth, spread_rng, step_kind
+    from scheduler.depth import spread_depth, step_rng, step_kind
     from scheduler.skippipe import retime
     from skippipe.path_schedule import spread_transfers
     steps = [k for k in range(1, 10 * SPREAD_DRAWS_PRICED) if step_kind(
@@ -184,7 +184,7 @@ def spread_plans(problem, plans: list, remedy: dict) -> list:
     for k in steps[:SPREAD_DRAWS_PRICED]:
         plan = plans[(k - 1) % len(plans)]
         transfers = spread_transfers(remedy["depth_spread"], len(plan.paths))
-        out.append(retime(problem, spread_depth(plan, transfers, spread_rng(0, k))))
+        out.append(retime(problem, spread_depth(plan, transfers, step_rng("spread", 0, k))))
     return out
 
 
