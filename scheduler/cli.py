@@ -96,6 +96,8 @@ def cmd_solve(args) -> None:
 
 
 def cmd_validate(args) -> None:
+    if args.nodes is not None and not args.topology:
+        raise ConfigError("--nodes applies to a --topology scenario; pass --topology NAME with it, or drop --nodes")
     plan = Plan.load(args.plan)
     if args.topology:
         check_topology(plan, load_topology(args.topology, positive_int(args.nodes, "--nodes") if args.nodes else None,

@@ -34,7 +34,7 @@ def path_length(num_stages: int, skip_ratio: float) -> int:
         raise ConfigError(f"skip ratio must be in [0, 1), got {skip_ratio}; e.g. --skip-ratio 0.25")
     length = math.floor(num_stages * (1 - skip_ratio) + 0.5)
     if length < 2 and num_stages > 1:
-        raise ConfigError(f"skip ratio {skip_ratio} leaves no stage but 0 of {num_stages}; use a skip ratio "
+        raise ConfigError(f"skip ratio {skip_ratio} keeps only stage 0 of {num_stages} on each path; use a skip ratio "
                           f"below {1 - 1.5 / num_stages:.2f} or more stages")
     return max(length, 1)
 

@@ -261,7 +261,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             return str(value)
     except (TypeError, ValueError):
         pass
-    raise ConfigError(f"{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+    example = {int: "8", float: "0.001", bool: "true"}.get(kind)
+    hint = f"; e.g. {key}={example}" if example else ""
+    raise ConfigError(f"{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}{hint}")
 
 
 def _merge(target: Any, data: dict, where: str, prefix: str = "") -> None:

@@ -96,6 +96,7 @@ MORE_CASES = [
     ("malformed-json-simulate", "topology simulate --topology gcp-12-regions --nodes 20 --plan {d}/malformed.json",
      "malformed JSON"),
     ("unknown-scenario-yaml", "topology show --topology {d}/nowhere.yaml", "unknown scenario 'gcp-13-regions'"),
+    ("validate-nodes-alone", "scheduler validate {d}/plan.json --nodes 12", "--nodes applies to a --topology scenario"),
     ("topology-file-missing", "topology show --topology {d}/absent.yaml", "file not found"),
     ("negative-latency", "topology show --topology {d}/negative-latency.yaml", "latency_ms is -5.0"),
     ("nodes-negative", "topology show --topology gcp-12-regions --nodes -3", "--nodes must be a positive integer"),

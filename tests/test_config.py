@@ -49,7 +49,7 @@ def test_overrides_are_typed_by_the_field(text, key, value):
     ("", ["optim.lrr=1"], "unknown key 'optim.lrr'"),
     ("", ["optim.lr"], "bad override"),
     ("", ["=3"], "bad override"),
-    ("", ["optim.lr=fast"], "optim.lr: expected float"),
+    ("", ["optim.lr=fast"], "optim.lr: expected float, got 'fast'; e.g. optim.lr=0.001"),
     ("", ["train.steps=2.5"], "train.steps: expected int"),
     ("schedule:\n  num_nodes: eight\n", [], "c.yaml: schedule.num_nodes: expected int, got 'eight'"),
     ("", ["train.steps=many"], "override 'train.steps=many': train.steps: expected int"),

@@ -199,7 +199,7 @@ def test_path_length(num_stages, skip_ratio, length):
 
 
 @pytest.mark.parametrize("num_stages, skip_ratio, message", [
-    (6, 1.0, r"skip ratio must be in \[0, 1\)"), (6, -0.1, "skip ratio must be in"), (4, 0.7, "leaves no stage but 0"),
+    (6, 1.0, r"skip ratio must be in \[0, 1\)"), (6, -0.1, "skip ratio must be in"), (4, 0.7, "keeps only stage 0 of"),
 ])
 def test_path_length_refuses_impossible_skip_ratios(num_stages, skip_ratio, message):
     with pytest.raises(ConfigError, match=message):

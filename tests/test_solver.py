@@ -97,7 +97,7 @@ def gcp(**kw) -> Problem:
 
 @pytest.mark.parametrize("change, message", [
     (dict(stage_sizes=None, num_stages=21), "21 stages need at least 21 nodes"),
-    (dict(skip_ratio=0.9), "leaves no stage but 0"),
+    (dict(skip_ratio=0.9), "keeps only stage 0 of"),
     (dict(memory=0), "at least 1 microbatch"),
     (dict(num_microbatches=0), "at least 1 microbatch"),
     (dict(stage_sizes=[5, 3, 3, 3, 3, 2]), "sum to 19"),
@@ -109,7 +109,7 @@ def test_impossible_requests_are_refused_with_the_reason(change, message):
 
 @pytest.mark.parametrize("args, message", [
     (["--stages", "21"], "21 stages need at least 21 nodes"),
-    (["--stages", "6", "--skip-ratio", "0.9"], "leaves no stage but 0"),
+    (["--stages", "6", "--skip-ratio", "0.9"], "keeps only stage 0 of"),
     (["--stages", "6", "--memory", "0"], "--memory"),
 ])
 def test_cli_refuses_impossible_requests_in_one_line(tmp_path, args, message):

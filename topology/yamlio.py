@@ -54,7 +54,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+        raise ConfigError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); fix its syntax or write it again") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; pass a JSON file") from None
     if not isinstance(data, dict):
