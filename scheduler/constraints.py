@@ -160,6 +160,7 @@ def _paths(plan: Plan) -> list[Violation]:
     full_depth = full_depth_ids(plan)
     kept = kept_stages(plan)
     spread = plan.constraints.get("depth_spread", False) is True  # depths spread around the length (scheduler.depth)
+    half = plan.constraints.get("spread_even") if spread else None  # a spread's even half-depth set, if any
     for p in plan.paths:
         if not p.stages or p.stages[0] != 0 or p.nodes[0] != p.data_node:
             out.append(Violation("CC1", "a path must start at stage 0 on its data node", microbatch=p.microbatch,
@@ -171,8 +172,9 @@ def _paths(plan: Plan) -> list[Violation]:
             if tuple(p.stages) != tuple(range(plan.num_stages)):
                 out.append(Violation("CC2", f"a full-depth path must visit every stage in order, not {list(p.stages)}",
                                      microbatch=p.microbatch))
-        elif abs(len(p.stages) - length) > (1 if spread else 0):
+        elif abs(len(p.stages) - length) > (1 if spread else 0) and list(p.stages) != half:
             need = f"{length - 1} to {length + 1} (depths spread)" if spread else str(length)
+            need += f", or exactly stages {half}" if half else ""
             out.append(Violation("CC2", f"the path visits {len(p.stages)} stages; skip ratio {plan.skip_ratio} "
                                         f"with {plan.num_stages} stages needs {need}", microbatch=p.microbatch))
         elif kept is not None and list(p.stages) != kept:

@@ -185,20 +185,55 @@ def step_rng(stream: str, run_seed: int, step: int) -> random.Random:
     return random.Random(f"{stream}/{run_seed}/{step}")
 
 
-def spread_depth(plan: Plan, transfers: int, rng: random.Random) -> Plan:
+def spread_depth(plan: Plan, transfers: int, rng: random.Random, *, even: list[int] | None = None,
+                 even_donors: int = 0) -> Plan:
     """`plan` with up to `transfers` stage visits moved, each from one microbatch (the donor: depth - 1)
     to another that skips that stage (the receiver: depth + 1), on the donor's node and inserted where CC3
     allows the fewest swaps. Each microbatch gives or takes at most one visit, so depths stay within one
     of the plan's path length L and average L; every stage keeps its visits (CC4) and every node its load
     (TC1). LayerDrop's depths spread the same way around their mean (issue 14; README, "Inference with
-    stages omitted"). `rng` draws the pairs (`step_rng("spread", ...)`); fewer move when no more pairs fit. The plan
-    declares constraints["depth_spread"], which the validator reads; its order is sequential_order (the
-    solver's is for the old paths: scheduler.skippipe.retime re-times a spread plan)."""
+    stages omitted"). `rng` draws the pairs (`step_rng("spread", ...)`); fewer move when no more pairs fit.
+
+    With `even` (a stage set, even_stages) and `even_donors` > 0, first up to `even_donors` microbatches
+    whose paths hold `even` in order give each of their other stages to a receiver (one visit each), so
+    they run exactly `even`: the half-depth model an even omission serves, trained inside the step beside
+    the deeper paths (the sandwich rule of slimmable networks trains the smallest and the largest model
+    in each step: Yu and Huang 2019). Such a donor may fall more than one below L; the plan then declares
+    constraints["spread_even"] = `even`. The plan declares constraints["depth_spread"], which the
+    validator reads; its order is sequential_order (the solver's is for the old paths:
+    scheduler.skippipe.retime re-times a spread plan)."""
     from scheduler.constraints import count_swaps
     max_swaps = int(plan.constraints.get("max_swaps", 2))
+
+    def insertion(take: Route, stage: int) -> int | None:  # where CC3 allows `stage` in `take` with fewest swaps
+        fits = [(count_swaps(take.stages[:i] + (stage,) + take.stages[i:]), i) for i in range(1, len(take.stages) + 1)]
+        fits = [(swaps, i) for swaps, i in fits if swaps is not None and swaps <= max_swaps]
+        return min(fits)[1] if fits else None
+
+    def move(routes: dict, donor: int, receiver: int, stage: int, at: int) -> None:
+        give, take = routes[donor], routes[receiver]
+        k = give.stages.index(stage)
+        routes[donor] = Route(donor, give.data_node, give.nodes[:k] + give.nodes[k + 1:], give.stages[:k] + give.stages[k + 1:])
+        routes[receiver] = Route(receiver, take.data_node, take.nodes[:at] + (give.nodes[k],) + take.nodes[at:],
+                                 take.stages[:at] + (stage,) + take.stages[at:])
+
     routes = {p.microbatch: p for p in plan.paths}
     free = sorted(routes)
     rng.shuffle(free)
+    halves = 0
+    for donor in list(free) if even and even_donors > 0 else []:
+        stages = routes[donor].stages
+        if halves == even_donors or donor not in free or [s for s in stages if s in even] != list(even):
+            continue
+        trial, left = dict(routes), [m for m in free if m != donor]
+        for stage in [s for s in stages if s not in even]:
+            receiver = next((m for m in left if stage not in trial[m].stages and insertion(trial[m], stage) is not None), None)
+            if receiver is None:
+                break
+            move(trial, donor, receiver, stage, insertion(trial[receiver], stage))
+            left.remove(receiver)
+        else:
+            routes, free, halves = trial, left, halves + 1
     moved = 0
     while moved < transfers and len(free) >= 2:
         donor = free.pop()
@@ -208,18 +243,13 @@ def spread_depth(plan: Plan, transfers: int, rng: random.Random) -> Plan:
             if not stages or len(give.stages) <= 2:
                 continue
             stage = rng.choice(stages)
-            fits = [(count_swaps(take.stages[:i] + (stage,) + take.stages[i:]), i) for i in range(1, len(take.stages) + 1)]
-            fits = [(swaps, i) for swaps, i in fits if swaps is not None and swaps <= max_swaps]
-            if not fits:
+            at = insertion(take, stage)
+            if at is None:
                 continue
-            at, k = min(fits)[1], give.stages.index(stage)
-            routes[donor] = Route(donor, give.data_node, give.nodes[:k] + give.nodes[k + 1:],
-                                  give.stages[:k] + give.stages[k + 1:])
-            routes[receiver] = Route(receiver, take.data_node, take.nodes[:at] + (give.nodes[k],) + take.nodes[at:],
-                                     take.stages[:at] + (stage,) + take.stages[at:])
+            move(routes, donor, receiver, stage, at)
             free.remove(receiver)
             moved += 1
             break
     paths = sorted(routes.values(), key=lambda p: p.microbatch)
-    return dataclasses.replace(plan, paths=paths, order=sequential_order(paths),
-                               constraints={**plan.constraints, "depth_spread": True})
+    constraints = {**plan.constraints, "depth_spread": True, **({"spread_even": list(even)} if halves else {})}
+    return dataclasses.replace(plan, paths=paths, order=sequential_order(paths), constraints=constraints)

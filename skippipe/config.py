@@ -84,6 +84,12 @@ class ScheduleConfig:
     # plan's path length, as LayerDrop's spread around their mean, every stage's visits kept (0: off);
     # single-process only.
     depth_spread: float = 0.0
+    # On those steps, first about this fraction of the microbatches (those whose paths hold the set in
+    # order) give their other stages away, one visit to each of as many microbatches, and run only the
+    # evenly spaced stages of schedule.shallow_ratio's depth that an even omission keeps: the half-depth
+    # model is trained inside every step, beside the deeper paths (scheduler.depth.spread_depth; 0: off);
+    # single-process only.
+    spread_even: float = 0.0
     # LayerDrop instead of the plan's paths (single-process only): each microbatch keeps stage 0 and each
     # other stage with the probability that gives the expected depth of this skip ratio, natural order.
     layerdrop: float = 0.0
@@ -196,16 +202,23 @@ class Config:
                               "schedule.shallow_every too, e.g. 4")
         if not 0 <= s.depth_spread <= 1:
             raise ConfigError(f"schedule.depth_spread must be in [0, 1], got {s.depth_spread}; 0 turns it off, e.g. 1.0")
-        if s.depth_spread and not s.skip_ratio:
-            raise ConfigError("schedule.depth_spread spreads the depths of a skipping plan's paths: set "
-                              "schedule.skip_ratio above 0, or depth_spread to 0")
+        if not 0 <= s.spread_even <= 0.5:
+            raise ConfigError(f"schedule.spread_even must be in [0, 0.5], got {s.spread_even}; 0 turns it off, e.g. 0.125")
+        if s.spread_even and not s.skip_ratio < s.shallow_ratio < 1:
+            raise ConfigError(f"schedule.spread_even trains the even stages of schedule.shallow_ratio's depth: "
+                              f"shallow_ratio must be above schedule.skip_ratio ({s.skip_ratio}) and below 1, "
+                              f"got {s.shallow_ratio}; e.g. 0.5")
+        for key in ("depth_spread", "spread_even"):
+            if getattr(s, key) and not s.skip_ratio:
+                raise ConfigError(f"schedule.{key} spreads the depths of a skipping plan's paths: set "
+                                  f"schedule.skip_ratio above 0, or {key} to 0")
         if not 0 <= s.layerdrop < 1:
             raise ConfigError(f"schedule.layerdrop must be in [0, 1), got {s.layerdrop}; e.g. 0.33 (a skip ratio)")
         if s.layerdrop and (s.skip_ratio or s.full_fraction or s.full_every or s.full_tail or s.rotate > 1
-                            or s.shallow_every or s.depth_spread):
+                            or s.shallow_every or s.depth_spread or s.spread_even):
             raise ConfigError("schedule.layerdrop replaces the plan's paths: train it on a full pipeline "
                               "(skip_ratio 0, full_fraction 0, full_every 0, full_tail 0, rotate 1, shallow_every 0, "
-                              "depth_spread 0)")
+                              "depth_spread 0, spread_even 0)")
         if t.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite must be stop or skip, got {t.nonfinite!r}")
         if t.device not in ("auto", "cpu", "cuda"):

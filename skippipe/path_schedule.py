@@ -28,7 +28,9 @@ The schedules (README, "Inference with stages omitted"; issue 14):
   the full-depth or shallow ones): each step, fresh pairs of microbatches move one stage visit from one to
   the other (scheduler.depth.spread_depth, seeded by train.seed and the step), so depths spread one
   either side of the plan's path length, as LayerDrop's do around their mean, with every stage's visits
-  and every node's load kept;
+  and every node's load kept; with `schedule.spread_even`, first that fraction of the microbatches gives
+  away every stage off the even half-depth set an even omission keeps, so that set trains inside every
+  such step (the sandwich rule), not only in shallow iterations;
 - LayerDrop (`schedule.layerdrop`, the field's standard way to train for depth robustness; Fan et al.
   2019, "Reducing Transformer Depth on Demand with Structured Dropout"): every microbatch keeps stage 0
   and each other stage independently with probability p = (L - 1) / (S - 1), where L is the path length
@@ -50,8 +52,9 @@ from topology.plan import Plan, Route, sequential_order
 
 
 class PlanSchedule:
-    """The plan of each step: `base` (or the `rotation`'s plans in turn, `base` first; with `spread` > 0,
-    that plan with its depths spread: spread_transfers, seeded by `seed` and the step), or every
+    """The plan of each step: `base` (or the `rotation`'s plans in turn, `base` first; with `spread` > 0 or
+    `even_donors` > 0, that plan with its depths spread: spread_transfers, and up to `even_donors`
+    microbatches on the stage set `even`, seeded by `seed` and the step), or every
     `full_every`-th step and every step from `full_from` on (a full-depth tail; None: none) `full`, or on
     shallow steps (scheduler.depth.step_kind) `shallow` (a plan, or a function of the 1-based step that
     draws one), or LayerDrop draws around `base` with per-stage keep probability `keep_prob` (None: no
@@ -60,8 +63,9 @@ class PlanSchedule:
     def __init__(self, base: Plan, *, full: Plan | None = None, full_every: int = 0, full_from: int | None = None,
                  shallow: Plan | Callable[[int], Plan] | None = None, shallow_every: int = 0,
                  keep_prob: float | None = None, seed: int = 0, rotation: list[Plan] | None = None,
-                 spread: float = 0.0):
+                 spread: float = 0.0, even: list[int] | None = None, even_donors: int = 0):
         self.base, self.keep_prob, self.seed, self.spread = base, keep_prob, seed, spread
+        self.even, self.even_donors = even, even_donors if even else 0
         self.full, self.full_every = full, full_every if full is not None else 0
         self.full_from = full_from if full is not None else None
         self.shallow, self.shallow_every = shallow, shallow_every if shallow is not None else 0
@@ -71,7 +75,7 @@ class PlanSchedule:
     def varies(self) -> bool:
         """Whether some step runs another plan than `base`."""
         return (self.keep_prob is not None or self.full_every > 0 or self.full_from is not None
-                or self.shallow_every > 0 or len(self.rotation) > 1 or self.spread > 0)
+                or self.shallow_every > 0 or len(self.rotation) > 1 or self.spread > 0 or self.even_donors > 0)
 
     def plan_at(self, step: int) -> Plan:
         if self.keep_prob is not None:
@@ -82,9 +86,10 @@ class PlanSchedule:
         if kind == "shallow":
             return self.shallow(step) if callable(self.shallow) else self.shallow
         plan = self.rotation[(step - 1) % len(self.rotation)]
-        if self.spread > 0:
+        if self.spread > 0 or self.even_donors > 0:
             transfers = spread_transfers(self.spread, len(plan.paths))
-            plan = spread_depth(plan, transfers, step_rng("spread", self.seed, step))
+            plan = spread_depth(plan, transfers, step_rng("spread", self.seed, step), even=self.even,
+                                even_donors=self.even_donors)
         return plan
 
     def _layerdrop(self, step: int) -> Plan:
@@ -98,7 +103,7 @@ class PlanSchedule:
         return dataclasses.replace(self.base, paths=paths, order=sequential_order(paths))
 
 
-SINGLE_PROCESS_ONLY = ("schedule.full_every, full_tail, shallow_every, rotate, depth_spread and layerdrop switch "
+SINGLE_PROCESS_ONLY = ("schedule.full_every, full_tail, shallow_every, rotate, depth_spread, spread_even and layerdrop switch "
                        "plans between steps, which only the single-process mode supports; pass --single-process or "
                        "use schedule.full_fraction")
 
@@ -106,13 +111,25 @@ SINGLE_PROCESS_ONLY = ("schedule.full_every, full_tail, shallow_every, rotate, d
 def switches_plans(s) -> bool:
     """Whether a run's schedule settings (skippipe.config.ScheduleConfig) switch plans between steps: then it
     runs in the single-process mode only (SINGLE_PROCESS_ONLY says so to the user)."""
-    return bool(s.layerdrop or s.full_every or s.full_tail or s.shallow_every or s.rotate > 1 or s.depth_spread)
+    return bool(s.layerdrop or s.full_every or s.full_tail or s.shallow_every or s.rotate > 1 or s.depth_spread
+                or s.spread_even)
 
 
 def spread_transfers(spread: float, num_microbatches: int) -> int:
     """Stage visits `spread_depth` moves per step for schedule.depth_spread `spread`: floor(spread x M / 2),
     so `spread` is about the fraction of the M microbatches whose depth moves by one (half up, half down)."""
     return int(spread * num_microbatches / 2)
+
+
+def spread_even_plan(num_stages: int, shallow_ratio: float, spread_even: float, num_microbatches: int) -> dict:
+    """spread_depth's `even` and `even_donors` for schedule.spread_even: the evenly spaced stages of
+    shallow_ratio's path length (scheduler.depth.even_stages; 8 stages at 0.5: 0, 2, 4, 6) and
+    floor(spread_even x M) microbatches ({} when off)."""
+    from scheduler.depth import even_stages
+    donors = int(spread_even * num_microbatches)
+    if donors == 0:
+        return {}
+    return {"even": even_stages(num_stages, path_length(num_stages, shallow_ratio)), "even_donors": donors}
 
 
 def layerdrop_keep_prob(num_stages: int, skip_ratio: float) -> float:
@@ -160,4 +177,5 @@ def plan_schedule(cfg: Config, plan: Plan) -> PlanSchedule:
                                seed=cfg.train.seed, strategy=s.strategy) if s.shallow_every else None
     plans = rotation(problem, plan, s.rotate, strategy=s.strategy) if s.rotate > 1 else None
     return PlanSchedule(plan, full=full, full_every=s.full_every, full_from=full_from, shallow=shallow,
-                        shallow_every=s.shallow_every, rotation=plans, seed=cfg.train.seed, spread=s.depth_spread)
+                        shallow_every=s.shallow_every, rotation=plans, seed=cfg.train.seed, spread=s.depth_spread,
+                        **spread_even_plan(plan.num_stages, s.shallow_ratio, s.spread_even, len(plan.paths)))

@@ -36,7 +36,7 @@ FIXED_ON_RESUME = ("model", "schedule.topology", "schedule.num_stages", "schedul
                    # the full-depth remedies and LayerDrop decide which paths the steps train (path_schedule.py)
                    "schedule.full_fraction", "schedule.full_every", "schedule.full_tail", "schedule.layerdrop",
                    "schedule.rotate", "schedule.shallow_every", "schedule.shallow_ratio", "schedule.shallow_sets",
-                   "schedule.depth_spread")
+                   "schedule.depth_spread", "schedule.spread_even")
 # precision, activation checkpointing and the MFU peak change how a step is computed or reported, not the
 # fp32 master weights the checkpoint holds (precision.py); auto precision follows train.device, which may change.
 MAY_CHANGE_ON_RESUME = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",

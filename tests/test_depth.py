@@ -173,6 +173,49 @@ def test_the_validator_holds_spread_depths_to_one_either_side_and_their_mean(pro
     assert any("needs 6" in str(v) for v in violations(undeclared))
 
 
+def test_even_donors_run_exactly_the_even_set_inside_a_spread_step(problem):
+    """With even donors, that many microbatches whose paths hold the even half-depth set in order give
+    every other stage away, one visit to each of as many receivers (the sandwich rule inside a step): they
+    run the even set, the rest stay within one of L, every stage's visits and every node's load are the
+    plan's, and the validator accepts the set only where the plan declares it. Without even donors the
+    draws are the plain spread's."""
+    plan = solve(problem, "skippipe")
+    even = even_stages(8, 4)
+    holders = [p for p in plan.paths if [s for s in p.stages if s in even] == even]
+    assert len(holders) >= 2  # the solver's plan has microbatches that can give their other stages away
+    sandwich = spread_depth(plan, 8, step_rng("spread", 0, 1), even=even, even_donors=2)
+    check(sandwich)
+    halves = [p for p in sandwich.paths if list(p.stages) == even]
+    assert len(halves) == 2 and {p.microbatch for p in halves} <= {p.microbatch for p in holders}
+    assert sandwich.constraints["spread_even"] == [0, 2, 4, 6] and sandwich.constraints["depth_spread"] is True
+    assert all(5 <= len(p.stages) <= 7 for p in sandwich.paths if p not in halves)
+    assert sum(len(p.stages) for p in sandwich.paths) == 6 * 16 and _loads(sandwich) == _loads(plan)
+    assert sandwich.paths == spread_depth(plan, 8, step_rng("spread", 0, 1), even=even, even_donors=2).paths
+    plain = spread_depth(plan, 8, step_rng("spread", 0, 1))
+    assert spread_depth(plan, 8, step_rng("spread", 0, 1), even=even, even_donors=0).paths == plain.paths
+    assert "spread_even" not in plain.constraints
+    undeclared = dataclasses.replace(sandwich, constraints={k: v for k, v in sandwich.constraints.items() if k != "spread_even"})
+    found = [str(v) for v in violations(undeclared) if v.rule == "CC2"]
+    assert len(found) == 2 and all("visits 4 stages; skip ratio 0.25 with 8 stages needs 5 to 7 (depths spread)" in v
+                                   for v in found)
+
+
+def test_spread_even_trains_the_even_set_on_every_plan_step_and_repeats_on_resume():
+    from skippipe.planning import make_plan
+    overrides = ["schedule.skip_ratio=0.25", "schedule.num_stages=8", "schedule.num_nodes=8", "schedule.full_every=10",
+                 "schedule.depth_spread=1.0", "schedule.spread_even=0.125"]
+    cfg = load_config(ROOT / "configs/train/omission.yaml", overrides)
+    plan = make_plan(cfg)
+    schedule = plan_schedule(cfg, plan)
+    for k in (1, 2, 3):
+        step = schedule.plan_at(k)
+        check(step)
+        assert sum(list(p.stages) == [0, 2, 4, 6] for p in step.paths) == 2  # floor(0.125 x 16) microbatches
+    assert Counter(len(p.stages) for p in schedule.plan_at(10).paths) == {8: 16}  # the full-depth step as it was
+    again = plan_schedule(load_config(ROOT / "configs/train/omission.yaml", overrides), plan)
+    assert [again.plan_at(k).paths for k in (1, 2)] == [schedule.plan_at(k).paths for k in (1, 2)]
+
+
 def test_retime_prices_a_spread_plan_as_the_solver_runs_it_depths_kept(problem):
     from scheduler.skippipe import retime
     plan = solve(problem, "skippipe")
@@ -379,6 +422,11 @@ def test_rotate_runs_the_plans_in_turn_and_full_every_still_wins():
     (["schedule.skip_ratio=0.25", "schedule.depth_spread=1.5"], r"schedule.depth_spread must be in \[0, 1\], got 1.5"),
     (["schedule.skip_ratio=0", "schedule.depth_spread=1.0"], "depth_spread spreads the depths of a skipping plan"),
     (["schedule.skip_ratio=0.25", "schedule.layerdrop=0.25", "schedule.depth_spread=1.0"], "layerdrop replaces the plan's paths"),
+    (["schedule.skip_ratio=0.25", "schedule.spread_even=0.75"], r"schedule.spread_even must be in \[0, 0.5\], got 0.75"),
+    (["schedule.skip_ratio=0.5", "schedule.spread_even=0.125"],
+     r"spread_even trains the even stages of schedule.shallow_ratio's depth: shallow_ratio must be above"),
+    (["schedule.skip_ratio=0", "schedule.spread_even=0.125"], "spread_even spreads the depths of a skipping plan"),
+    (["schedule.skip_ratio=0.25", "schedule.layerdrop=0.25", "schedule.spread_even=0.125"], "layerdrop replaces the plan's paths"),
 ])
 def test_bad_rotation_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -394,8 +442,8 @@ def test_a_distributed_run_refuses_a_schedule_that_switches_plans_before_the_ren
     import subprocess
     import sys
     ratio = "0" if "layerdrop" in setting else "0.25"
-    for rank, expected in (("0", "error: schedule.full_every, full_tail, shallow_every, rotate, depth_spread and "
-                                 "layerdrop switch plans between steps, which only the single-process mode supports"),
+    for rank, expected in (("0", "error: schedule.full_every, full_tail, shallow_every, rotate, depth_spread, "
+                                 "spread_even and layerdrop switch plans between steps, which only the single-process mode supports"),
                            ("3", "")):
         out = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "--config", "debug", "--steps", "2",
                               "--run-dir", str(tmp_path / "run"), f"schedule.skip_ratio={ratio}", setting],

@@ -54,7 +54,11 @@ REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every":
             "every10_rotate8_evendrawn4_spread": {"full_every": 10, "rotate": 8, "shallow_every": 4, "shallow_ratio": 0.5,
                                                   "shallow_sets": "even_drawn", "depth_spread": 1.0},
             "every10_rotate8_evendrawn8_spread": {"full_every": 10, "rotate": 8, "shallow_every": 8, "shallow_ratio": 0.5,
-                                                  "shallow_sets": "even_drawn", "depth_spread": 1.0}}
+                                                  "shallow_sets": "even_drawn", "depth_spread": 1.0},
+            "every10_rotate8_spread_sandwich": {"full_every": 10, "rotate": 8, "depth_spread": 1.0, "spread_even": 0.125},
+            "every10_rotate8_drawn8_spread_sandwich": {"full_every": 10, "rotate": 8, "shallow_every": 8,
+                                                       "shallow_ratio": 0.5, "shallow_sets": "drawn",
+                                                       "depth_spread": 1.0, "spread_even": 0.125}}
 SHALLOW_DRAWS_PRICED = 8  # a drawn shallow iteration's time: the mean over the first 8 shallow steps' draws
 SPREAD_DRAWS_PRICED = 8  # a spread iteration's time: the mean over the first 8 plan steps' draws (spread_plans)
 DEFAULT_REMEDY = "every10_rotate8_evendrawn4_spread"
@@ -143,7 +147,7 @@ def network_times(stages: int, skip_ratio: float, remedies: tuple[str, ...] | No
                 extra = {**extra, "rotated_plans": len(plans), "rotation_iteration_s": float(skipping),
                          "distinct_stage_sets": distinct_stage_sets(plans),
                          "distinct_stage_sets_first_plan": distinct_stage_sets([base])}
-            if remedy.get("depth_spread"):
+            if remedy.get("depth_spread") or remedy.get("spread_even"):
                 plans = rotations.get((remedy.get("rotate", 1), swaps), [base])
                 spread = spread_plans(problem(skip_ratio, swaps), plans, remedy)
                 skipping = sum(p.predicted["iteration_s"] for p in spread) / len(spread)
@@ -177,14 +181,16 @@ def spread_plans(problem, plans: list, remedy: dict) -> list:
     microbatch's depth kept; re-timing the unspread plan that way costs 1-2% more than the solver's own)."""
     from scheduler.depth import spread_depth, step_rng, step_kind
     from scheduler.skippipe import retime
-    from skippipe.path_schedule import spread_transfers
+    from skippipe.path_schedule import spread_even_plan, spread_transfers
     steps = [k for k in range(1, 10 * SPREAD_DRAWS_PRICED) if step_kind(
         k, full_every=remedy.get("full_every", 0), shallow_every=remedy.get("shallow_every", 0)) == "base"]
     out = []
     for k in steps[:SPREAD_DRAWS_PRICED]:
         plan = plans[(k - 1) % len(plans)]
-        transfers = spread_transfers(remedy["depth_spread"], len(plan.paths))
-        out.append(retime(problem, spread_depth(plan, transfers, step_rng("spread", 0, k))))
+        transfers = spread_transfers(remedy.get("depth_spread", 0.0), len(plan.paths))
+        even = spread_even_plan(plan.num_stages, remedy.get("shallow_ratio", 0.5), remedy.get("spread_even", 0.0),
+                                len(plan.paths))
+        out.append(retime(problem, spread_depth(plan, transfers, step_rng("spread", 0, k), **even)))
     return out
 
 
