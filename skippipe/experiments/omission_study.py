@@ -55,10 +55,12 @@ REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every":
                                                   "shallow_sets": "even_drawn", "depth_spread": 1.0},
             "every10_rotate8_evendrawn8_spread": {"full_every": 10, "rotate": 8, "shallow_every": 8, "shallow_ratio": 0.5,
                                                   "shallow_sets": "even_drawn", "depth_spread": 1.0},
-            "every10_rotate8_spread_sandwich": {"full_every": 10, "rotate": 8, "depth_spread": 1.0, "spread_even": 0.125},
-            "every10_rotate8_drawn8_spread_sandwich": {"full_every": 10, "rotate": 8, "shallow_every": 8,
-                                                       "shallow_ratio": 0.5, "shallow_sets": "drawn",
-                                                       "depth_spread": 1.0, "spread_even": 0.125}}
+            "every10_rotate8_spread_sandwich0.125": {"full_every": 10, "rotate": 8, "depth_spread": 1.0, "spread_even": 0.125},
+            "every10_rotate8_spread_sandwich0.1875": {"full_every": 10, "rotate": 8, "depth_spread": 1.0,
+                                                      "spread_even": 0.1875},
+            "every10_rotate8_drawn8_spread_sandwich0.125": {"full_every": 10, "rotate": 8, "shallow_every": 8,
+                                                            "shallow_ratio": 0.5, "shallow_sets": "drawn",
+                                                            "depth_spread": 1.0, "spread_even": 0.125}}
 SHALLOW_DRAWS_PRICED = 8  # a drawn shallow iteration's time: the mean over the first 8 shallow steps' draws
 SPREAD_DRAWS_PRICED = 8  # a spread iteration's time: the mean over the first 8 plan steps' draws (spread_plans)
 DEFAULT_REMEDY = "every10_rotate8_evendrawn4_spread"
