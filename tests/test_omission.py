@@ -224,18 +224,17 @@ def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tab
     assert full["paths"] == drop["paths"] == [list(range(6))]
     assert all(len(p) == 4 and p[0] == 0 for p in skip["paths"])  # the plan's paths (step 10 would be full depth)
     # Equal wall-clock: the full run's steps are the skip run's predicted time over the full pipeline's.
-    # The default: one in 10 full, one in 4 at half depth (40 steps a period; the even set and drawn ones in
-    # turn, priced as the mean of the first 8), the rest a rotation of plans with their depths spread
-    # (priced as the mean of the first 8 such steps' draws).
-    default = net["remedies"]["every10_rotate8_evendrawn4_spread"]
-    assert default["shallow_sets"] == "even_drawn" and default["shallow_draws_priced"] == 8
+    # The default: one in 10 full, the rest a rotation of plans with 3 of 16 microbatches on the even half
+    # and the others' depths spread (priced as the mean of the first 8 such steps' draws).
+    default = net["remedies"]["every10_rotate8_spread_sandwich0.1875"]
+    assert default["spread_even"] == 0.1875 and "shallow_every" not in default
     assert default["depth_spread"] == 1.0 and default["spread_draws_priced"] == 8
     ratio = default["iteration_s"] / net["full_iteration_s"]
     assert a["time_ratio"] == pytest.approx(ratio) and 0 < ratio < 1 and equal["steps"] == max(1, round(4 * ratio))
     assert default["rotated_plans"] > 1 and default["distinct_stage_sets"] > default["distinct_stage_sets_first_plan"]
     assert default["rotation_iteration_s"] <= net["skip_iteration_s"] * 1.02  # scheduler.rotation.TOLERANCE
-    assert default["iteration_s"] == pytest.approx((26 * default["spread_iteration_s"] + 10 * default["shallow_iteration_s"]
-                                                    + 4 * net["skip_placement_full_depth_iteration_s"]) / 40)
+    assert default["iteration_s"] == pytest.approx((9 * default["spread_iteration_s"]
+                                                    + net["skip_placement_full_depth_iteration_s"]) / 10)
     assert all(r["cost_over_plain"] > 0 for r in net["remedies"].values())
     # The equal-time run shares the full run's warmup (one step here), so it branches off its checkpoint there.
     assert equal["fork_step"] == 1 and [r["step"] for r in equal["curve"]] == [1, 2]

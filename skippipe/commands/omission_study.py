@@ -40,7 +40,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stages", type=int, help="stages of the model (default: the setting's)")
     p.add_argument("--skip-ratio", type=float, help="skip ratio of the skip run (default: the setting's)")
     p.add_argument("--remedy", default=None, help="remedy of the skip run: one of REMEDIES in "
-                   "skippipe/experiments/omission_study.py, e.g. plain, every10, every10_rotate8_evendrawn4_spread (default)")
+                   "skippipe/experiments/omission_study.py, e.g. plain, every10, every10_rotate8_spread_sandwich0.1875 (default)")
     p.add_argument("--variants", default="", help="comma-separated remedies trained as extra skip runs, e.g. plain")
     p.add_argument("--steps", type=int, help="training steps of the equal-token runs (default: the config's)")
     p.add_argument("--config", default="omission", help="training YAML or shipped config name of every run (default: omission)")

@@ -29,12 +29,12 @@ NETWORK = {"topology": "gcp-12-regions", "nodes": 20, "model": "llama-500m",
 # (scheduler/rotation.py), reordering forbidden (max_swaps 0), the last tenth of the steps at full depth
 # (full_tail). The default: one iteration in ten at full depth (the schedule of the paper authors' later
 # training code; whole iterations cost least on the paper's network: mixing microbatches into every
-# iteration re-routes slow links), one in four at half depth, alternately on the evenly spaced half an
-# even omission serves and on drawn in-order stage sets (which keep the other halves trained: the even
-# set alone serves itself and not them), and the other iterations rotating over 8 plans of the same
-# predicted time, for more stage sets, each with its depths spread one either side of the plan's
-# (depth_spread 1.0: every microbatch gives or takes one stage visit, as LayerDrop's depths vary; README,
-# measured; a full-depth tail trades q2 for q1).
+# iteration re-routes slow links), the others rotating over 8 plans of the same predicted time, for more
+# stage sets, each with its depths spread one either side of the plan's (depth_spread 1.0: every
+# microbatch gives or takes one stage visit, as LayerDrop's depths vary) after 3 of its 16 microbatches
+# have given away every stage off the evenly spaced half an even omission serves (spread_even 0.1875: the
+# half-depth model trained inside every step, beside the deeper paths, rather than in whole half-depth
+# iterations, which cost full-depth quality; README, measured; a full-depth tail trades q2 for q1).
 REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every": 5}, "mix0.125": {"full_fraction": 0.125},
             "rotate8": {"rotate": 8}, "every10_rotate8": {"full_every": 10, "rotate": 8},
             "every10_shallow4": {"full_every": 10, "shallow_every": 4, "shallow_ratio": 0.5},
@@ -63,7 +63,7 @@ REMEDIES = {"plain": {}, "every10": {"full_every": 10}, "every5": {"full_every":
                                                             "depth_spread": 1.0, "spread_even": 0.125}}
 SHALLOW_DRAWS_PRICED = 8  # a drawn shallow iteration's time: the mean over the first 8 shallow steps' draws
 SPREAD_DRAWS_PRICED = 8  # a spread iteration's time: the mean over the first 8 plan steps' draws (spread_plans)
-DEFAULT_REMEDY = "every10_rotate8_evendrawn4_spread"
+DEFAULT_REMEDY = "every10_rotate8_spread_sandwich0.1875"
 
 
 @dataclass
