@@ -227,11 +227,12 @@ def spread_depth(plan: Plan, transfers: int, rng: random.Random, *, even: list[i
             continue
         trial, left = dict(routes), [m for m in free if m != donor]
         for stage in [s for s in stages if s not in even]:
-            receiver = next((m for m in left if stage not in trial[m].stages and insertion(trial[m], stage) is not None), None)
-            if receiver is None:
+            found = next(((m, at) for m in left if stage not in trial[m].stages
+                          and (at := insertion(trial[m], stage)) is not None), None)
+            if found is None:
                 break
-            move(trial, donor, receiver, stage, insertion(trial[receiver], stage))
-            left.remove(receiver)
+            move(trial, donor, found[0], stage, found[1])
+            left.remove(found[0])
         else:
             routes, free, halves = trial, left, halves + 1
     moved = 0
