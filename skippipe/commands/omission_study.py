@@ -5,9 +5,9 @@
 
 From one initialisation and one data order, trains the model of configs/train/omission.yaml with the
 path-faithful single-process trainer as: `skip` (the setting's skip ratio with the --remedy, by default
-one iteration in ten at full depth, one in four at half depth (in turn on the evenly spaced stages an
-even omission keeps and on drawn stage sets) and the others rotating over 8 plans of the same predicted
-time, their depths spread one either side of the plan's), `full` (full pipeline, equal tokens), `full_equal_time` (full pipeline stopped at the wall-clock
+one iteration in ten at full depth and the others rotating over 8 plans of the same predicted time, 3 of
+each step's 16 microbatches on the evenly spaced stages an even omission keeps and the others' depths
+spread one either side of the plan's), `full` (full pipeline, equal tokens), `full_equal_time` (full pipeline stopped at the wall-clock
 the skip run takes on the paper's network, by the simulator: the ratio is recorded; it branches off the
 full run at the end of the warmup, the steps both share) and
 `layerdrop` (equal tokens, the skip ratio's expected depth), plus a run per --variants remedy. Each run is
