@@ -17,6 +17,7 @@ from scheduler.rotation import TOLERANCE, distinct_stage_sets, rotation
 from scheduler.solve import solve
 from skippipe.config import load_config
 from skippipe.path_schedule import plan_schedule
+from skippipe.planning import make_plan
 from topology.errors import ConfigError
 from topology.load import load_topology
 from topology.model_spec import load_model_spec
@@ -164,7 +165,6 @@ def test_even_donors_run_exactly_the_even_set_inside_a_spread_step(problem):
 
 
 def test_spread_even_trains_the_even_set_on_every_plan_step_and_repeats_on_resume():
-    from skippipe.planning import make_plan
     overrides = ["schedule.skip_ratio=0.25", "schedule.num_stages=8", "schedule.num_nodes=8", "schedule.full_every=10",
                  "schedule.depth_spread=1.0", "schedule.spread_even=0.125"]
     cfg = load_config(ROOT / "configs/train/omission.yaml", overrides)
@@ -209,7 +209,6 @@ def test_a_spread_schedule_is_priced_on_its_plan_steps_draws(problem):
 
 
 def test_depth_spread_runs_on_the_plan_steps_only_and_repeats_on_resume():
-    from skippipe.planning import make_plan
     overrides = ["schedule.skip_ratio=0.25", "schedule.full_every=10", "schedule.shallow_every=4",
                  "schedule.depth_spread=1.0"]
     cfg = load_config(ROOT / "configs/train/debug.yaml", overrides)

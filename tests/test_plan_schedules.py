@@ -11,7 +11,9 @@ import pytest
 from scheduler.constraints import check
 from scheduler.depth import average_iteration_s, step_kind, tail_start
 from skippipe.config import load_config
+from skippipe.evaluation.omission import kept_stages
 from skippipe.path_schedule import PlanSchedule, layerdrop_keep_prob, plan_schedule
+from skippipe.planning import make_plan
 from topology.errors import ConfigError
 from topology.plan import Plan, Route
 
@@ -42,7 +44,6 @@ def test_a_full_depth_tail_covers_the_last_steps_of_the_schedule():
 def test_full_tail_runs_the_full_depth_plan_over_the_end_of_the_learning_rate_schedule():
     cfg = load_config(ROOT / "configs/train/debug.yaml",
                       ["schedule.skip_ratio=0.25", "schedule.full_tail=0.25", "train.steps=8", "optim.decay_steps=null"])
-    from skippipe.planning import make_plan
     plan = make_plan(cfg)
     schedule = plan_schedule(cfg, plan)
     assert schedule.varies and schedule.full_from == 7
@@ -55,8 +56,6 @@ def test_full_tail_runs_the_full_depth_plan_over_the_end_of_the_learning_rate_sc
 
 
 def test_shallow_sets_even_trains_the_set_an_even_omission_keeps():
-    from skippipe.evaluation.omission import kept_stages
-    from skippipe.planning import make_plan
     cfg = load_config(ROOT / "configs/train/omission.yaml",
                       ["schedule.skip_ratio=0.25", "schedule.num_stages=8", "schedule.num_nodes=8",
                        "schedule.shallow_every=4", "schedule.shallow_sets=even"])
@@ -68,7 +67,6 @@ def test_shallow_sets_even_trains_the_set_an_even_omission_keeps():
 
 
 def test_even_drawn_alternates_the_even_set_and_fresh_draws():
-    from skippipe.planning import make_plan
     cfg = load_config(ROOT / "configs/train/omission.yaml",
                       ["schedule.skip_ratio=0.25", "schedule.num_stages=8", "schedule.num_nodes=8",
                        "schedule.shallow_every=4", "schedule.shallow_sets=even_drawn"])
@@ -84,7 +82,6 @@ def test_even_drawn_alternates_the_even_set_and_fresh_draws():
 def test_shallow_every_runs_the_shallow_plan_one_step_in_k():
     cfg = load_config(ROOT / "configs/train/debug.yaml",
                       ["schedule.skip_ratio=0.25", "schedule.full_every=4", "schedule.shallow_every=2"])
-    from skippipe.planning import make_plan
     plan = make_plan(cfg)
     schedule = plan_schedule(cfg, plan)
     got = [schedule.plan_at(s) for s in range(1, 9)]
@@ -97,7 +94,6 @@ def test_drawn_shallow_sets_cover_the_shallow_sets_in_order_and_repeat_on_resume
     overrides = ["schedule.skip_ratio=0.33", "schedule.num_stages=6", "schedule.num_nodes=6", "schedule.max_swaps=0",
                  "schedule.full_every=10", "schedule.shallow_every=4", "schedule.shallow_sets=drawn"]
     cfg = load_config(ROOT / "configs/train/omission.yaml", overrides)
-    from skippipe.planning import make_plan
     plan = make_plan(cfg)
     schedule = plan_schedule(cfg, plan)
     shallow_steps = [k for k in range(1, 81) if step_kind(k, full_every=10, shallow_every=4) == "shallow"]
@@ -135,7 +131,6 @@ def test_layerdrop_keeps_stage_0_natural_order_and_the_expected_depth():
 
 def test_full_every_runs_the_full_depth_plan_one_step_in_k():
     cfg = load_config(ROOT / "configs/train/debug.yaml", ["schedule.skip_ratio=0.25", "schedule.full_every=3"])
-    from skippipe.planning import make_plan
     plan = make_plan(cfg)
     schedule = plan_schedule(cfg, plan)
     assert schedule.varies
@@ -156,7 +151,6 @@ def test_a_route_the_schedule_draws_names_real_nodes():
 def test_rotate_runs_the_plans_in_turn_and_full_every_still_wins():
     cfg = load_config(ROOT / "configs/train/debug.yaml",
                       ["schedule.skip_ratio=0.25", "schedule.rotate=3", "schedule.full_every=4"])
-    from skippipe.planning import make_plan
     plan = make_plan(cfg)
     schedule = plan_schedule(cfg, plan)
     plans = schedule.rotation
@@ -197,7 +191,7 @@ def test_bad_schedule_settings_are_refused(overrides, message):
 
 
 @pytest.mark.parametrize("setting", ["schedule.full_tail=0.1", "schedule.shallow_every=4", "schedule.rotate=2",
-                                     "schedule.depth_spread=1.0", "schedule.layerdrop=0.25"])
+                                     "schedule.depth_spread=1.0", "schedule.spread_even=0.125", "schedule.layerdrop=0.25"])
 def test_a_distributed_run_refuses_a_schedule_that_switches_plans_before_the_rendezvous(setting, tmp_path):
     """Every rank refuses at once, from the config alone (rank 0 says why), so no rank is left waiting and
     torchrun does not stop rank 0 before it has printed the reason."""
