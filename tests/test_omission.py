@@ -201,6 +201,25 @@ def test_a_run_dir_without_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
     assert code == 2 and "holds no checkpoint" in err
 
 
+def test_the_study_records_its_network_times_and_evaluate_only_reads_back_only_its_own(tmp_path):
+    from types import SimpleNamespace
+    from skippipe.commands.omission_study import NETWORK_FILE, network_times
+    calls = []
+    study = SimpleNamespace(network_times=lambda stages, ratio, remedies: calls.append(remedies) or {"solved": len(calls)})
+    paper = {"name": "paper", "stages": 6, "skip_ratio": 0.33}
+    trained = network_times(study, tmp_path, setting=paper, remedies=("a",), recorded=False)
+    assert trained == {"solved": 1} and (tmp_path / NETWORK_FILE).is_file()
+    assert network_times(study, tmp_path, setting=paper, remedies=("a",), recorded=True) == trained
+    assert len(calls) == 1  # read back, not solved
+    # Other remedies or another setting are solved afresh, and evaluating never rewrites the record.
+    assert network_times(study, tmp_path, setting=paper, remedies=("a", "b"), recorded=True) == {"solved": 2}
+    mission = {"name": "mission", "stages": 8, "skip_ratio": 0.25}
+    assert network_times(study, tmp_path, setting=mission, remedies=("a",), recorded=True) == {"solved": 3}
+    assert json.loads((tmp_path / NETWORK_FILE).read_text())["times"] == trained
+    (tmp_path / NETWORK_FILE).write_text("{not json")
+    assert network_times(study, tmp_path, setting=paper, remedies=("a",), recorded=True) == {"solved": 4}
+
+
 def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tables(tmp_path):
     """The study script end to end on a tiny model at the paper's setting: the skip, full, equal-time and
     LayerDrop runs with their tokens, paths and predicted times; every answer recomputed from the
@@ -272,6 +291,9 @@ def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tab
     assert out.returncode == 0, out.stderr
     second = json.loads(again.read_text())
     assert second["answers"] == a and second["trained"] is False
+    # The predicted times the runs were trained with are read back, not solved again.
+    assert "as recorded when the runs were trained" in out.stdout and second["network"] == net
+    assert json.loads((tmp_path / "runs/network.json").read_text())["times"] == net
     assert [r["step"] for r in second["runs"]["skip"]["curve"]] == [r["step"] for r in skip["curve"]]
     # A variant that was never trained is refused in one line, before anything is written.
     def refusal(out) -> str:

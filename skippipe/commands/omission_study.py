@@ -49,7 +49,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default: 2)")
     p.add_argument("--evaluate-only", action="store_true",
                    help="train nothing: evaluate the runs already trained in --run-dir (each must be the study's run, "
-                        "at its last step) and write the report, e.g. after an interrupted evaluation (default: train)")
+                        "at its last step) and write the report, e.g. after an interrupted evaluation; the predicted "
+                        "times are those recorded in --run-dir/network.json when they were trained (default: train)")
     p.add_argument("--overwrite", action="store_true", help="replace the runs in --run-dir and the --out/--plot "
                    "files (without it, a run dir that holds a run or an existing report is refused)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. optim.lr=1e-3")
@@ -158,6 +159,32 @@ def study_result(name: str, run, run_root: Path) -> dict:
             "depth": evaluated["depth"], "curve": training_curve(folder, tokens_per_step, run.predicted_iteration_s)}
 
 
+NETWORK_FILE = "network.json"  # in --run-dir: the predicted times the study's runs were trained with
+
+
+def network_times(study, run_root: Path, *, setting: dict, remedies: tuple[str, ...], recorded: bool) -> dict:
+    """The study's predicted iteration times on the paper's network (study.network_times, about a minute
+    of solves). Training records them in `run_root`/network.json; with `recorded` (--evaluate-only) they
+    are read back from there when it holds this setting's and these remedies' times: the equal-time run's
+    steps were computed from them, and re-solving would repeat the minute (or, after a change to the cost
+    model, disagree with the trained runs)."""
+    path = run_root / NETWORK_FILE
+    key = {"setting": setting, "remedies": list(remedies)}
+    if recorded and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if {k: saved.get(k) for k in key} == key and isinstance(saved.get("times"), dict):
+            print(f"network times: as recorded when the runs were trained ({path})", flush=True)
+            return saved["times"]
+    times = study.network_times(setting["stages"], setting["skip_ratio"], remedies)
+    if not recorded:
+        run_root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**key, "times": times}, indent=1) + "\n")
+    return times
+
+
 def main() -> None:
     args = build_parser().parse_args()
     with cli_errors():
@@ -190,7 +217,8 @@ def main() -> None:
         claim_output_file(args.out, overwrite=args.overwrite, flag="--out")
         claim_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
         start, load_at_start = time.time(), os.getloadavg()
-        times = study.network_times(setting["stages"], setting["skip_ratio"], (remedy, *variants))
+        times = network_times(study, run_root, setting=setting, remedies=(remedy, *variants),
+                              recorded=args.evaluate_only)
         runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants,
                                 warmup_steps=cfg.optim.warmup_steps)
         if args.evaluate_only:  # each run's steps come from the solved network (the equal-time run's)
