@@ -56,3 +56,22 @@ def test_the_readme_targets_tables_match_their_reports(header, answers_of, colum
         if key in TARGETS:  # a figured target's cell: "figure, verdict (earlier figure)"
             figure = re.match(r"([0-9.]+),", stated)
             assert figure and figure.group(1) == f"{answers[key]:.3f}", (setting, target, cell)
+
+
+def test_the_readme_s_recalibrated_figures_match_reports_residual_scale():
+    """The sentence on scaling each stage's update by its survival probability: q1_equal_tokens at the
+    rule's scale, stage grain, over the full run's loss of the same seed and setting, all in the report."""
+    runs = {r["run"]: r for r in json.loads((ROOT / "reports/residual_scale.json").read_text())["runs"]}
+
+    def ratio(skip: str, full: str) -> str:
+        rows, rule = runs[skip]["losses"], runs[skip]["survival_scale"]
+        scaled = next(r["loss"] for r in rows if (r["grain"], r["keep"], r["scale"]) == ("stage", 1.0, rule))
+        plain = next(r["loss"] for r in runs[full]["losses"] if (r["grain"], r["keep"], r["scale"]) == ("stage", 1.0, 1.0))
+        return f"{scaled / plain:.3f}"
+
+    exp = "runs/exp/"
+    figures = [ratio(exp + "study_paper/skip", exp + "study_paper/full"), ratio(exp + "s1/p_sandwich", exp + "s1/p_full"),
+               ratio(exp + "study_mission/skip", exp + "study_mission/full"), ratio(exp + "s1/m_sandwich", exp + "s1/m_full")]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"q1_equal_tokens to {figures[0]} and {figures[1]} at seeds 0 and 1 (mission {figures[2]} and "
+            f"{figures[3]};") in readme

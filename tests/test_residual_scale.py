@@ -3,12 +3,15 @@ it was, its report on a real checkpoint, and its refusals."""
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from skippipe.checkpoint import load_full_model
+from skippipe.commands import residual_scale as command
 from skippipe.config import load_config
 from skippipe.evaluation.omission import evaluate_stages, held_out_batches
 from skippipe.experiments import residual_scale
@@ -93,15 +96,28 @@ def test_survival_scale_is_the_share_of_omissible_stages_a_path_visits(stages, t
     assert residual_scale.survival_scale(stages, trained) == pytest.approx(expected)
 
 
-def test_report_measures_a_real_checkpoint_at_every_grain_and_keep(tmp_path):
+def run_command(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """(exit status, stderr) of skippipe-residual-scale run in-process."""
+    monkeypatch.setattr(sys, "argv", ["residual_scale.py", *args])
+    try:
+        command.main()
+    except SystemExit as exc:
+        return exc.code, capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+def test_the_command_measures_a_real_checkpoint_at_every_grain_and_keep(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     cfg = load_config(ROOT / "configs/train/debug.yaml", [
         "schedule.skip_ratio=0.25", "train.steps=2", "train.eval_batches=1", "train.eval_every=0",
         f"train.run_dir={run}", "train.single_process=true", "train.log_every=100"])
     train(cfg, make_plan(cfg))
-    report = residual_scale.report([str(run)], scales=[1.0], log=lambda message: None)
-    assert report["command"] == residual_scale.COMMAND
-    measured = json.loads(json.dumps(report))["runs"][0]  # JSON as written
+    out = tmp_path / "r.json"
+    code, err = run_command([str(run), "--out", str(out), "--scales", "1.0"], monkeypatch, capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["command"] == f"python scripts/residual_scale.py {run} --out {out} --scales 1.0"
+    measured = report["runs"][0]
     rule = measured["survival_scale"]
     assert rule == residual_scale.survival_scale(measured["num_stages"], measured["trained_depth"]) < 1.0
     # Every grain and keep, at 1.0 and at the survival rule's scale; scale 1.0 is the same at both grains
@@ -114,8 +130,18 @@ def test_report_measures_a_real_checkpoint_at_every_grain_and_keep(tmp_path):
     assert at_one[("stage", 1.0)] == evaluate_stages(model, batches, range(model.num_stages))["loss"]
     assert {r["loss"] for r in measured["losses"] if r["keep"] == 1.0 and r["scale"] == rule} != {at_one[("stage", 1.0)]}
     assert set(measured["best"]) == {"stage@1.0", "stage@0.5", "layer@1.0", "layer@0.5"}
+    # An existing report is refused, untouched, unless --overwrite.
+    text = out.read_text()
+    code, err = run_command([str(run), "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err and out.read_text() == text
 
 
-def test_a_missing_run_is_a_one_line_error(tmp_path):
-    with pytest.raises(ConfigError):
-        residual_scale.report([str(tmp_path / "nothing")], log=lambda message: None)
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/nothing", "--out", "{tmp}/r.json"], "checkpoint not found"),
+    (["{tmp}/nothing", "--out", "{tmp}/r.json", "--scales", "1.0,half"], "comma-separated list of numbers"),
+    (["{tmp}/nothing", "--out", "{tmp}/r.json", "--scales", "3"], r"out of range; use a number in \(0, 2\]"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
+    code, err = run_command([a.format(tmp=tmp_path) for a in args], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err)
+    assert not (tmp_path / "r.json").exists()

@@ -17,6 +17,7 @@ COMMANDS = {
     "evaluate": ("skippipe.commands.evaluate", "perplexity with a fraction of the stages omitted"),
     "export": ("skippipe.commands.export", "a checkpoint as a Hugging Face LlamaForCausalLM folder"),
     "omission-study": ("skippipe.commands.omission_study", "skip-trained vs full-trained, evaluated with stages omitted"),
+    "residual-scale": ("skippipe.commands.residual_scale", "trained runs' held-out loss with the residual stream rescaled at inference"),
     "emulate-cluster": ("skippipe.commands.emulate_cluster", "real multi-node torchrun over shaped network namespaces (root)"),
     "bench-overhead": ("skippipe.commands.bench_overhead", "skippipe at skip 0 against torch.distributed.pipelining's GPipe"),
     "chaos": ("skippipe.commands.chaos", "kill a node mid-training; the job re-plans and carries on"),

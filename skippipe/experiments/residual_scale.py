@@ -1,16 +1,13 @@
 """Does recalibrating the residual stream at inference close the skip-trained model's gap at full depth?
-(issue 14, q1_equal_tokens)
-
-    python -c "import json; from skippipe.experiments.residual_scale import report, RUNS; print(json.dumps(report(RUNS), indent=1))" > reports/residual_scale.json
-
-(RUNS: the omission study's runs, trained first; progress goes to stderr.)
+(issue 14, q1_equal_tokens; the command: skippipe/commands/residual_scale.py)
 
 A skip-trained model's paths visit each stage but the first in only part of its microbatches, so with
-every stage kept its residual stream receives more stage contributions than training ever gave it. Deep
+every stage kept its residual stream receives more stage updates than training ever gave it. Deep
 Networks with Stochastic Depth (Huang et al., ECCV 2016, section 3, "test time") recalibrate a network
-trained with randomly dropped residual blocks by multiplying each block's output by its survival
-probability. This measures that rule on trained runs of the omission study, without retraining: each
-omissible stage's (1..S-1) contribution to the residual stream is multiplied by `scale`, at two grains:
+trained with randomly dropped residual blocks by multiplying each block's residual branch f(h) (not
+h + f(h)) by the block's survival probability. This measures that rule on trained runs, without
+retraining: each omissible stage's (1..S-1) contribution to the residual stream is multiplied by
+`scale`, at two grains:
 - "stage": a stage's whole update, hidden + scale * (stage(hidden) - hidden), the unit paths skip;
 - "layer": every attention and MLP output of its layers (o_proj and down_proj), which an exported
   Llama checkpoint could carry in its weights.
@@ -18,9 +15,8 @@ Stage 0 (the embedding, the first layers, the head) is on every path and is neve
 rule's scale is (trained depth - 1) / (S - 1): the share of the omissible stages a training path visits
 (evaluation.omission.trained_depth).
 
-Every figure is the mean token loss on the run's whole held-out split (Note [same held-out tokens]), at
-every stage and at the even half (keep 0.5, evaluation.omission.kept_stages). About 5 s per figure on
-one CPU core for the study's model.
+Every figure is the mean token loss on the run's whole held-out split (Note [same held-out tokens]),
+with every stage kept and at the even half (keep 0.5, evaluation.omission.kept_stages).
 """
 from __future__ import annotations
 
@@ -33,17 +29,8 @@ from typing import Iterator, Sequence
 from skippipe.model import FullModel
 from topology.errors import ConfigError
 
-SCALES = (1.0, 0.9, 0.8, 0.7, 0.6)  # the survival rule's scale is added per run
 GRAINS = ("stage", "layer")
 KEEPS = (1.0, 0.5)
-# The runs of reports/residual_scale.json: the timed studies' (seed 0) and the seed-1 study's skip, LayerDrop
-# and full runs, at the folders the study and docs/omission.md ("The default at seed 1") trained them in.
-RUNS = ("runs/exp/study_paper/skip", "runs/exp/s1/p_sandwich", "runs/exp/study_mission/skip",
-        "runs/exp/s1/m_sandwich", "runs/exp/study_paper/layerdrop", "runs/exp/s1/p_layerdrop",
-        "runs/exp/study_mission/layerdrop", "runs/exp/s1/m_layerdrop", "runs/exp/study_paper/full",
-        "runs/exp/study_mission/full")
-COMMAND = ("python -c \"import json; from skippipe.experiments.residual_scale import report, RUNS; "
-           "print(json.dumps(report(RUNS), indent=1))\" > reports/residual_scale.json")
 
 
 def check_scale(scale: float) -> float:
@@ -95,7 +82,7 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def measure_run(run: str | Path, *, scales: Sequence[float] = SCALES, grains: Sequence[str] = GRAINS,
+def measure_run(run: str | Path, *, scales: Sequence[float], grains: Sequence[str] = GRAINS,
                 keeps: Sequence[float] = KEEPS, log=_progress) -> dict:
     """Held-out loss of one trained run (a run dir or checkpoint folder) at every (grain, keep, scale).
 
@@ -129,9 +116,3 @@ def measure_run(run: str | Path, *, scales: Sequence[float] = SCALES, grains: Se
             best[key] = row
     return {"run": str(run), "num_stages": num_stages, "trained_depth": trained, "survival_scale": rule,
             "losses": rows, "best": best}
-
-
-def report(runs: Sequence[str | Path], *, scales: Sequence[float] = SCALES, log=_progress) -> dict:
-    """{"command", "runs": [measure_run(run) for each of `runs`]}: the report behind
-    reports/residual_scale.json (COMMAND). ConfigError (one line) as measure_run."""
-    return {"command": COMMAND, "runs": [measure_run(run, scales=scales, log=log) for run in runs]}
