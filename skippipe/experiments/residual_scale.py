@@ -44,8 +44,8 @@ def check_scale(scale: float) -> float:
 def scaled_residuals(model: FullModel, *, scale: float, grain: str) -> Iterator[None]:
     """Within the block, stages 1..S-1 of `model` add `scale` times their usual contribution to the
     residual stream (hidden states of shape (batch, seq_len, dim)), at `grain` "stage" or "layer" (module
-    docstring). Forward hooks (none at 1.0), removed on exit; the weights are never changed. ConfigError for a scale out
-    of (0, 2] or an unknown grain."""
+    docstring). Forward hooks (none at 1.0), removed on exit; the weights are never changed. ConfigError
+    for a scale out of (0, 2] or an unknown grain."""
     check_scale(scale)
     if grain not in GRAINS:
         raise ConfigError(f"unknown residual grain {grain!r}; use one of {', '.join(GRAINS)}")
