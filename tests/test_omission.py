@@ -202,22 +202,28 @@ def test_a_run_dir_without_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
 
 
 def test_the_study_records_its_network_times_and_evaluate_only_reads_back_only_its_own(tmp_path):
-    from types import SimpleNamespace
-    from skippipe.commands.omission_study import NETWORK_FILE, network_times
+    from skippipe.commands.omission_study import NETWORK_FILE, recorded_network_times
     calls = []
-    study = SimpleNamespace(network_times=lambda stages, ratio, remedies: calls.append(remedies) or {"solved": len(calls)})
+
+    def times(setting, remedies, evaluate_only):
+        def solve():
+            calls.append(remedies)
+            return {"solved": len(calls)}
+        return recorded_network_times(tmp_path, setting=setting, remedies=remedies, evaluate_only=evaluate_only,
+                                      solve=solve)
+
     paper = {"name": "paper", "stages": 6, "skip_ratio": 0.33}
-    trained = network_times(study, tmp_path, setting=paper, remedies=("a",), recorded=False)
+    trained = times(paper, ("a",), evaluate_only=False)
     assert trained == {"solved": 1} and (tmp_path / NETWORK_FILE).is_file()
-    assert network_times(study, tmp_path, setting=paper, remedies=("a",), recorded=True) == trained
+    assert times(paper, ("a",), evaluate_only=True) == trained
     assert len(calls) == 1  # read back, not solved
     # Other remedies or another setting are solved afresh, and evaluating never rewrites the record.
-    assert network_times(study, tmp_path, setting=paper, remedies=("a", "b"), recorded=True) == {"solved": 2}
+    assert times(paper, ("a", "b"), evaluate_only=True) == {"solved": 2}
     mission = {"name": "mission", "stages": 8, "skip_ratio": 0.25}
-    assert network_times(study, tmp_path, setting=mission, remedies=("a",), recorded=True) == {"solved": 3}
+    assert times(mission, ("a",), evaluate_only=True) == {"solved": 3}
     assert json.loads((tmp_path / NETWORK_FILE).read_text())["times"] == trained
     (tmp_path / NETWORK_FILE).write_text("{not json")
-    assert network_times(study, tmp_path, setting=paper, remedies=("a",), recorded=True) == {"solved": 4}
+    assert times(paper, ("a",), evaluate_only=True) == {"solved": 4}
 
 
 def test_omission_study_trains_its_runs_and_reports_each_answer_from_its_own_tables(tmp_path):

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from skippipe.commands import package_env, train_command
@@ -162,15 +163,16 @@ def study_result(name: str, run, run_root: Path) -> dict:
 NETWORK_FILE = "network.json"  # in --run-dir: the predicted times the study's runs were trained with
 
 
-def network_times(study, run_root: Path, *, setting: dict, remedies: tuple[str, ...], recorded: bool) -> dict:
-    """The study's predicted iteration times on the paper's network (study.network_times, about a minute
-    of solves). Training records them in `run_root`/network.json; with `recorded` (--evaluate-only) they
-    are read back from there when it holds this setting's and these remedies' times: the equal-time run's
+def recorded_network_times(run_root: Path, *, setting: dict, remedies: tuple[str, ...], evaluate_only: bool,
+                           solve: Callable[[], dict]) -> dict:
+    """The study's predicted iteration times on the paper's network: `solve()` (study.network_times, about
+    a minute of solves). Training records them in `run_root`/network.json; with `evaluate_only` they are
+    read back from there when it holds this setting's and these remedies' times: the equal-time run's
     steps were computed from them, and re-solving would repeat the minute (or, after a change to the cost
     model, disagree with the trained runs)."""
     path = run_root / NETWORK_FILE
     key = {"setting": setting, "remedies": list(remedies)}
-    if recorded and path.is_file():
+    if evaluate_only and path.is_file():
         try:
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -178,8 +180,8 @@ def network_times(study, run_root: Path, *, setting: dict, remedies: tuple[str, 
         if {k: saved.get(k) for k in key} == key and isinstance(saved.get("times"), dict):
             print(f"network times: as recorded when the runs were trained ({path})", flush=True)
             return saved["times"]
-    times = study.network_times(setting["stages"], setting["skip_ratio"], remedies)
-    if not recorded:
+    times = solve()
+    if not evaluate_only:
         run_root.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**key, "times": times}, indent=1) + "\n")
     return times
@@ -217,8 +219,10 @@ def main() -> None:
         claim_output_file(args.out, overwrite=args.overwrite, flag="--out")
         claim_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
         start, load_at_start = time.time(), os.getloadavg()
-        times = network_times(study, run_root, setting=setting, remedies=(remedy, *variants),
-                              recorded=args.evaluate_only)
+        remedies = (remedy, *variants)
+        times = recorded_network_times(
+            run_root, setting=setting, remedies=remedies, evaluate_only=args.evaluate_only,
+            solve=lambda: study.network_times(setting["stages"], setting["skip_ratio"], remedies))
         runs = study.study_runs(setting, steps=steps, times=times, remedy=remedy, variants=variants,
                                 warmup_steps=cfg.optim.warmup_steps)
         if args.evaluate_only:  # each run's steps come from the solved network (the equal-time run's)
